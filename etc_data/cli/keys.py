@@ -1,0 +1,55 @@
+"""``etc-data keys new|fingerprint|space``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ..keys import load_key, new_key_file
+from ..schemes import MIN_KEY_BITS, key_space, parse_scheme_spec, weak_key_message
+
+
+def key_option(required: bool = False, help_extra: str = ""):
+    return click.option("--key", "key_ref", required=required, metavar="PATH|env:NAME",
+                        help="owner key file (mode 0600) or env:NAME; default $ETC_DATA_KEY. " + help_extra)
+
+
+def register(cli: click.Group) -> None:
+    @cli.group()
+    def keys():
+        """Create and inspect owner keys (the secret is never printed)."""
+
+    @keys.command("new")
+    @click.option("--owner", required=True, help="owner name recorded in the key file")
+    @click.option("--out", type=click.Path(dir_okay=False), default=None,
+                  help="key file to create (default ~/.config/etc-data/keys/OWNER.key); never overwritten")
+    def new(owner, out):
+        """Create a 256-bit key file with mode 0600; print its path and fingerprint."""
+        if out is None:
+            base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "etc-data" / "keys"
+            out = base / f"{owner}.key"
+        k = new_key_file(out, owner)
+        click.echo(f"created {out}")
+        click.echo(f"owner {k.owner}")
+        click.echo(f"fingerprint {k.fingerprint}")
+
+    @keys.command("fingerprint")
+    @click.argument("ref", required=False)
+    def fp(ref):
+        """Print the key's fingerprint (HMAC-SHA256 of a fixed label, 16 hex chars)."""
+        click.echo(load_key(ref).fingerprint)
+
+    @keys.command("space")
+    @click.option("--scheme", default="etc", show_default=True)
+    @click.option("--image-size", type=int, required=True, help="image side (square) in pixels")
+    @click.option("--block-size", type=int, default=None, help="block size (scheme default if omitted)")
+    def space(scheme, image_size, block_size):
+        """Print log2 and log10 of a configuration's key space."""
+        name, _ = parse_scheme_spec(scheme)
+        bits = key_space(scheme, image_size, block_size)
+        click.echo(f"scheme {name} image {image_size}x{image_size} block {block_size or 'default'}: "
+                   f"log2 = {bits:.1f}, log10 = {bits * 0.30103:.1f}")
+        if name != "plain" and bits < MIN_KEY_BITS:
+            click.secho(weak_key_message(name, bits, image_size, image_size, block_size), fg="red", err=True)

@@ -1,0 +1,155 @@
+"""Owner keys: creation, loading, fingerprints and per-dataset subkeys.
+
+An owner key is a 256-bit random secret kept in a small JSON key file created with mode 0600.
+Everything that encrypts works from a *subkey* derived with HKDF-SHA256 from the owner secret,
+the dataset id, the scheme name and the block size, so one owner secret serves many datasets
+and a leaked subkey does not reveal the others. The secret itself never leaves this module:
+``OwnerKey`` has no attribute that prints it, and errors never quote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import EtcError
+
+KEY_FORMAT = "etc-data-key/1"
+SECRET_BYTES = 32
+ENV_VAR = "ETC_DATA_KEY"
+_FINGERPRINT_LABEL = b"etc-data key fingerprint v1"
+_HKDF_SALT = b"etc-data/hkdf-salt/v1"
+
+
+class KeyFileError(EtcError):
+    """A key could not be created or loaded (the message names the file or variable)."""
+
+
+
+
+@dataclass(frozen=True)
+class OwnerKey:
+    """An owner's secret. ``repr`` shows the owner and fingerprint, never the secret."""
+
+    owner: str
+    _secret: bytes = field(repr=False)
+    source: str = "memory"
+
+    def __post_init__(self):
+        if not isinstance(self._secret, bytes) or len(self._secret) != SECRET_BYTES:
+            raise KeyFileError(f"key from {self.source}: secret must be {SECRET_BYTES} bytes")
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self._secret)
+
+    def subkey(self, dataset: str, scheme: str, block_size: int) -> bytes:
+        return derive_subkey(self._secret, dataset, scheme, block_size)
+
+    def __reduce__(self):  # never pickle key material into task results or caches
+        raise TypeError("OwnerKey cannot be pickled; pass a key reference (path or env:NAME) instead")
+
+    def __str__(self) -> str:
+        return f"OwnerKey(owner={self.owner!r}, fingerprint={self.fingerprint})"
+
+    __repr__ = __str__
+
+
+def fingerprint(secret: bytes) -> str:
+    """HMAC-SHA256(secret, fixed label), first 16 hex chars: safe to publish in manifests."""
+    return hmac.new(secret, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+def derive_subkey(secret: bytes, dataset: str, scheme: str, block_size: int) -> bytes:
+    """Per-dataset subkey: HKDF-SHA256 with dataset id, scheme and block size in the info string."""
+    if not dataset:
+        raise KeyFileError("dataset id must be a non-empty string")
+    info = f"etc-data/v1|dataset={dataset}|scheme={scheme}|block={int(block_size)}".encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=info).derive(secret)
+
+
+def new_key_file(path: str | os.PathLike, owner: str) -> OwnerKey:
+    """Create a key file with a fresh 256-bit secret, mode 0600. Never overwrites."""
+    path = Path(path)
+    if not owner or not owner.strip():
+        raise KeyFileError("owner name must not be empty")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(SECRET_BYTES)
+    doc = {"format": KEY_FORMAT, "owner": owner, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "fingerprint": fingerprint(secret), "secret": secret.hex()}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise KeyFileError(f"key file {path} already exists; refusing to overwrite it") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        os.chmod(path, 0o600)  # in case the umask or filesystem widened it
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return OwnerKey(owner, secret, source=str(path))
+
+
+def _parse_key_text(text: str, source: str) -> OwnerKey:
+    text = text.strip()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict):
+        if doc.get("format") != KEY_FORMAT:
+            raise KeyFileError(f"key {source}: unknown format {doc.get('format')!r} (expected {KEY_FORMAT!r})")
+        hexs, owner = doc.get("secret", ""), str(doc.get("owner", "unknown"))
+    else:  # a bare hex secret, as used in environment variables
+        hexs, owner = text, "env"
+    try:
+        secret = bytes.fromhex(hexs)
+    except (ValueError, TypeError):
+        raise KeyFileError(f"key {source}: secret is not valid hex") from None
+    if len(secret) != SECRET_BYTES:
+        raise KeyFileError(f"key {source}: secret must be {SECRET_BYTES} bytes ({2 * SECRET_BYTES} hex chars)")
+    return OwnerKey(owner, secret, source=source)
+
+
+def load_key_file(path: str | os.PathLike) -> OwnerKey:
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyFileError(f"key file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise KeyFileError(
+            f"key file {path} is readable or writable by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run: chmod 600 {path}")
+    return _parse_key_text(path.read_text(), f"file {path}")
+
+
+def load_key(ref: str | os.PathLike | None = None) -> OwnerKey:
+    """Load a key from a reference: a file path, ``env:NAME``, or None for $ETC_DATA_KEY.
+
+    The reference is safe to log and to pass as a Prefect parameter; the key is not.
+    """
+    if ref is None or str(ref) == "env:" or str(ref) == "":
+        ref = f"env:{ENV_VAR}"
+    ref = str(ref)
+    if ref.startswith("env:"):
+        name = ref[4:] or ENV_VAR
+        value = os.environ.get(name)
+        if not value:
+            raise KeyFileError(f"environment variable {name} is not set (expected a key file's content or a hex secret)")
+        return _parse_key_text(value, f"env:{name}")
+    return load_key_file(ref)

@@ -1,0 +1,511 @@
+"""Learnable image encryption schemes over uint8 RGB batches ``(N, H, W, 3)``.
+
+Every scheme here is, for a fixed key and image size, a *permutation of the H*W*3 values* followed
+by a *negative-positive mask* (q -> 255 - q, which for uint8 is q XOR 0xFF). So each scheme only
+builds a plan ``(idx, mask)`` once per image size and the batch transform is one gather plus one
+XOR, vectorised over the whole batch:
+
+    encrypt:  y.flat[j] = x.flat[idx[j]] ^ mask[j]
+    decrypt:  x.flat[idx[j]] = y.flat[j] ^ mask[j]      (i.e. x = (y ^ mask)[argsort(idx)])
+
+which makes decryption exact by construction. Values are flattened in (row, col, channel) order.
+
+Schemes (the details chosen where the papers leave room are all in this module):
+
+``etc``  Encryption-then-compression (Chuman, Sirichotedumrong & Kiya; used by MaungMaung & Kiya).
+         B x B blocks. (1) block scrambling: output block i = input block perm[i]; (2) each block
+         gets one of the 8 dihedral transforms (rotation 0/90/180/270 degrees, each with or without
+         a horizontal flip). The public reference code draws rotation and flip from one key and so
+         reaches only 4 of the 8; we draw all 8; (3) negative-positive per block with probability
+         1/2; (4) one of the 6 colour-channel permutations per block. Key space:
+         log2(n!) + n*(3 + 1 + log2 6) bits for n blocks.
+``blockwise`` One common key for all blocks (MaungMaung & Kiya; Iijima & Kiya's model encryption):
+         a permutation of the B*B*3 values inside every block (row, col, channel order), an
+         optional negative-positive mask over those values (``negpos``, default on), optional block
+         scrambling (``scramble``, default off; needed for ViT, impossible to absorb for ConvMixer).
+``pe``   Pixel-based encryption (Sirichotedumrong et al.): negative-positive of every value with
+         probability 1/2 and one of the 6 channel permutations per pixel. Sirichotedumrong et al.
+         draw a fresh key per image; here, as for all schemes, one key per owner and dataset.
+``ele``  Extended learnable encryption (Madono et al.): small blocks (default 4x4), block
+         scrambling, then per block an independent permutation of its B*B*3 values and an
+         independent negative-positive mask over them. Not JPEG-friendly by design.
+``plain`` The identity (no key), for baselines.
+
+Key material: the per-dataset subkey (see ``keys.derive_subkey``) is expanded with SHAKE-256
+under a label per key part (K1..K4) and image size; permutations are the argsort of 64-bit
+draws, so plans are identical across processes, platforms and numpy versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .errors import EtcError
+
+MIN_KEY_BITS = 128
+
+# The 6 permutations of (R, G, B): output channel c takes input channel CPERMS[k][c].
+CPERMS = np.array([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]], dtype=np.int64)
+
+PAD_POLICIES = ("error", "edge", "zero")
+
+JPEG_MCU = {"444": 8, "gray": 8, "422": 16, "420": 16}
+
+
+class SchemeError(EtcError):
+    """Bad scheme name, option, block size or input shape (message names the item)."""
+
+
+class WeakKeyWarning(UserWarning):
+    """The key space of a configuration is below MIN_KEY_BITS."""
+
+
+# ----------------------------------------------------------------------------- key expansion
+
+def _xof(subkey: bytes, label: str, nbytes: int) -> bytes:
+    return hashlib.shake_256(b"etc-data/xof/v1|" + label.encode() + b"|" + subkey).digest(nbytes)
+
+
+def _u64(subkey: bytes, label: str, n: int) -> np.ndarray:
+    return np.frombuffer(_xof(subkey, label, 8 * n), dtype="<u8").astype(np.uint64)
+
+
+def key_permutation(subkey: bytes, label: str, n: int) -> np.ndarray:
+    """A uniformly random permutation of range(n) (argsort of 64-bit draws)."""
+    return np.argsort(_u64(subkey, label, n), kind="stable").astype(np.int64)
+
+
+def key_bits(subkey: bytes, label: str, n: int) -> np.ndarray:
+    """n independent fair bits as a bool array."""
+    return (_u64(subkey, label, n) & np.uint64(1)).astype(bool)
+
+
+def key_choice(subkey: bytes, label: str, n: int, k: int) -> np.ndarray:
+    """n independent draws from range(k) (bias < 2**-58)."""
+    return (_u64(subkey, label, n) % np.uint64(k)).astype(np.int64)
+
+
+_CHUNK_BYTES = 8 << 20
+
+
+def _gather_xor(flat: np.ndarray, idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """out[i, j] = flat[i, idx[j]] ^ mask[j], in cache-sized chunks of rows."""
+    flat = np.ascontiguousarray(flat)
+    n, m = flat.shape
+    out = np.empty((n, len(idx)), dtype=np.uint8)
+    step = max(1, _CHUNK_BYTES // max(1, m))
+    for i in range(0, n, step):  # chunks of rows, to stay in cache; not a loop per image
+        o = out[i:i + step]
+        np.take(flat[i:i + step], idx, axis=1, out=o, mode="clip")
+        if mask is not None:
+            np.bitwise_xor(o, mask, out=o)
+    return out
+
+
+def log2_factorial(n: int) -> float:
+    return math.lgamma(n + 1) / math.log(2)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def ensure_rgb(x: np.ndarray, item: str = "batch") -> np.ndarray:
+    """Return ``x`` as a uint8 (N, H, W, 3) batch. Grayscale (N, H, W) or (N, H, W, 1) is
+    converted explicitly by repeating the channel; anything else is an error naming ``item``."""
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise SchemeError(f"{item}: expected uint8 pixels, got {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise SchemeError(f"{item}: expected a batch (N, H, W, 3) or grayscale (N, H, W), got shape {x.shape}")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return x
+
+
+def blocks_to_image_order(blocks: np.ndarray, hb: int, wb: int) -> np.ndarray:
+    """(n, B, B, ...) blocks in raster order -> (hb*B, wb*B, ...) image."""
+    B = blocks.shape[1]
+    rest = blocks.shape[3:]
+    return blocks.reshape(hb, wb, B, B, *rest).swapaxes(1, 2).reshape(hb * B, wb * B, *rest)
+
+
+def image_to_blocks(img: np.ndarray, B: int) -> np.ndarray:
+    """(H, W, ...) image -> (n, B, B, ...) blocks in raster order."""
+    h, w = img.shape[:2]
+    rest = img.shape[2:]
+    return img.reshape(h // B, B, w // B, B, *rest).swapaxes(1, 2).reshape((h // B) * (w // B), B, B, *rest)
+
+
+def dihedral(blocks: np.ndarray, t: int) -> np.ndarray:
+    """Dihedral transform t in 0..7 of (n, B, B, ...) blocks: rotate t%4 quarter turns
+    counter-clockwise, then flip left-right when t >= 4."""
+    out = np.rot90(blocks, k=t % 4, axes=(1, 2))
+    if t >= 4:
+        out = out[:, :, ::-1]
+    return out
+
+
+def check_jpeg_compat(scheme: "Scheme | str", block_size: int | None, subsampling: str) -> None:
+    """Refuse a block-wise scheme whose blocks do not align with the JPEG MCU.
+
+    The MCU is 16x16 with 4:2:0 chroma subsampling (16 wide with 4:2:2) and 8x8 with 4:4:4 or
+    grayscale: the block size must be a multiple of it, else block edges fall inside an MCU and
+    the encryption is not compression-friendly (block 16 works with both, block 8 with 4:2:0
+    does not). Schemes that are not block-aligned by design (``pe``, ``ele``) are allowed, since
+    they are compressed only to measure that cost.
+    """
+    cls = scheme if isinstance(scheme, Scheme) else SCHEMES.get(str(scheme))
+    if cls is None:
+        raise SchemeError(f"unknown scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+    sub = str(subsampling)
+    if sub not in JPEG_MCU:
+        raise SchemeError(f"unknown chroma subsampling {subsampling!r}; valid: {', '.join(JPEG_MCU)}")
+    if not cls.jpeg_block_aligned or block_size is None:
+        return
+    mcu = JPEG_MCU[sub]
+    if block_size % mcu:
+        raise SchemeError(
+            f"scheme {cls.name} with block size {block_size} is not JPEG-compliant with {sub} subsampling: "
+            f"the block size must be a multiple of the {mcu}x{mcu} MCU (use block size {mcu * max(1, -(-block_size // mcu))}"
+            f" or subsampling 444)")
+
+
+# ----------------------------------------------------------------------------- schemes
+
+@dataclass(frozen=True)
+class Plan:
+    """A scheme's transform for one image size: y.flat = x.flat[idx] ^ mask."""
+
+    idx: np.ndarray       # (H*W*3,) source index for every output value
+    mask: np.ndarray | None  # (H*W*3,) uint8 0 or 255, or None for no negative-positive
+    inv: np.ndarray       # argsort(idx)
+    inv_mask: np.ndarray | None  # mask[inv], so that decrypt is also one gather + one XOR
+
+
+class Scheme:
+    """Base class: subclasses implement ``_build(h, w) -> (idx, mask)`` and ``key_space_bits``."""
+
+    name: ClassVar[str] = ""
+    keyed: ClassVar[bool] = True
+    jpeg_block_aligned: ClassVar[bool] = False
+    default_block_size: ClassVar[int | None] = None
+    option_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, subkey: bytes | None = None, block_size: int | None = None, pad: str = "error", **options):
+        if self.keyed and (not isinstance(subkey, bytes) or len(subkey) < 16):
+            raise SchemeError(f"scheme {self.name} needs a key (a subkey of at least 16 bytes)")
+        self._subkey = subkey if self.keyed else None
+        bs = self.default_block_size if block_size is None else int(block_size)
+        if bs is not None and bs < 1:
+            raise SchemeError(f"scheme {self.name}: block size must be >= 1, got {block_size}")
+        self.block_size = bs
+        if pad not in PAD_POLICIES:
+            raise SchemeError(f"pad policy {pad!r} unknown; valid: {', '.join(PAD_POLICIES)}")
+        self.pad = pad
+        unknown = set(options) - set(self.option_names)
+        if unknown:
+            valid = ", ".join(self.option_names) or "none"
+            raise SchemeError(f"scheme {self.name}: unknown option(s) {', '.join(sorted(unknown))}; valid: {valid}")
+        self.options = {k: options[k] for k in self.option_names if k in options}
+        self._plans: dict[tuple[int, int], Plan] = {}
+
+    def __repr__(self) -> str:  # never shows key material
+        return f"{type(self).__name__}(block_size={self.block_size}, pad={self.pad!r}, options={self.options})"
+
+    def __reduce__(self):
+        raise TypeError("schemes hold key material and cannot be pickled; rebuild them from a key reference")
+
+    # -- what a manifest records
+    def params(self) -> dict:
+        return {"scheme": self.name, "block_size": self.block_size, "pad": self.pad, "options": dict(self.options)}
+
+    def key_space_bits(self, h: int, w: int) -> float:
+        raise NotImplementedError
+
+    # -- geometry
+    def padded_size(self, h: int, w: int, item: str = "batch") -> tuple[int, int]:
+        B = self.block_size or 1
+        if h % B == 0 and w % B == 0:
+            return h, w
+        if self.pad == "error":
+            raise SchemeError(
+                f"{item}: image size {h}x{w} (HxW) is not a multiple of block size {B} for scheme {self.name}; "
+                f"resize or crop it, or choose a pad policy ({', '.join(p for p in PAD_POLICIES if p != 'error')})")
+        return -(-h // B) * B, -(-w // B) * B
+
+    def plan(self, h: int, w: int) -> Plan:
+        key = (h, w)
+        if key not in self._plans:
+            idx, mask = self._build(h, w)
+            idx = np.ascontiguousarray(idx, dtype=np.intp)
+            if mask is not None:
+                mask = np.ascontiguousarray(mask, dtype=np.uint8)
+            inv = np.argsort(idx).astype(np.intp)
+            self._plans[key] = Plan(idx, mask, inv, None if mask is None else np.ascontiguousarray(mask[inv]))
+        return self._plans[key]
+
+    def _build(self, h: int, w: int) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    # -- transforms
+    def encrypt(self, x: np.ndarray, item: str = "batch") -> np.ndarray:
+        x = ensure_rgb(x, item)
+        n, h, w, _ = x.shape
+        ph, pw = self.padded_size(h, w, item)
+        if (ph, pw) != (h, w):
+            mode = "edge" if self.pad == "edge" else "constant"
+            x = np.pad(x, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode=mode)
+        p = self.plan(ph, pw)
+        return _gather_xor(x.reshape(n, -1), p.idx, p.mask).reshape(n, ph, pw, 3)
+
+    def decrypt(self, y: np.ndarray, item: str = "batch", size: tuple[int, int] | None = None) -> np.ndarray:
+        """Invert ``encrypt``. ``size`` = original (H, W) when a pad policy enlarged the images."""
+        y = ensure_rgb(y, item)
+        n, h, w, _ = y.shape
+        if self.padded_size(h, w, item) != (h, w):
+            raise SchemeError(f"{item}: encrypted size {h}x{w} is not a multiple of block size {self.block_size}")
+        p = self.plan(h, w)
+        x = _gather_xor(y.reshape(n, -1), p.inv, p.inv_mask).reshape(n, h, w, 3)
+        if size is not None:
+            x = x[:, : size[0], : size[1]]
+        return x
+
+    def warn_if_weak(self, h: int, w: int) -> float:
+        bits = self.key_space_bits(h, w)
+        if self.keyed and bits < MIN_KEY_BITS:
+            warnings.warn(weak_key_message(self.name, bits, h, w, self.block_size), WeakKeyWarning, stacklevel=2)
+        return bits
+
+
+def weak_key_message(name: str, bits: float, h: int, w: int, block_size: int | None) -> str:
+    return (f"WARNING: scheme {name} with {h}x{w} images and block size {block_size} has a key space of only "
+            f"{bits:.1f} bits (< {MIN_KEY_BITS}): an attacker who knows the algorithm can search it or solve "
+            f"it as a puzzle; see the README's threat model")
+
+
+class Plain(Scheme):
+    name = "plain"
+    keyed = False
+
+    def _build(self, h, w):
+        return np.arange(h * w * 3), None
+
+    def key_space_bits(self, h, w):
+        return 0.0
+
+
+class EtC(Scheme):
+    name = "etc"
+    jpeg_block_aligned = True
+    default_block_size = 16
+
+    @dataclass(frozen=True)
+    class Keys:
+        perm: np.ndarray      # K1: output block i = input block perm[i]
+        dihedral: np.ndarray  # K2: transform 0..7 per output block
+        negpos: np.ndarray    # K3: bool per output block
+        cperm: np.ndarray     # K4: index into CPERMS per output block
+
+    def keys_for(self, h: int, w: int) -> "EtC.Keys":
+        B = self.block_size
+        n = (h // B) * (w // B)
+        tag = f"etc/{h}x{w}/B{B}"
+        k = self._subkey
+        return EtC.Keys(key_permutation(k, tag + "/K1", n), key_choice(k, tag + "/K2", n, 8),
+                        key_bits(k, tag + "/K3", n), key_choice(k, tag + "/K4", n, 6))
+
+    def _build(self, h, w):
+        B = self.block_size
+        keys = self.keys_for(h, w)
+        src = image_to_blocks(np.arange(h * w * 3).reshape(h, w, 3), B)[keys.perm]  # (n, B, B, 3)
+        out = np.empty_like(src)
+        for t in range(8):  # a loop over the 8 transform types, not over blocks
+            sel = keys.dihedral == t
+            if sel.any():
+                out[sel] = dihedral(src[sel], t)
+        out = np.take_along_axis(out, CPERMS[keys.cperm][:, None, None, :], axis=3)
+        mask = np.broadcast_to(np.where(keys.negpos, 255, 0)[:, None, None, None], out.shape)
+        hb, wb = h // B, w // B
+        return blocks_to_image_order(out, hb, wb).reshape(-1), blocks_to_image_order(mask, hb, wb).reshape(-1)
+
+    def key_space_bits(self, h, w):
+        n = (h // self.block_size) * (w // self.block_size)
+        return log2_factorial(n) + n * (3 + 1 + math.log2(6))
+
+
+def _bool_option(scheme: str, name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise SchemeError(f"scheme {scheme}: option {name} must be true/false, got {value!r}")
+
+
+class Blockwise(Scheme):
+    name = "blockwise"
+    jpeg_block_aligned = True
+    default_block_size = 16
+    option_names = ("negpos", "scramble")
+
+    def __init__(self, subkey=None, block_size=None, pad="error", **options):
+        super().__init__(subkey, block_size, pad, **options)
+        self.options = {"negpos": _bool_option(self.name, "negpos", self.options.get("negpos", True)),
+                        "scramble": _bool_option(self.name, "scramble", self.options.get("scramble", False))}
+
+    @dataclass(frozen=True)
+    class Keys:
+        inner: np.ndarray         # (B*B*3,) output value k of a block = input value inner[k] (row, col, ch order)
+        negpos: np.ndarray | None  # (B*B*3,) bool, or None
+        perm: np.ndarray | None    # block scrambling: output block i = input block perm[i], or None
+
+    def keys_for(self, h: int, w: int) -> "Blockwise.Keys":
+        B = self.block_size
+        k = self._subkey
+        m = B * B * 3
+        inner = key_permutation(k, f"blockwise/B{B}/inner", m)  # common to all blocks and image sizes
+        neg = key_bits(k, f"blockwise/B{B}/negpos", m) if self.options["negpos"] else None
+        perm = None
+        if self.options["scramble"]:
+            perm = key_permutation(k, f"blockwise/{h}x{w}/B{B}/scramble", (h // B) * (w // B))
+        return Blockwise.Keys(inner, neg, perm)
+
+    def _build(self, h, w):
+        B = self.block_size
+        keys = self.keys_for(h, w)
+        src = image_to_blocks(np.arange(h * w * 3).reshape(h, w, 3), B).reshape(-1, B * B * 3)
+        if keys.perm is not None:
+            src = src[keys.perm]
+        out = src[:, keys.inner]
+        mask = None
+        if keys.negpos is not None:
+            mask = np.broadcast_to(np.where(keys.negpos, 255, 0), out.shape)
+        hb, wb = h // B, w // B
+        idx = blocks_to_image_order(out.reshape(-1, B, B, 3), hb, wb).reshape(-1)
+        if mask is not None:
+            mask = blocks_to_image_order(mask.reshape(-1, B, B, 3), hb, wb).reshape(-1)
+        return idx, mask
+
+    def key_space_bits(self, h, w):
+        m = self.block_size ** 2 * 3
+        bits = log2_factorial(m) + (m if self.options["negpos"] else 0)
+        if self.options["scramble"]:
+            bits += log2_factorial((h // self.block_size) * (w // self.block_size))
+        return bits
+
+
+class PE(Scheme):
+    name = "pe"
+    default_block_size = 1
+
+    def _build(self, h, w):
+        k = self._subkey
+        npx = h * w
+        cp = key_choice(k, f"pe/{h}x{w}/channels", npx, 6)
+        idx = (np.arange(npx)[:, None] * 3 + CPERMS[cp]).reshape(-1)
+        mask = np.where(key_bits(k, f"pe/{h}x{w}/negpos", npx * 3), 255, 0)
+        return idx, mask
+
+    def padded_size(self, h, w, item="batch"):
+        return h, w
+
+    def key_space_bits(self, h, w):
+        return h * w * (3 + math.log2(6))
+
+
+class ELE(Scheme):
+    name = "ele"
+    default_block_size = 4
+
+    def _build(self, h, w):
+        B, k = self.block_size, self._subkey
+        n, m = (h // B) * (w // B), B * B * 3
+        tag = f"ele/{h}x{w}/B{B}"
+        src = image_to_blocks(np.arange(h * w * 3).reshape(h, w, 3), B).reshape(n, m)
+        src = src[key_permutation(k, tag + "/scramble", n)]
+        # an independent permutation per block: argsort of per-block 64-bit draws, vectorised
+        inner = np.argsort(_u64(k, tag + "/inner", n * m).reshape(n, m), axis=1, kind="stable")
+        out = np.take_along_axis(src, inner, axis=1)
+        mask = np.where(key_bits(k, tag + "/negpos", n * m), 255, 0).reshape(n, m)
+        hb, wb = h // B, w // B
+        return (blocks_to_image_order(out.reshape(n, B, B, 3), hb, wb).reshape(-1),
+                blocks_to_image_order(mask.reshape(n, B, B, 3), hb, wb).reshape(-1))
+
+    def key_space_bits(self, h, w):
+        B = self.block_size
+        n, m = (h // B) * (w // B), B * B * 3
+        return log2_factorial(n) + n * (log2_factorial(m) + m)
+
+
+SCHEMES: dict[str, type[Scheme]] = {c.name: c for c in (Plain, EtC, Blockwise, PE, ELE)}
+
+
+def parse_scheme_spec(spec: str) -> tuple[str, dict]:
+    """``"blockwise:scramble=1,negpos=0"`` -> ("blockwise", {"scramble": "1", "negpos": "0"})."""
+    spec = str(spec).strip()
+    name, _, rest = spec.partition(":")
+    name = name.strip().lower()
+    if name not in SCHEMES:
+        raise SchemeError(f"unknown scheme {name!r}; valid: {', '.join(SCHEMES)}")
+    opts = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        k, eq, v = part.partition("=")
+        if not eq:
+            raise SchemeError(f"scheme {name}: option {part!r} must look like name=value")
+        opts[k.strip()] = v.strip()
+    cls = SCHEMES[name]
+    bad = set(opts) - set(cls.option_names)
+    if bad:
+        raise SchemeError(f"scheme {name}: unknown option(s) {', '.join(sorted(bad))}; "
+                          f"valid: {', '.join(cls.option_names) or 'none'}")
+    return name, opts
+
+
+def make_scheme(spec: str, *, key=None, dataset: str | None = None, block_size: int | None = None,
+                pad: str = "error", subkey: bytes | None = None) -> Scheme:
+    """Build a scheme from a spec string and an ``OwnerKey`` (or an explicit subkey).
+
+    The subkey is derived from the owner key with the dataset id, the scheme name and the
+    block size (``OwnerKey.subkey``), so the same owner key gives unrelated keys per dataset.
+    """
+    name, opts = parse_scheme_spec(spec)
+    cls = SCHEMES[name]
+    bs = cls.default_block_size if block_size is None else int(block_size)
+    if cls.keyed and subkey is None:
+        if key is None:
+            raise SchemeError(f"scheme {name} needs a key (--key PATH or $ETC_DATA_KEY); only 'plain' needs none")
+        if not dataset:
+            raise SchemeError(f"scheme {name} needs a dataset id to derive the per-dataset key")
+        subkey = key.subkey(dataset, name, bs if bs is not None else 0)
+    return cls(subkey, bs, pad, **opts)
+
+
+def scheme_from_params(params: dict, *, key=None, dataset: str | None = None) -> Scheme:
+    """Rebuild a scheme from what ``Scheme.params()`` wrote (e.g. into a manifest)."""
+    try:
+        name = params["scheme"]
+        opts = ",".join(f"{k}={v}" for k, v in (params.get("options") or {}).items())
+        return make_scheme(f"{name}:{opts}" if opts else name, key=key, dataset=dataset,
+                           block_size=params.get("block_size"), pad=params.get("pad", "error"))
+    except KeyError as e:
+        raise SchemeError(f"scheme parameters lack field {e}") from None
+
+
+def key_space(spec: str, image_size: int | tuple[int, int], block_size: int | None = None) -> float:
+    """log2 of the key space of a configuration (no key needed)."""
+    name, opts = parse_scheme_spec(spec)
+    cls = SCHEMES[name]
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    dummy = None if not cls.keyed else b"\0" * 32
+    s = cls(dummy, block_size, "edge", **opts)
+    ph, pw = s.padded_size(h, w)
+    return s.key_space_bits(ph, pw)

@@ -1,0 +1,23 @@
+# Source this file: creates (once) and activates the project's virtual environment with every
+# dependency, then installs this checkout in editable mode. Safe to run on a fresh machine.
+# The environment lives outside the checkout, keyed by a hash of pyproject.toml, so fresh clones
+# on the same machine reuse it; set ETC_DATA_VENV to choose another place.
+set -euo pipefail
+_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_py="${PYTHON:-python3}"
+_hash="$(cat "$_root/pyproject.toml" | sha256sum | cut -c1-12)"
+_venv="${ETC_DATA_VENV:-$HOME/.cache/etc-data/venv-$("$_py" -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')-$_hash}"
+if [ ! -f "$_venv/.complete" ]; then
+  echo "[env] creating $_venv (first run installs torch, prefect, ... this takes a few minutes)" >&2
+  rm -rf "$_venv"
+  "$_py" -m venv "$_venv"
+  "$_venv/bin/python" -m pip install -q --upgrade pip
+  "$_venv/bin/python" -m pip install -q -e "$_root[dev]"
+  touch "$_venv/.complete"
+fi
+# shellcheck disable=SC1091
+source "$_venv/bin/activate"
+# this checkout (a fresh clone may live elsewhere than the one that built the environment)
+python -m pip install -q --no-deps --no-build-isolation -e "$_root" >/dev/null 2>&1 \
+  || python -m pip install -q --no-deps -e "$_root"
+set +euo pipefail

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real data folder (../shared/data or $ETC_DATA_SHARED) and small real batches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    for cand in (os.environ.get("ETC_DATA_SHARED"), ROOT.parent / "shared" / "data", ROOT / "shared" / "data"):
+        if cand and (Path(cand) / "cifar10-lossless-subset.npz").exists():
+            return Path(cand)
+    return None
+
+
+SHARED = shared_data_dir()
+needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared/data is absent (real-data tests)")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if SHARED is None:
+        pytest.skip("../shared/data is absent")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cifar_exact(shared_dir):
+    """The 5,000 exact-pixel CIFAR-10 images: dict with x_train, y_train, x_test, y_test."""
+    with np.load(shared_dir / "cifar10-lossless-subset.npz") as d:
+        return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope="session")
+def imagenette_batch(shared_dir):
+    """32 real Imagenette images at 224x224 (decoded from the shared zip)."""
+    import zipfile
+
+    from etc_data.sources import decode_image
+
+    with zipfile.ZipFile(shared_dir / "imagenette-224-subset.zip") as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".JPEG"))[::120][:32]
+        return np.stack([decode_image(z.read(n), n) for n in names])
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    from etc_data.keys import new_key_file
+
+    path = tmp_path / "owner.key"
+    new_key_file(path, "alice")
+    return path
