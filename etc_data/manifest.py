@@ -1,0 +1,173 @@
+"""The dataset manifest: what a split holds, how it was made, and the commit point of a write.
+
+Layout of a dataset root written by ``etc-data prepare --out ROOT``::
+
+    ROOT/_info.json                       timm's wds reader format, all splits
+    ROOT/<split>/manifest.json            this module's manifest (written last: the commit point)
+    ROOT/<split>/keys.json                sample keys per shard (for incremental ingest)
+    ROOT/<split>/<split>-NNNNNN.tar       WebDataset shards
+
+A shard that is not listed in ``manifest.json`` does not belong to the dataset (a leftover of a
+killed run); readers only ever open the shards the manifest lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from . import __version__
+from .errors import EtcError
+from .storage import StorageError, join, read_bytes, write_bytes
+
+FORMAT = "etc-data-manifest/1"
+MANIFEST_NAME = "manifest.json"
+KEYS_NAME = "keys.json"
+INFO_NAME = "_info.json"
+
+
+class ManifestError(EtcError):
+    """A manifest is missing, unparsable or inconsistent (the message names its URL)."""
+
+
+@dataclass
+class Manifest:
+    split: str
+    dataset: str
+    scheme: str
+    block_size: int | None
+    codec: str
+    key_fingerprint: str | None
+    classes: list[str]
+    image_size: list[int]
+    shards: list[dict] = field(default_factory=list)  # {"name", "sha256", "bytes", "samples"}
+    scheme_options: dict = field(default_factory=dict)
+    pad: str = "error"
+    source: str = ""
+    resize: dict | None = None
+    keys_sha256: str | None = None
+    tool_version: str = __version__
+    created: str = ""
+    format: str = FORMAT
+
+    # timm _info.json fields, derived from the shard list
+    @property
+    def num_samples(self) -> int:
+        return sum(int(s["samples"]) for s in self.shards)
+
+    @property
+    def shard_lengths(self) -> list[int]:
+        return [int(s["samples"]) for s in self.shards]
+
+    @property
+    def filenames(self) -> list[str]:
+        return [s["name"] for s in self.shards]
+
+    def scheme_params(self) -> dict:
+        return {"scheme": self.scheme, "block_size": self.block_size, "pad": self.pad,
+                "options": dict(self.scheme_options)}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["num_samples"] = self.num_samples
+        d["shard_lengths"] = self.shard_lengths
+        d["filenames"] = self.filenames
+        order = ["format", "dataset", "split", "num_samples", "shard_lengths", "filenames", "shards", "scheme",
+                 "block_size", "scheme_options", "pad", "codec", "key_fingerprint", "classes", "image_size",
+                 "source", "resize", "keys_sha256", "tool_version", "created"]
+        return {k: d[k] for k in order}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Manifest":
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: manifest must be a JSON object")
+        if d.get("format") != FORMAT:
+            raise ManifestError(f"{where}: unknown manifest format {d.get('format')!r} (expected {FORMAT!r})")
+        names = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ManifestError(f"{where}: manifest lacks field(s) {', '.join(missing)}")
+        m = cls(**{k: v for k, v in d.items() if k in names})
+        for i, s in enumerate(m.shards):
+            if not isinstance(s, dict) or not {"name", "sha256", "bytes", "samples"} <= set(s):
+                raise ManifestError(f"{where}: shards[{i}] must have name, sha256, bytes, samples")
+        if "num_samples" in d and d["num_samples"] != m.num_samples:
+            raise ManifestError(f"{where}: num_samples {d['num_samples']} != sum of shard samples {m.num_samples}")
+        return m
+
+
+def manifest_url(split_url: str) -> str:
+    return split_url if str(split_url).endswith(".json") else join(split_url, MANIFEST_NAME)
+
+
+def split_url_of(url: str) -> str:
+    """The split folder of a URL that names either the folder or its manifest.json."""
+    url = str(url).rstrip("/")
+    return url[: -len(MANIFEST_NAME) - 1] if url.endswith("/" + MANIFEST_NAME) or url.endswith("\\" + MANIFEST_NAME) else url
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
+    """Read ``URL/manifest.json`` (or the manifest URL itself); a clear error if absent or broken."""
+    murl = manifest_url(url)
+    try:
+        raw = read_bytes(murl, storage_options)
+    except StorageError as e:
+        raise ManifestError(f"no readable manifest at {murl} ({e}); is this a split folder written by "
+                            f"etc-data prepare, e.g. ROOT/train?") from None
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{murl}: not valid JSON ({e})") from None
+    try:
+        return Manifest.from_dict(doc, murl)
+    except TypeError as e:
+        raise ManifestError(f"{murl}: {e}") from None
+
+
+def read_keys(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> dict[str, list[str]]:
+    """Sample keys per shard name, checked against the manifest's recorded hash."""
+    url = join(split_url_of(split_url), KEYS_NAME)
+    raw = read_bytes(url, storage_options)
+    if manifest.keys_sha256 and hashlib.sha256(raw).hexdigest() != manifest.keys_sha256:
+        raise ManifestError(f"{url}: sha256 does not match the manifest (file changed after commit)")
+    return json.loads(raw)
+
+
+def _dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
+
+
+def write_manifest(split_url: str, manifest: Manifest, keys: dict[str, list[str]] | None = None,
+                   storage_options: dict | None = None) -> None:
+    """Commit a split: keys.json, then manifest.json (the commit point), then the root _info.json."""
+    split_url = split_url_of(split_url)
+    if keys is not None:
+        raw = json.dumps(keys, separators=(",", ":"), sort_keys=True).encode()
+        manifest.keys_sha256 = hashlib.sha256(raw).hexdigest()
+        write_bytes(join(split_url, KEYS_NAME), raw, storage_options)
+    manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_bytes(manifest_url(split_url), _dumps(manifest.to_dict()), storage_options)
+    update_info(split_url, manifest, storage_options)
+
+
+def update_info(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> None:
+    """Write/merge timm's ``_info.json`` at the dataset root (the split folder's parent)."""
+    root, _, split_dir = split_url_of(split_url).rstrip("/").replace("\\", "/").rpartition("/")
+    root = split_url_of(split_url)[: len(root)] if root else "."
+    info_url = join(root, INFO_NAME)
+    try:
+        info = json.loads(read_bytes(info_url, storage_options))
+        if not isinstance(info, dict):
+            info = {}
+    except (StorageError, json.JSONDecodeError):
+        info = {}
+    info.setdefault("name", manifest.dataset)
+    info.setdefault("splits", {})
+    info["splits"][manifest.split] = {
+        "name": manifest.split, "num_samples": manifest.num_samples,
+        "filenames": [f"{split_dir}/{n}" for n in manifest.filenames], "shard_lengths": manifest.shard_lengths}
+    info["classes"] = manifest.classes
+    write_bytes(info_url, _dumps(info), storage_options)

@@ -1,0 +1,244 @@
+"""Storage through fsspec: local paths, ``file://``, ``s3://``, ``gs://``, ``memory://``...
+
+Whole objects are written atomically:
+- local files go to a hidden temporary name in the same folder, are fsynced and renamed;
+- object stores get one ``pipe_file`` call: a single PUT or a multipart upload that only becomes
+  visible when completed, so a failed or killed upload never leaves an object under the final name;
+- ``atomic_open`` streams large writes, and on any exception aborts the upload with ``discard()``
+  (fsspec's ``__exit__`` would otherwise *commit* the truncated object on S3).
+Transient storage errors are retried with exponential backoff, then reported naming the URL.
+
+Credentials never live in the project's config files: they come from the environment or the
+provider's own chain (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, metadata servers).
+A storage config that contains a secret-looking field is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import EtcError
+
+SECRET_FIELDS = ("key", "secret", "token", "password", "passwd", "credential", "credentials",
+                 "aws_secret_access_key", "aws_session_token", "secret_access_key", "access_key",
+                 "private_key", "client_secret", "sas_token", "account_key")
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class StorageError(EtcError):
+    """A storage operation failed (the message names the URL)."""
+
+
+def is_local(url: str) -> bool:
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
+def join(root: str, *parts: str) -> str:
+    root = str(root)
+    if is_local(root) and not root.startswith("file://"):
+        return str(Path(root, *parts))
+    return posixpath.join(root.rstrip("/"), *parts)
+
+
+def get_fs(url: str, storage_options: dict | None = None):
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"cannot open storage for {url}: {e}") from None
+    return fs, path
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, EtcError)):
+        return False
+    return isinstance(e, (OSError, ConnectionError, TimeoutError)) or type(e).__module__.split(".")[0] in (
+        "botocore", "aiohttp", "urllib3", "requests", "gcsfs", "s3fs", "aiobotocore")
+
+
+def retry(what: str, fn, *args, delays=RETRY_DELAYS, **kwargs):
+    """Call fn, retrying transient storage errors with backoff; then a StorageError naming ``what``."""
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not _transient(e) or attempt == len(delays):
+                if isinstance(e, EtcError):
+                    raise
+                raise StorageError(f"{what}: {type(e).__name__}: {e}") from e
+            time.sleep(delays[attempt])
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write an object atomically: it appears complete under ``url`` or not at all."""
+    url = str(url)
+    if is_local(url):
+        path = Path(url[len("file://"):] if url.startswith("file://") else url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise StorageError(f"cannot write {url}: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    fs, path = get_fs(url, storage_options)
+
+    def put():
+        parent = posixpath.dirname(path)
+        if parent and not fs.exists(parent) and fs.protocol in ("memory", ("memory",)):
+            fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(path, data)
+
+    retry(f"cannot write {url}", put)
+
+
+@contextmanager
+def atomic_open(url: str, storage_options: dict | None = None):
+    """Stream a large object; abort (nothing committed) if the body raises."""
+    url = str(url)
+    if is_local(url):
+        path = Path(url[len("file://"):] if url.startswith("file://") else url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    fs, path = get_fs(url, storage_options)
+    f = fs.open(path, "wb")
+    try:
+        yield f
+    except BaseException:
+        discard = getattr(f, "discard", None)
+        if discard is not None:
+            discard()  # abort the multipart upload
+        f.closed = True  # so that close() in __del__ does not commit what was buffered
+        raise
+    f.close()
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    url = str(url)
+    if is_local(url):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{url} does not exist") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {url}: {e}") from None
+    fs, path = get_fs(url, storage_options)
+
+    def get():
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            raise StorageError(f"{url} does not exist") from None
+
+    return retry(f"cannot read {url}", get)
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, path = get_fs(url, storage_options)
+    return bool(retry(f"cannot check {url}", fs.exists, path))
+
+
+def list_names(url: str, storage_options: dict | None = None) -> list[str]:
+    """Base names of the files directly under a folder URL ([] if it does not exist)."""
+    fs, path = get_fs(url, storage_options)
+
+    def ls():
+        try:
+            fs.invalidate_cache(path)
+        except Exception:  # noqa: BLE001 - not every filesystem caches
+            pass
+        try:
+            return [posixpath.basename(str(p).rstrip("/")) for p in fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    return sorted(retry(f"cannot list {url}", ls))
+
+
+def remove(url: str, storage_options: dict | None = None) -> None:
+    fs, path = get_fs(url, storage_options)
+
+    def rm():
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    retry(f"cannot remove {url}", rm)
+
+
+def size(url: str, storage_options: dict | None = None) -> int:
+    fs, path = get_fs(url, storage_options)
+    return int(retry(f"cannot stat {url}", fs.size, path))
+
+
+def _is_secret_name(name: str) -> bool:
+    n = str(name).lower().replace("-", "_")
+    return n in SECRET_FIELDS or any(n.endswith("_" + f) for f in SECRET_FIELDS if f != "key")
+
+
+def _find_secret(obj: Any, where: str) -> str | None:
+    """Dotted path of the first secret-looking field in a nested config, or None."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        here = f"{where}[{k}]" if isinstance(obj, list) else (f"{where}.{k}" if where else str(k))
+        if isinstance(obj, dict) and _is_secret_name(k):
+            return here
+        found = _find_secret(v, here)
+        if found:
+            return found
+    return None
+
+
+def check_no_secrets(doc: Any, source: str) -> None:
+    """Refuse config content with a secret-looking field (credentials come from the environment)."""
+    field = _find_secret(doc, "")
+    if field:
+        raise StorageError(f"{source}: field {field!r} looks like a secret; credentials must come from the "
+                           f"environment or the provider's credential chain, never from a config file")
+
+
+def load_storage_config(path: str | os.PathLike) -> dict:
+    """Read a storage YAML (``url`` + optional ``storage_options``), refusing secret fields."""
+    import yaml
+
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise StorageError(f"storage config {p} does not exist") from None
+    except yaml.YAMLError as e:
+        raise StorageError(f"storage config {p}: invalid YAML: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("url"), str):
+        raise StorageError(f"storage config {p}: field 'url' (a string) is required")
+    opts = doc.get("storage_options") or {}
+    if not isinstance(opts, dict):
+        raise StorageError(f"storage config {p}: field 'storage_options' must be a mapping")
+    check_no_secrets(doc, f"storage config {p}")
+    unknown = set(doc) - {"url", "storage_options"}
+    if unknown:
+        raise StorageError(f"storage config {p}: unknown field(s) {', '.join(sorted(unknown))}; valid: url, storage_options")
+    return {"url": doc["url"], "storage_options": opts}

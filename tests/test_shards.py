@@ -1,0 +1,132 @@
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+
+from etc_data.manifest import Manifest, ManifestError, read_manifest, read_keys, write_manifest
+from etc_data.shards import (
+    ShardError, ShardWriter, build_tar, iter_samples, iter_tar, verify, write_chunk,
+)
+from etc_data.storage import StorageError, check_no_secrets, load_storage_config
+
+
+def _samples(imgs, labels, prefix="train/c"):
+    import simplejpeg
+
+    return [{"__key__": f"{prefix}{int(l)}/{i:05d}", "jpg": simplejpeg.encode_jpeg(im, quality=85, colorsubsampling="444"),
+             "cls": int(l), "json": {"cls": int(l), "source_id": f"x/{i}", "split": "train"}} for i, (im, l) in enumerate(zip(imgs, labels))]
+
+
+def _manifest(shards, split="train"):
+    return Manifest(split=split, dataset="t", scheme="etc", block_size=16, codec="jpeg:q=85,sub=444",
+                    key_fingerprint="0123456789abcdef", classes=[f"c{i}" for i in range(10)], image_size=[32, 32],
+                    shards=[s.entry() for s in shards], source="test")
+
+
+def test_tar_bytes_are_deterministic_and_standard(cifar_exact, tmp_path):
+    s = _samples(cifar_exact["x_test"][:20], cifar_exact["y_test"][:20])
+    a, keys = build_tar(s)
+    b, _ = build_tar(list(reversed(s)))
+    assert a == b and keys == sorted(keys)
+    p = tmp_path / "s.tar"
+    p.write_bytes(a)
+    listing = subprocess.run(["tar", "tvf", str(p)], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(listing) == 60 and all("1970-01-01" in line and "0/0" in line for line in listing)
+    with pytest.raises(ShardError, match="duplicate"):
+        build_tar(s + s[:1])
+
+
+def test_webdataset_reads_our_shards(cifar_exact, tmp_path):
+    import webdataset as wds
+
+    s = _samples(cifar_exact["x_test"][:30], cifar_exact["y_test"][:30])
+    shards = write_chunk(str(tmp_path / "train"), "train", 0, s, max_samples=12)
+    assert [x.samples for x in shards] == [12, 12, 6]
+    urls = [str(tmp_path / "train" / x.name) for x in shards]
+    got = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("__key__", "jpg", "cls"))
+    assert len(got) == 30
+    assert got[0][1].shape == (32, 32, 3) and got[0][2] == int(cifar_exact["y_test"][:30][np.argsort([x["__key__"] for x in s])[0]])
+
+
+def test_manifest_round_trip_info_and_verify(cifar_exact, tmp_path):
+    root = tmp_path / "ds"
+    s = _samples(cifar_exact["x_test"][:25], cifar_exact["y_test"][:25])
+    shards = write_chunk(str(root / "train"), "train", 0, s, max_samples=10)
+    m = _manifest(shards)
+    write_manifest(str(root / "train"), m, keys={x.name: x.keys for x in shards})
+    r = read_manifest(str(root / "train"))
+    assert r.num_samples == 25 and r.shard_lengths == [10, 10, 5] and r.filenames == [x.name for x in shards]
+    d = json.loads((root / "train" / "manifest.json").read_text())
+    for f in ("format", "num_samples", "shard_lengths", "filenames", "shards", "split", "scheme", "block_size",
+              "codec", "key_fingerprint", "classes", "image_size"):
+        assert f in d
+    assert sum(len(v) for v in read_keys(str(root / "train"), r).values()) == 25
+    info = json.loads((root / "_info.json").read_text())
+    assert info["splits"]["train"]["filenames"][0] == "train/train-000000.tar"
+    rep = verify(str(root / "train"), deep=True)
+    assert rep.ok and rep.samples == 25, rep.lines()
+    # corrupt one shard, add an extra one, delete another: each is reported by name
+    (root / "train" / "train-000000-1.tar").write_bytes(b"garbage")
+    (root / "train" / "train-000099.tar").write_bytes(b"x")
+    (root / "train" / "train-000000-2.tar").unlink()
+    rep = verify(str(root / "train"))
+    assert not rep.ok
+    assert rep.missing == ["train-000000-2.tar"] and rep.extra == ["train-000099.tar"]
+    assert rep.corrupt and rep.corrupt[0].startswith("train-000000-1.tar")
+
+
+def test_timm_wds_reader_consumes_the_dataset(cifar_exact, tmp_path):
+    from timm.data import create_dataset
+
+    root = tmp_path / "ds"
+    s = _samples(cifar_exact["x_test"][:16], cifar_exact["y_test"][:16])
+    shards = write_chunk(str(root / "train"), "train", 0, s, max_samples=8)
+    write_manifest(str(root / "train"), _manifest(shards))
+    ds = create_dataset("wds/etc", root=str(root), split="train", is_training=False, batch_size=1,
+                        input_key="jpg", target_key="cls")
+    items = list(ds)
+    assert len(items) == 16
+    img, target = items[0]
+    assert img.size == (32, 32) and 0 <= int(target) < 10
+
+
+def test_bad_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ManifestError, match="no readable manifest"):
+        read_manifest(str(tmp_path / "train"))
+    (tmp_path / "train" / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        read_manifest(str(tmp_path / "train"))
+    (tmp_path / "train" / "manifest.json").write_text('{"format": "etc-data-manifest/1", "split": "train"}')
+    with pytest.raises(ManifestError, match="lacks field"):
+        read_manifest(str(tmp_path / "train"))
+
+
+def test_memory_fs_writer_and_iter(cifar_exact):
+    url = "memory://etc-tests/ds/train"
+    s = _samples(cifar_exact["x_test"][:9], cifar_exact["y_test"][:9])
+    with ShardWriter(url, "train", max_samples=4) as w:
+        for x in s:
+            w.write(x)
+    assert [x.samples for x in w.shards] == [4, 4, 1]
+    write_manifest(url, _manifest(w.shards))
+    got = list(iter_samples(url))
+    assert sorted(g["__key__"] for g in got) == sorted(x["__key__"] for x in s)
+    assert got[0]["json"]["split"] == "train" and isinstance(got[0]["cls"], int)
+    assert verify(url, deep=True).ok
+
+
+def test_storage_config_refuses_secrets(tmp_path):
+    good = tmp_path / "s.yaml"
+    good.write_text("url: s3://bucket/data\nstorage_options:\n  endpoint_url: http://127.0.0.1:8333\n  anon: false\n")
+    assert load_storage_config(good)["url"] == "s3://bucket/data"
+    for field in ("key", "secret", "token", "aws_secret_access_key", "password"):
+        bad = tmp_path / f"{field}.yaml"
+        bad.write_text(f"url: s3://b\nstorage_options:\n  {field}: abc\n")
+        with pytest.raises(StorageError, match=rf"{bad.name}.*storage_options\.{field}"):
+            load_storage_config(bad)
+    check_no_secrets({"storage_options": {"client_kwargs": {"region_name": "x"}}}, "ok")
