@@ -102,7 +102,8 @@ def new_key_file(path: str | os.PathLike, owner: str) -> OwnerKey:
     return OwnerKey(owner, secret, source=str(path))
 
 
-def _parse_key_text(text: str, source: str) -> OwnerKey:
+def parse_key_text(text: str, source: str) -> OwnerKey:
+    """Parse a key file's content or a bare hex secret; ``source`` names it in errors."""
     text = text.strip()
     try:
         doc = json.loads(text)
@@ -135,7 +136,7 @@ def load_key_file(path: str | os.PathLike) -> OwnerKey:
         raise KeyFileError(
             f"key file {path} is readable or writable by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"run: chmod 600 {path}")
-    return _parse_key_text(path.read_text(), f"file {path}")
+    return parse_key_text(path.read_text(), f"file {path}")
 
 
 def load_key(ref: str | os.PathLike | None = None) -> OwnerKey:
@@ -151,5 +152,5 @@ def load_key(ref: str | os.PathLike | None = None) -> OwnerKey:
         value = os.environ.get(name)
         if not value:
             raise KeyFileError(f"environment variable {name} is not set (expected a key file's content or a hex secret)")
-        return _parse_key_text(value, f"env:{name}")
+        return parse_key_text(value, f"env:{name}")
     return load_key_file(ref)

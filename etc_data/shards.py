@@ -43,14 +43,47 @@ def shard_name(split: str, index: int, part: int = 0) -> str:
     return f"{split}-{index:06d}.tar" if part == 0 else f"{split}-{index:06d}-{part}.tar"
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+_RECORD = 10240  # tar's default record size: archives are padded to a multiple of it, like GNU tar
+
+
+def _octal(n: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, n)
+
+
+def _ustar_header(name: str, size: int) -> bytes | None:
+    """A deterministic ustar header (mode 0444, uid/gid 0, mtime 0, no user/group names), built
+    directly: tarfile's generic path costs ~60 us per member, this ~3 us. None if the name does
+    not fit ustar's 100 + 155 byte fields (the caller then falls back to tarfile's PAX format)."""
+    raw = name.encode()
+    prefix = b""
+    if len(raw) > 100:
+        cut = raw.rfind(b"/", 0, 156)
+        if cut <= 0 or len(raw) - cut - 1 > 100:
+            return None
+        prefix, raw = raw[:cut], raw[cut + 1:]
+    if size >= 8 ** 11:
+        return None
+    h = bytearray(512)
+    h[0:len(raw)] = raw
+    h[100:108] = _octal(0o444, 8)
+    h[108:116] = _octal(0, 8)
+    h[116:124] = _octal(0, 8)
+    h[124:136] = _octal(size, 12)
+    h[136:148] = _octal(0, 12)
+    h[148:156] = b" " * 8
+    h[156:157] = b"0"
+    h[257:265] = b"ustar\x0000"
+    h[329:337] = _octal(0, 8)
+    h[337:345] = _octal(0, 8)
+    h[345:345 + len(prefix)] = prefix
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def _pax_member(name: str, data: bytes) -> bytes:
     ti = tarfile.TarInfo(name)
-    ti.size = len(data)
-    ti.mtime = 0
-    ti.mode = 0o444
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    tar.addfile(ti, io.BytesIO(data))
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o444, 0, 0, "", ""
+    return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 def sample_files(sample: dict) -> list[tuple[str, bytes]]:
@@ -80,12 +113,16 @@ def build_tar(samples: Iterable[dict]) -> tuple[bytes, list[str]]:
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ShardError(f"duplicate sample key {dup!r}")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for s in samples:
-            for name, data in sample_files(s):
-                _add(tar, name, data)
-    return buf.getvalue(), keys
+    parts: list[bytes] = []
+    for s in samples:
+        for name, data in sample_files(s):
+            parts.append(_ustar_header(name, len(data)) or _pax_member(name, data))
+            parts.append(data)
+            if len(data) % 512:
+                parts.append(b"\0" * (512 - len(data) % 512))
+    parts.append(b"\0" * 1024)  # end-of-archive marker
+    body = b"".join(parts)
+    return body + b"\0" * (-len(body) % _RECORD), keys
 
 
 def write_shard(split_url: str, name: str, samples: list[dict], storage_options: dict | None = None) -> ShardInfo:
