@@ -271,3 +271,49 @@ def prepare(s: Settings, map_chunks=None, progress=None, key_loader=None) -> Pre
     size = next(iter(manifests.values())).image_size if manifests else None
     bits = scheme.key_space_bits(*size) if (size and scheme.keyed) else None
     return PrepareSummary(manifests, written, skipped, payload, bits, size)
+
+
+# ----------------------------------------------------------------------------- local process pool
+
+_WORKER_CACHE: dict = {}
+
+
+def _chunk_in_worker(settings: dict, spec: dict) -> dict:
+    """Run one chunk in a pool worker; the source and scheme are opened once per worker process
+    and the key is loaded there from its reference."""
+    import dataclasses
+
+    s = Settings(**settings)
+    ck = (repr(s.source), s.resize, s.scheme, s.block_size, s.pad, s.dataset, s.key_ref)
+    if ck not in _WORKER_CACHE:
+        _WORKER_CACHE.clear()
+        _WORKER_CACHE[ck] = (s.open_source(), build_scheme(s)[0])
+    source, scheme = _WORKER_CACHE[ck]
+    return dataclasses.asdict(run_chunk(s, ChunkSpec(**spec), source=source, scheme=scheme))
+
+
+class ChunkPool:
+    """A pool of worker processes (spawned, so it is safe next to threads) that run chunks.
+
+    Started once per run, ideally while other start-up work goes on (e.g. Prefect's API server),
+    it keeps each worker's opened source and key schedule warm across chunks."""
+
+    def __init__(self, workers: int | None = None):
+        import multiprocessing as mp
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        n = workers or len(os.sched_getaffinity(0))
+        self.ex = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"))
+        self.warm = [self.ex.submit(_warm_up) for _ in range(n)]
+
+    def run(self, settings: dict, spec: dict) -> dict:
+        return self.ex.submit(_chunk_in_worker, settings, spec).result()
+
+    def close(self):
+        self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _warm_up() -> None:
+    from . import codecs, schemes, shards, sources  # noqa: F401 - import cost paid once per worker
+    import simplejpeg  # noqa: F401

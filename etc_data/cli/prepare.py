@@ -70,6 +70,10 @@ def register(cli: click.Group) -> None:
         opts = _storage(storage_config)
         bar = tqdm(unit="shard", desc="prepare")
         fp.PROGRESS = lambda r: (bar.update(1), bar.set_postfix_str(f"{r.split} #{r.index}"))
+        from ..prepare import ChunkPool
+
+        # worker processes start while Prefect's ephemeral API server boots
+        fp.POOL = ChunkPool(workers) if not dask_address and (workers or 2) > 1 else None
         flow_fn = fp.make_prepare_flow(workers, dask_address)
         try:
             res = flow_fn(source=list(sources), out=out, dataset=dataset, owner=owner, key_ref=key_ref, scheme=scheme,
@@ -79,6 +83,9 @@ def register(cli: click.Group) -> None:
         finally:
             bar.close()
             fp.PROGRESS = None
+            if fp.POOL is not None:
+                fp.POOL.close()
+                fp.POOL = None
         for line in res["lines"]:
             click.echo(line)
         bits, size = res["key_bits"], res["image_size"]
