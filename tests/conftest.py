@@ -55,3 +55,29 @@ def key_file(tmp_path):
     path = tmp_path / "owner.key"
     new_key_file(path, "alice")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_home(tmp_path_factory):
+    """Prefect's home (ephemeral API database, settings) in a temporary folder per test session."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ.setdefault("PREFECT_HOME", str(home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    yield
+
+
+def make_image_zip(path: Path, images, labels, classes, split: str = "train", ext: str = "png") -> Path:
+    """Write real images into a ``<split>/<class>/NNNN.<ext>`` zip (what the shared copies look like)."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    with zipfile.ZipFile(path, "w") as z:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            b = io.BytesIO()
+            Image.fromarray(img).save(b, format="PNG" if ext == "png" else "JPEG", quality=95)
+            z.writestr(f"{split}/{classes[int(lab)]}/{i:04d}.{ext}", b.getvalue())
+    return path

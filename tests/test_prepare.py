@@ -1,0 +1,154 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from etc_data.codecs import get_codec
+from etc_data.keys import load_key
+from etc_data.manifest import read_manifest
+from etc_data.prepare import PrepareError, Settings, prepare
+from etc_data.schemes import make_scheme
+from etc_data.shards import iter_samples, verify
+from etc_data.sources import SourceError
+
+from .conftest import make_image_zip
+
+
+def _npz(tmp_path, cifar_exact, n_train=120, n_test=40):
+    p = tmp_path / "cifar10-mini.npz"
+    np.savez(p, x_train=cifar_exact["x_train"][:n_train], y_train=cifar_exact["y_train"][:n_train],
+             x_test=cifar_exact["x_test"][:n_test], y_test=cifar_exact["y_test"][:n_test])
+    return p
+
+
+def _hashes(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.tar"))}
+
+
+def test_prepare_lossless_round_trip_and_manifest(tmp_path, cifar_exact, key_file):
+    src = _npz(tmp_path, cifar_exact)
+    out = tmp_path / "out"
+    s = Settings(source=str(src), out=str(out), dataset="cifar10", scheme="etc", block_size=8, codec="png",
+                 key_ref=str(key_file), shard_size=50)
+    summ = prepare(s)
+    m = read_manifest(str(out / "train"))
+    assert m.num_samples == 120 and m.shard_lengths == [50, 50, 20] and m.image_size == [32, 32]
+    assert m.key_fingerprint == load_key(key_file).fingerprint and m.codec == "png:level=6"
+    assert m.classes[0] == "airplane" and summ.manifests["test"].num_samples == 40
+    raw = (out / "train" / "manifest.json").read_text() + (out / "_info.json").read_text()
+    assert json.loads(key_file.read_text())["secret"] not in raw
+    assert verify(str(out / "train"), deep=True).ok
+    scheme = make_scheme("etc", key=load_key(key_file), dataset="cifar10", block_size=8)
+    samples = list(iter_samples(str(out / "test")))
+    dec = scheme.decrypt(np.stack([get_codec("png").decode(x["png"]) for x in samples]))
+    order = [int(x["__key__"].split("/")[1]) for x in samples]
+    assert np.array_equal(dec, cifar_exact["x_test"][:40][order])  # exact: lossless codec
+    assert [x["cls"] for x in samples] == list(cifar_exact["y_test"][:40][order])
+    assert samples[0]["json"] == {"cls": samples[0]["cls"], "source_id": samples[0]["__key__"], "split": "test"}
+
+
+def test_same_input_and_key_give_same_shards(tmp_path, cifar_exact, key_file):
+    src = _npz(tmp_path, cifar_exact, 80, 10)
+    for name in ("a", "b"):
+        prepare(Settings(source=str(src), out=str(tmp_path / name), dataset="d", key_ref=str(key_file),
+                         codec="jpeg:q=85,sub=420", shard_size=30))
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b") and len(_hashes(tmp_path / "a")) == 4
+
+
+def test_incremental_ingest_appends_without_reencrypting(tmp_path, cifar_exact, key_file):
+    src = _npz(tmp_path, cifar_exact, 200, 10)
+    out = tmp_path / "out"
+    base = dict(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="jpeg:q=85,sub=444",
+                shard_size=60, splits=["train"])
+    prepare(Settings(**base, limit=100))
+    before = _hashes(out)
+    summ = prepare(Settings(**base, limit=170))
+    after = _hashes(out)
+    assert summ.written["train"] == 70
+    assert all(after[k] == v for k, v in before.items())  # old shards untouched
+    m = read_manifest(str(out / "train"))
+    assert m.num_samples == 170 and len(m.shards) == len(before) + 2
+    keys = [x["__key__"] for x in iter_samples(str(out / "train"))]
+    assert len(keys) == len(set(keys)) == 170
+    assert prepare(Settings(**base, limit=170)).written["train"] == 0  # nothing new: nothing written
+
+
+def test_append_with_other_key_or_codec_is_refused(tmp_path, cifar_exact, key_file):
+    from etc_data.keys import new_key_file
+
+    src = _npz(tmp_path, cifar_exact, 30, 5)
+    out = tmp_path / "out"
+    prepare(Settings(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="png", limit=10))
+    other = tmp_path / "other.key"
+    new_key_file(other, "mallory")
+    with pytest.raises(PrepareError, match=r"key_fingerprint"):
+        prepare(Settings(source=str(src), out=str(out), dataset="d", key_ref=str(other), codec="png"))
+    with pytest.raises(PrepareError, match=r"codec: dataset has 'png:level=6'"):
+        prepare(Settings(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="jpegls"))
+
+
+def test_plain_scheme_needs_no_key_and_bad_codec_combo_refused(tmp_path, cifar_exact, key_file):
+    src = _npz(tmp_path, cifar_exact, 20, 5)
+    summ = prepare(Settings(source=str(src), out=str(tmp_path / "p"), dataset="d", scheme="plain", codec="png"))
+    assert summ.manifests["train"].key_fingerprint is None and summ.key_bits is None
+    from etc_data.schemes import SchemeError
+
+    with pytest.raises(SchemeError, match="not JPEG-compliant"):
+        prepare(Settings(source=str(src), out=str(tmp_path / "q"), dataset="d", key_ref=str(key_file),
+                         block_size=8, codec="jpeg:q=85,sub=420"))
+    assert not (tmp_path / "q").exists()
+
+
+def test_bad_image_stops_with_name_or_is_skipped_and_listed(tmp_path, cifar_exact, key_file):
+    z = make_image_zip(tmp_path / "imgs.zip", cifar_exact["x_test"][:12], cifar_exact["y_test"][:12],
+                       [str(i) for i in range(10)])
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(z) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for n in zin.namelist():
+            zout.writestr(n, zin.read(n))
+        zout.writestr("train/3/9999.png", b"\x89PNG\r\n\x1a\nbroken")
+    s = dict(source=str(bad), dataset="d", key_ref=str(key_file), codec="png", block_size=8)
+    with pytest.raises(SourceError, match="9999.png"):
+        prepare(Settings(out=str(tmp_path / "o1"), **s))
+    assert not (tmp_path / "o1" / "train" / "manifest.json").exists()
+    summ = prepare(Settings(out=str(tmp_path / "o2"), on_bad_image="skip", **s))
+    assert summ.manifests["train"].num_samples == 12
+    assert len(summ.skipped["train"]) == 1 and "9999.png" in summ.skipped["train"][0]
+    assert any("skipped 1" in line for line in summ.lines())
+
+
+KILL_SCRIPT = """
+import sys
+from etc_data.prepare import Settings, prepare
+prepare(Settings(source=sys.argv[1], out=sys.argv[2], dataset="d", key_ref=sys.argv[3], codec="jpeg:q=90,sub=444",
+                 shard_size=40))
+"""
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, cifar_exact, key_file):
+    src = _npz(tmp_path, cifar_exact, 4000, 1000)
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(src), str(ref), str(key_file)], check=True)
+    p = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(src), str(out), str(key_file)])
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.rglob("*.tar"))) < 5:
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "train" / "manifest.json").exists()  # really interrupted before the commit point
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(src), str(out), str(key_file)], check=True)
+    for split in ("train", "test"):
+        a = json.loads((ref / split / "manifest.json").read_text())
+        b = json.loads((out / split / "manifest.json").read_text())
+        a.pop("created"), b.pop("created")
+        assert a == b
+    assert _hashes(ref) == _hashes(out)
+    assert not list(out.rglob("*.part"))
+    assert verify(str(out / "train")).ok
