@@ -99,29 +99,47 @@ def run_prepare(s: Settings) -> PrepareSummary:
     return prepare(s, map_chunks=map_chunks, key_loader=load_key_ref)
 
 
-def make_prepare_flow(workers: int | None = None, dask_address: str | None = None):
-    @flow(name="etc-prepare", task_runner=_task_runner(workers, dask_address), log_prints=False,
-          persist_result=False)
-    def prepare_flow(source: list[str], out: str, dataset: str | None = None, owner: str | None = None,
-                     key_ref: str | None = None, scheme: str = "etc", block_size: int | None = None,
-                     codec: str = "jpeg:q=85,sub=420", shard_size: int = 10000, max_shard_bytes: int | None = None,
-                     limit: int | None = None, splits: list[str] | None = None, resize: int | None = None,
-                     pad: str = "error", on_bad_image: str = "stop", storage_options: dict | None = None) -> dict:
-        s = Settings(source=source, out=out, dataset=dataset or "", scheme=scheme, block_size=block_size,
-                     codec=codec, key_ref=key_ref, owner=owner, shard_size=shard_size,
-                     max_shard_bytes=max_shard_bytes, limit=limit, splits=splits, resize=resize, pad=pad,
-                     on_bad_image=on_bad_image, storage_options=storage_options or {})
-        summ = run_prepare(s)
-        table = []
-        for split, m in summ.manifests.items():
-            tot = sum(e["bytes"] for e in m.shards)
-            table.append({"split": split, "samples": m.num_samples, "new": summ.written[split], "shards": len(m.shards),
-                          "bytes": tot, "bytes_per_image": round(tot / max(1, m.num_samples), 1),
-                          "skipped": len(summ.skipped[split])})
-        create_table_artifact(table, key="prepare-sizes", description=f"etc-data prepare sizes: {s.dataset}")
-        create_markdown_artifact(summary_markdown(s, summ), key="prepare-summary")
-        m0 = next(iter(summ.manifests.values()))
-        return {"dataset": s.dataset, "lines": summ.lines(), "scheme": m0.scheme, "block_size": m0.block_size, "key_bits": summ.key_bits, "image_size": summ.image_size,
-                "splits": {k: v.num_samples for k, v in summ.manifests.items()}}
+@flow(name="etc-prepare", log_prints=False, persist_result=False)
+def prepare_flow(source: list[str], out: str, dataset: str | None = None, owner: str | None = None,
+                 key_ref: str | None = None, scheme: str = "etc", block_size: int | None = None,
+                 codec: str = "jpeg:q=85,sub=420", shard_size: int = 10000, max_shard_bytes: int | None = None,
+                 limit: int | None = None, splits: list[str] | None = None, resize: int | None = None,
+                 pad: str = "error", on_bad_image: str = "stop", storage_options: dict | None = None,
+                 workers: int | None = None) -> dict:
+    """Encrypt, compress and shard a dataset; ``key_ref`` is a reference (path, env:NAME,
+    prefect-secret:BLOCK), never a key. ``workers``: local worker processes (when no Dask runner)."""
+    global POOL
+    s = Settings(source=source, out=out, dataset=dataset or "", scheme=scheme, block_size=block_size,
+                 codec=codec, key_ref=key_ref, owner=owner, shard_size=shard_size,
+                 max_shard_bytes=max_shard_bytes, limit=limit, splits=splits, resize=resize, pad=pad,
+                 on_bad_image=on_bad_image, storage_options=storage_options or {})
+    from etc_data.prepare import ChunkPool
+    from prefect.context import get_run_context
 
-    return prepare_flow
+    on_dask = type(get_run_context().task_runner).__name__ == "DaskTaskRunner"
+    own_pool = POOL is None and not on_dask and (workers or len(os.sched_getaffinity(0))) > 1
+    if own_pool:
+        POOL = ChunkPool(workers)
+    try:
+        summ = run_prepare(s)
+    finally:
+        if own_pool:
+            POOL.close()
+            POOL = None
+    table = []
+    for split, m in summ.manifests.items():
+        tot = sum(e["bytes"] for e in m.shards)
+        table.append({"split": split, "samples": m.num_samples, "new": summ.written[split], "shards": len(m.shards),
+                      "bytes": tot, "bytes_per_image": round(tot / max(1, m.num_samples), 1),
+                      "skipped": len(summ.skipped[split])})
+    create_table_artifact(table, key="prepare-sizes", description=f"etc-data prepare sizes: {s.dataset}")
+    create_markdown_artifact(summary_markdown(s, summ), key="prepare-summary")
+    m0 = next(iter(summ.manifests.values()))
+    return {"dataset": s.dataset, "lines": summ.lines(), "scheme": m0.scheme, "block_size": m0.block_size,
+            "key_bits": summ.key_bits, "image_size": summ.image_size,
+            "splits": {k: v.num_samples for k, v in summ.manifests.items()}}
+
+
+def make_prepare_flow(workers: int | None = None, dask_address: str | None = None):
+    """The prepare flow with the task runner for these settings (threads + local pool, or Dask)."""
+    return prepare_flow.with_options(task_runner=_task_runner(workers, dask_address))

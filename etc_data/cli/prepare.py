@@ -31,6 +31,8 @@ def _storage(storage_config):
 
 
 def register(cli: click.Group) -> None:
+    register_serve(cli)
+
     @cli.command("prepare")
     @click.option("--source", "sources", multiple=True, required=True,
                   help="npz, image folder/.zip/.tgz with class folders, CIFAR-10 python folder/.tar.gz; repeat to merge")
@@ -73,13 +75,13 @@ def register(cli: click.Group) -> None:
         from ..prepare import ChunkPool
 
         # worker processes start while Prefect's ephemeral API server boots
-        fp.POOL = ChunkPool(workers) if not dask_address and (workers or 2) > 1 else None
+        fp.POOL = ChunkPool(workers) if not dask_address and (workers or len(os.sched_getaffinity(0))) > 1 else None
         flow_fn = fp.make_prepare_flow(workers, dask_address)
         try:
             res = flow_fn(source=list(sources), out=out, dataset=dataset, owner=owner, key_ref=key_ref, scheme=scheme,
                           block_size=block_size, codec=codec, shard_size=shard_size, max_shard_bytes=max_shard_bytes,
                           limit=limit, splits=list(splits) or None, resize=resize, pad=pad,
-                          on_bad_image=on_bad_image, storage_options=opts)
+                          on_bad_image=on_bad_image, storage_options=opts, workers=workers)
         finally:
             bar.close()
             fp.PROGRESS = None
@@ -129,3 +131,27 @@ def register(cli: click.Group) -> None:
             bad |= not rep.ok
         if bad:
             raise EtcError(f"verification failed for {url}")
+
+
+def register_serve(cli: click.Group) -> None:
+    @cli.command("serve")
+    @click.argument("folder", type=click.Path(exists=True))
+    @click.option("--check", is_flag=True, help="only validate the pipeline files and list them")
+    def serve_cmd(folder, check):
+        """Serve every pipelines/*.yaml as a scheduled Prefect deployment (needs a real Prefect server:
+        `prefect server start --host 127.0.0.1` and PREFECT_API_URL=http://127.0.0.1:4200/api)."""
+        from ..pipelines import load_pipelines
+
+        pipes = load_pipelines(folder)
+        for p in pipes:
+            sched = f"cron '{p.schedule.cron}' ({p.schedule.timezone})" if p.schedule else "no schedule"
+            click.echo(f"{p.name}: {p.dataset} -> {p.storage.url} [{p.scheme}, block {p.block_size}, {p.codec}], {sched}")
+        if check:
+            return
+        if not os.environ.get("PREFECT_API_URL"):
+            raise EtcError("serve needs a running Prefect server: start one with `prefect server start --host "
+                           "127.0.0.1` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+        from flows.serve import serve
+
+        serve(folder)
