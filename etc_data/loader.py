@@ -18,6 +18,7 @@ process and are decoded in batches on the GPU with ``torchvision.io.decode_jpeg(
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -43,8 +44,8 @@ def _image_ext(sample: dict, shard: str) -> str:
 
 def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int = 1, worker: int = 0,
                workers: int = 1, epoch: int = 0, seed: int = 0, train: bool = True, shuffle_buffer: int = 2000,
-               storage_options: dict | None = None, raw_jpeg: bool = False):
-    """Yield (image uint8 HWC array or JPEG bytes, label) for this rank and worker."""
+               storage_options: dict | None = None, raw_jpeg: bool = False, with_keys: bool = False):
+    """Yield (image uint8 HWC array or JPEG bytes, label[, sample key]) for this rank and worker."""
     shards = list(manifest.shards)
     G, g = world * workers, rank * workers + worker
     order = list(range(len(shards)))
@@ -58,6 +59,9 @@ def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int 
         for si in mine:
             name = shards[si]["name"]
             data = read_shard(split_url, name, storage_options)
+            if hashlib.sha256(data).hexdigest() != shards[si]["sha256"]:
+                raise ShardError(f"shard {name} at {split_url}: sha256 does not match the manifest "
+                                 f"(corrupt or changed after the dataset was committed)")
             for s in iter_tar(data, name):
                 if not by_shard:
                     k += 1
@@ -69,12 +73,13 @@ def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int 
                 except (KeyError, ValueError):
                     raise ShardError(f"shard {name}: sample {s['__key__']} has no valid cls field") from None
                 if raw_jpeg and ext == "jpg":
-                    yield s[ext], label
+                    img = s[ext]
                 else:
                     try:
-                        yield codec_for_ext(ext).decode(s[ext]), label
+                        img = codec_for_ext(ext).decode(s[ext])
                     except EtcError as e:
                         raise ShardError(f"shard {name}: sample {s['__key__']}: {e}") from None
+                yield (img, label, s["__key__"]) if with_keys else (img, label)
 
     if not train:
         yield from samples()

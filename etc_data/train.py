@@ -62,6 +62,7 @@ class TrainConfig:
     amp: bool = True
     storage_options: dict = field(default_factory=dict)
     max_steps: int | None = None  # cap steps per epoch (quick runs)
+    stop_after: int | None = None  # stop after this many epochs of this invocation (preemptible jobs; --resume goes on)
 
 
 # ----------------------------------------------------------------------------- keys & manifests
@@ -314,7 +315,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     def soft_targets(y):
         return F.one_hot(y, ncls).float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / ncls
 
-    for epoch in range(start_epoch, cfg.epochs):
+    end_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
+    for epoch in range(start_epoch, end_epoch):
         model.train()
         ds.epoch = epoch
         t0, seen, loss_sum, n_steps = time.time(), 0, 0.0, 0
@@ -349,7 +351,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[dict]:
             opt.step()
             sched.step()
             seen += len(y)
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             n_steps += 1
             if bar:
                 bar.update(1)

@@ -67,3 +67,15 @@ def test_prepare_flow_on_a_local_dask_cluster(tmp_path, mini_npz, key_file):
                       codec="png", shard_size=25)
     assert res["splits"] == {"train": 90, "test": 30}
     assert read_manifest(str(tmp_path / "dask" / "train")).shard_lengths == [25, 25, 25, 15]
+
+
+def test_train_flow_wraps_the_trainer(tmp_path, mini_npz, key_file):
+    from etc_data.prepare import Settings, prepare
+    from flows.train import train_flow
+
+    prepare(Settings(source=str(mini_npz), out=str(tmp_path / "ds"), dataset="c10", key_ref=str(key_file),
+                     codec="jpeg:q=90,sub=444", shard_size=50))
+    res = train_flow(shards=str(tmp_path / "ds" / "train"), test_shards=str(tmp_path / "ds" / "test"),
+                     out=str(tmp_path / "run"), key_ref=str(key_file), epochs=1, batch_size=16, device="cpu",
+                     model={"arch": "convmixer", "dim": 8, "depth": 1, "kernel": 3, "patch": 4})
+    assert res["epochs"] == 1 and 0 <= res["test_acc"] <= 1 and (tmp_path / "run" / "last.pt").exists()

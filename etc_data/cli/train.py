@@ -38,11 +38,12 @@ def register(cli: click.Group) -> None:
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--resume", is_flag=True, help="continue from OUT/last.pt")
     @click.option("--max-steps", type=int, default=None, help="cap batches per epoch (quick runs)")
+    @click.option("--stop-after", type=int, default=None, help="stop after N epochs of this run (resume later)")
     @click.option("--storage-config", type=click.Path(exists=True, dir_okay=False), default=None)
     @click.option("--out", required=True, type=click.Path(file_okay=False))
     def train_cmd(shards, test_shards, key_ref, arch, dim, depth, kernel, patch, heads, vit_variant, pretrained_file,
                   epochs, batch_size, lr, weight_decay, schedule, mixup, cutmix, cutmix_mode, workers, device, seed,
-                  resume, max_steps, storage_config, out):
+                  resume, max_steps, stop_after, storage_config, out):
         """Train a classifier on (encrypted) WebDataset shards, streamed."""
         from ..train import TrainConfig, train
         from .prepare import _storage
@@ -55,7 +56,8 @@ def register(cli: click.Group) -> None:
         cfg = TrainConfig(shards=shards, test_shards=test_shards, out=out, key_ref=key_ref, model=model,
                           epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                           mixup=mixup, cutmix=cutmix, cutmix_mode=cutmix_mode, workers=workers, device=device,
-                          seed=seed, resume=resume, max_steps=max_steps, storage_options=_storage(storage_config))
+                          seed=seed, resume=resume, max_steps=max_steps, stop_after=stop_after,
+                          storage_options=_storage(storage_config))
         metrics = train(cfg)
         if metrics:
             click.echo(f"done: {len(metrics)} epochs, last test accuracy {metrics[-1]['test_acc']}, "

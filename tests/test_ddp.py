@@ -1,0 +1,59 @@
+"""Two ranks with gloo on CPU (torchrun): disjoint samples, equal batch counts, and a DDP training epoch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from etc_data.keys import new_key_file
+from etc_data.prepare import Settings, prepare
+
+SCRIPT = r"""
+import json, os, sys
+import torch.distributed as dist
+from etc_data.loader import make_loader
+from etc_data.train import TrainConfig, train
+
+url, key, out = sys.argv[1:4]
+metrics = train(TrainConfig(shards=url + "/train", test_shards=url + "/test", out=out, key_ref=key,
+                model={"arch": "convmixer", "dim": 16, "depth": 1, "kernel": 3, "patch": 4}, epochs=1,
+                batch_size=16, workers=2, device="cpu", mixup=0, cutmix=0), progress=False)
+rank, world = dist.get_rank(), dist.get_world_size()
+dl, ds, m, steps = make_loader(url + "/train", 16, rank=rank, world=world, workers=2, seed=0)
+from etc_data.loader import iter_split
+keys = []
+for w in range(2):
+    keys += [k for *_, k in iter_split(url + "/train", m, rank=rank, world=world, worker=w, workers=2, with_keys=True)]
+batches = sum(1 for _ in dl)
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"keys": keys, "batches": batches, "steps": steps, "metrics": metrics}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_gloo(tmp_path, cifar_exact):
+    npz = tmp_path / "m.npz"
+    np.savez(npz, x_train=cifar_exact["x_train"][:250], y_train=cifar_exact["y_train"][:250],
+             x_test=cifar_exact["x_test"][:50], y_test=cifar_exact["y_test"][:50])
+    key = tmp_path / "k.key"
+    new_key_file(key, "a")
+    prepare(Settings(source=str(npz), out=str(tmp_path / "ds"), dataset="d", key_ref=str(key),
+                     codec="jpeg:q=90,sub=444", shard_size=40))
+    script = tmp_path / "ddp.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(tmp_path / "ds"), str(key), str(out)], env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((out / f"rank{i}.json").read_text()) for i in range(2))
+    assert len(a["keys"]) == len(b["keys"]) == 125
+    assert not set(a["keys"]) & set(b["keys"])
+    assert a["batches"] == b["batches"] == a["steps"] > 0
+    assert a["metrics"][0]["test_samples"] == 50  # evaluation counts every test sample once over both ranks
+    assert (out / "last.pt").exists()
