@@ -1,0 +1,172 @@
+"""Sources: CIFAR-10 python format (folder and .tar.gz), Imagenette layout (folder and .tgz),
+the shared zips merged, resize policy, grayscale -> RGB, bad images named."""
+
+import io
+import pickle
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+
+from etc_data.sources import (CIFAR10_CLASSES, CifarSource, FolderSource, MultiSource, SourceError,
+                              download_imagenette, open_source, resize_shorter_center_crop)
+
+from .conftest import make_image_zip
+
+
+def _cifar_python_folder(root, cifar_exact, per_batch=20, n_test=30):
+    """Write real CIFAR-10 pixels in the official python pickle layout (CHW rows, like the real files)."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    (d / "batches.meta").write_bytes(pickle.dumps({"label_names": CIFAR10_CLASSES, "num_vis": 3072}))
+
+    def dump(name, x, y):
+        rows = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
+        (d / name).write_bytes(pickle.dumps({"data": rows, "labels": [int(v) for v in y],
+                                             "batch_label": name.encode()}))
+
+    for i in range(5):
+        sl = slice(i * per_batch, (i + 1) * per_batch)
+        dump(f"data_batch_{i + 1}", cifar_exact["x_train"][sl], cifar_exact["y_train"][sl])
+    dump("test_batch", cifar_exact["x_test"][:n_test], cifar_exact["y_test"][:n_test])
+    return d
+
+
+def test_cifar_python_folder_and_targz_give_exact_pixels(tmp_path, cifar_exact, monkeypatch):
+    monkeypatch.setenv("ETC_DATA_CACHE", str(tmp_path / "cache"))
+    folder = _cifar_python_folder(tmp_path / "raw", cifar_exact)
+    tgz = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tgz, "w:gz") as t:
+        t.add(folder, arcname="cifar-10-batches-py")
+
+    for spec in (folder, tmp_path / "raw", tgz):
+        src = open_source(spec)
+        assert isinstance(src, CifarSource), spec
+        assert src.splits == ["train", "test"] and src.classes == CIFAR10_CLASSES
+        items = src.items("train")
+        assert len(items) == 100 and len(src.items("test")) == 30
+        # keys follow the official order per class: train/<class>/NNNN, like the shared JPEG zips
+        y = cifar_exact["y_train"][:100]
+        first = 0
+        by_key = {it.key: it for it in items}
+        k0 = f"train/{CIFAR10_CLASSES[y[first]]}/0000"
+        b = src.load([by_key[k0]])
+        np.testing.assert_array_equal(b.images[0], cifar_exact["x_train"][first])
+        assert b.labels[0] == y[first]
+        # a whole split comes back exactly (order of sorted keys -> official indices)
+        b = src.load(items)
+        assert b.images.shape == (100, 32, 32, 3) and b.images.dtype == np.uint8
+        np.testing.assert_array_equal(b.images, cifar_exact["x_train"][[it.ref for it in items]])
+        np.testing.assert_array_equal(b.labels, y[[it.ref for it in items]])
+
+
+def test_broken_cifar_folder_is_named(tmp_path, cifar_exact):
+    d = _cifar_python_folder(tmp_path, cifar_exact)
+    (d / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(SourceError, match="cifar-10-batches-py"):
+        open_source(d)
+    bad = tmp_path / "broken.tar.gz"
+    bad.write_bytes(b"\x1f\x8b\x08 truncated")
+    with pytest.raises(SourceError, match="broken.tar.gz"):
+        open_source(bad)
+
+
+def _imagenette_like(root, shared_dir, gray_one=True):
+    """An ``imagenette2-160/{train,val}/<wnid>/*.JPEG`` tree of real Imagenette images, not all square."""
+    from PIL import Image
+
+    top = root / "imagenette2-160"
+    with zipfile.ZipFile(shared_dir / "imagenette-224-subset.zip") as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".JPEG") and n.startswith("val/"))
+        wnids = sorted({n.split("/")[1] for n in names})[:2]
+        picked = [n for w in wnids for n in [m for m in names if m.split("/")[1] == w][:3]]
+        for i, n in enumerate(picked):
+            im = Image.open(io.BytesIO(z.read(n))).convert("RGB")
+            if i % 2:
+                im = im.resize((300, 224))  # a landscape image: shorter side 224
+            if gray_one and i == 0:
+                im = im.convert("L")
+            split = "train" if i % 3 else "val"
+            out = top / split / n.split("/")[1] / f"{i:03d}.JPEG"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            im.save(out, quality=95)
+    return top, wnids
+
+
+def test_imagenette_layout_folder_and_tgz_with_resize_and_gray(tmp_path, shared_dir, monkeypatch):
+    monkeypatch.setenv("ETC_DATA_CACHE", str(tmp_path / "cache"))
+    top, wnids = _imagenette_like(tmp_path / "raw", shared_dir)
+    tgz = tmp_path / "imagenette2-160.tgz"
+    with tarfile.open(tgz, "w:gz") as t:
+        t.add(top, arcname="imagenette2-160")
+    for spec in (top, tgz):
+        src = open_source(spec, resize=160)
+        assert isinstance(src, FolderSource)
+        assert src.splits == ["train", "val"] and src.classes == wnids
+        assert src.resize_policy() == {"shorter_side": 160, "crop": "center", "size": [160, 160], "filter": "bicubic"}
+        b = src.load(src.items("val") + src.items("train"))
+        assert b.images.shape == (6, 160, 160, 3)
+        # the grayscale image became RGB with equal channels
+        gray_key = [k for k in b.keys if k.endswith("/000")][0]
+        g = b.images[b.keys.index(gray_key)].astype(int)
+        assert np.abs(g[..., 0] - g[..., 1]).max() <= 2 and np.abs(g[..., 0] - g[..., 2]).max() <= 2
+        assert all(k.split("/")[0] in ("train", "val") for k in b.keys)
+    # without a resize policy, images of different sizes in one batch are refused by name
+    src = open_source(top)
+    with pytest.raises(SourceError, match="choose a resize policy"):
+        src.load(src.items("train"))
+
+
+def test_resize_shorter_side_then_center_crop_is_the_crop_of_the_resized_image(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    out = resize_shorter_center_crop(img, 60)
+    full = np.asarray(Image.fromarray(img).resize((100, 60), Image.BICUBIC))
+    np.testing.assert_array_equal(out, full[:, 20:80])
+    tall = resize_shorter_center_crop(img.transpose(1, 0, 2).copy(), 60)
+    assert tall.shape == (60, 60, 3)
+    np.testing.assert_array_equal(resize_shorter_center_crop(img[:60, :60], 60), img[:60, :60])
+    np.savez(tmp_path / "a.npz", x_train=img[None, :60, :60], y_train=np.zeros(1))
+    with pytest.raises(SourceError, match="resize"):
+        open_source(tmp_path / "a.npz", resize=0)
+
+
+def test_shared_cifar_zips_merge_into_train_and_test(shared_dir):
+    src = open_source([shared_dir / "cifar10-train-jpeg.zip", shared_dir / "cifar10-test-jpeg.zip"])
+    assert isinstance(src, MultiSource)
+    assert src.splits == ["train", "test"] and src.classes == CIFAR10_CLASSES
+    assert len(src.items("train")) == 50000 and len(src.items("test")) == 10000
+    assert src.name == "cifar10"
+    b = src.load(src.items("test")[:8] + src.items("test")[-8:])
+    assert b.images.shape == (16, 32, 32, 3)
+    assert b.labels[0] == 0 and b.labels[-1] == 9
+    assert b.keys[0] == "test/airplane/0000"
+    # the same split from two sources with the same keys is refused
+    with pytest.raises(SourceError, match="more than one source"):
+        open_source([shared_dir / "cifar10-test-jpeg.zip", shared_dir / "cifar10-test-jpeg.zip"]).items("test")
+
+
+def test_bad_images_are_named_or_skipped_and_listed(tmp_path, cifar_exact):
+    p = make_image_zip(tmp_path / "c.zip", cifar_exact["x_train"][:6], cifar_exact["y_train"][:6], CIFAR10_CLASSES)
+    with zipfile.ZipFile(p, "a") as z:
+        z.writestr("train/cat/9999.png", b"\x89PNG\r\n\x1a\n garbage")
+    src = open_source(p)
+    with pytest.raises(SourceError, match=r"c\.zip:train/cat/9999\.png"):
+        src.load(src.items("train"))
+    b = src.load(src.items("train"), on_bad_image="skip")
+    assert len(b.keys) == 6 and b.skipped == [f"{p}:train/cat/9999.png"]
+    with pytest.raises(SourceError, match="on_bad_image"):
+        src.load(src.items("train"), on_bad_image="ignore")
+
+
+def test_missing_or_empty_sources_are_named(tmp_path):
+    with pytest.raises(SourceError, match="nope.zip"):
+        open_source(tmp_path / "nope.zip")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images"):
+        open_source(tmp_path / "empty")
+    with pytest.raises(SourceError, match="imagenette size"):
+        download_imagenette(tmp_path, size="999")
