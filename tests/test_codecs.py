@@ -4,7 +4,7 @@ import pytest
 from etc_data.codecs import CODECS, CodecError, check_scheme_codec, codec_for_ext, decode_batch, encode_batch, get_codec
 from etc_data.schemes import SchemeError, make_scheme
 
-LOSSLESS = ["jpegls", "j2k", "j2k:impl=imagecodecs", "png", "webp", "jxl", "raw"]
+LOSSLESS = ["jpegls", "j2k", "j2k:impl=imagecodecs", "j2k:mct=1,res=3,fmt=j2k", "png", "webp", "jxl", "raw"]
 
 
 @pytest.mark.parametrize("spec", LOSSLESS)
@@ -42,7 +42,7 @@ def test_spec_parsing_errors_list_the_valid_choices():
         get_codec("jpeg:sub=411")
     with pytest.raises(CodecError, match="1..100"):
         get_codec("jpeg:q=0")
-    assert get_codec("JPEG-LS").name == "jpegls" and get_codec("j2k").params == {"impl": "pillow", "mct": 0}
+    assert get_codec("JPEG-LS").name == "jpegls" and get_codec("j2k").params == {"impl": "pillow", "mct": 0, "res": 0, "fmt": "jp2"}
     assert {codec_for_ext(v[0]).name for v in CODECS.values()} == set(CODECS)
 
 
@@ -70,3 +70,15 @@ def test_etc_keeps_jpeg_size_ele_does_not(cifar_exact):
     size = {s: sum(map(len, encode_batch(c, make_scheme(s, subkey=b"k" * 32).encrypt(x)))) for s in ("plain", "etc", "ele")}
     assert abs(size["etc"] / size["plain"] - 1) < 0.015
     assert size["ele"] / size["plain"] > 1.6
+
+
+def test_j2k_pillow_and_imagecodecs_defaults_differ_only_by_mct_and_resolutions(cifar_exact):
+    """Pillow's defaults (no colour transform, OpenJPEG's 6 resolutions) vs imagecodecs' (colour
+    transform, 3 resolutions at 32 px): with those two set alike the codestreams are identical."""
+    x = cifar_exact["x_train"][:60]
+    pil, ic = encode_batch("j2k", x), encode_batch("j2k:impl=imagecodecs", x)
+    assert encode_batch("j2k:mct=1,res=3", x) == ic
+    assert encode_batch("j2k:impl=imagecodecs,mct=0", x) == encode_batch("j2k:res=3", x)
+    size = lambda blobs: sum(map(len, blobs))  # noqa: E731
+    assert size(ic) < 0.85 * size(pil)  # the colour transform is most of the gap
+    assert size(encode_batch("j2k:fmt=j2k", x)) < size(pil)  # no JP2 container boxes
