@@ -79,3 +79,19 @@ def test_train_flow_wraps_the_trainer(tmp_path, mini_npz, key_file):
                      out=str(tmp_path / "run"), key_ref=str(key_file), epochs=1, batch_size=16, device="cpu",
                      model={"arch": "convmixer", "dim": 8, "depth": 1, "kernel": 3, "patch": 4})
     assert res["epochs"] == 1 and 0 <= res["test_acc"] <= 1 and (tmp_path / "run" / "last.pt").exists()
+
+
+def test_report_flow_merges_per_split_tasks_into_the_library_report(tmp_path, mini_npz, key_file):
+    from etc_data.keys import load_key
+    from etc_data.report import size_report
+    from etc_data.sources import open_source
+    from flows.report import report_flow
+
+    res = report_flow(source=[str(mini_npz)], out=str(tmp_path / "rep"), schemes=["plain", "etc"],
+                      codecs=["png", "jpeg:q=85,sub=444"], block_size=8, key_ref=str(key_file), dataset="c10")
+    direct = size_report(open_source(str(mini_npz)), ["plain", "etc"], ["png", "jpeg:q=85,sub=444"], 8,
+                         load_key(key_file), "c10").to_json()
+    assert res["images"] == 120 and res["results"] == direct["results"]
+    saved = json.loads((tmp_path / "rep" / "sizes.json").read_text())
+    assert saved["results"] == direct["results"] and (tmp_path / "rep" / "sizes.png").stat().st_size > 0
+    assert json.loads(key_file.read_text())["secret"] not in json.dumps(saved)
