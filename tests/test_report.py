@@ -49,3 +49,12 @@ def test_psnr():
     b = a.copy()
     b[1] += 1
     assert psnr(a, b)[0] == 100.0 and psnr(a, b)[1] == pytest.approx(48.13, abs=0.01)
+
+
+def test_psnr_matches_exact_integer_arithmetic_on_real_jpeg_decodes(cifar_exact, imagenette_batch):
+    from etc_data.codecs import decode_batch, encode_batch
+
+    for x in (cifar_exact["x_test"][:50], imagenette_batch[:8]):
+        y = decode_batch("jpeg:q=30", encode_batch("jpeg:q=30", x))
+        mse = ((x.astype(np.int64) - y) ** 2).reshape(len(x), -1).mean(1)
+        assert psnr(x, y) == pytest.approx(10 * np.log10(255.0 ** 2 / mse), abs=1e-3)
