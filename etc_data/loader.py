@@ -22,6 +22,7 @@ import hashlib
 import random
 
 import numpy as np
+import torch.utils.data as tud
 
 from .codecs import codec_for_ext
 from .errors import EtcError
@@ -120,31 +121,24 @@ def train_steps(num_samples: int, world: int, workers: int, batch_size: int) -> 
     return sum(worker_quota(num_samples, world, max(1, workers), w) // batch_size for w in range(max(1, workers)))
 
 
-class ShardDataset:
+class ShardDataset(tud.IterableDataset):
     """A torch IterableDataset over one split; set ``.epoch`` before each epoch."""
 
-    def __new__(cls, *args, **kwargs):
-        import torch.utils.data as tud
+    def __init__(self, split_url, manifest, rank=0, world=1, seed=0, train=True, storage_options=None,
+                 raw_jpeg=False, shuffle_buffer=2000):
+        super().__init__()
+        self.split_url, self.manifest = split_url, manifest
+        self.rank, self.world, self.seed, self.train = rank, world, seed, train
+        self.storage_options, self.raw_jpeg, self.shuffle_buffer = storage_options, raw_jpeg, shuffle_buffer
+        self.epoch = 0
 
-        class _DS(tud.IterableDataset):
-            def __init__(self, split_url, manifest, rank=0, world=1, seed=0, train=True, storage_options=None,
-                         raw_jpeg=False, shuffle_buffer=2000):
-                super().__init__()
-                self.split_url, self.manifest = split_url, manifest
-                self.rank, self.world, self.seed, self.train = rank, world, seed, train
-                self.storage_options, self.raw_jpeg, self.shuffle_buffer = storage_options, raw_jpeg, shuffle_buffer
-                self.epoch = 0
-
-            def __iter__(self):
-                info = tud.get_worker_info()
-                w, nw = (info.id, info.num_workers) if info else (0, 1)
-                for img, label in iter_split(self.split_url, self.manifest, rank=self.rank, world=self.world,
-                                             worker=w, workers=nw, epoch=self.epoch, seed=self.seed,
-                                             train=self.train, shuffle_buffer=self.shuffle_buffer,
-                                             storage_options=self.storage_options, raw_jpeg=self.raw_jpeg):
-                    yield img, label
-
-        return _DS(*args, **kwargs)
+    def __iter__(self):
+        info = tud.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        yield from iter_split(self.split_url, self.manifest, rank=self.rank, world=self.world, worker=w,
+                              workers=nw, epoch=self.epoch, seed=self.seed, train=self.train,
+                              shuffle_buffer=self.shuffle_buffer, storage_options=self.storage_options,
+                              raw_jpeg=self.raw_jpeg)
 
 
 def collate(batch):
@@ -175,13 +169,14 @@ def to_float_nchw(x, device, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
 
 
 def make_loader(split_url: str, batch_size: int, *, rank=0, world=1, seed=0, train=True, workers=2,
-                storage_options=None, decode="cpu", manifest: Manifest | None = None):
-    import torch.utils.data as tud
-
+                storage_options=None, decode="cpu", manifest: Manifest | None = None, worker_start: str | None = None):
     split_url = split_url_of(split_url)
     manifest = manifest or read_manifest(split_url, storage_options)
     ds = ShardDataset(split_url, manifest, rank, world, seed, train, storage_options, raw_jpeg=(decode == "cuda"))
+    # fork is the cheap default; inside a Prefect flow (threads, event loops) forked workers die: spawn there
+    ctx = worker_start if workers else None
     dl = tud.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                        drop_last=train, persistent_workers=False, pin_memory=(decode == "cuda"))
+                        drop_last=train, persistent_workers=False, pin_memory=(decode == "cuda"),
+                        multiprocessing_context=ctx)
     steps = train_steps(manifest.num_samples, world, workers, batch_size) if train else None
     return dl, ds, manifest, steps

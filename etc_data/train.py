@@ -62,6 +62,7 @@ class TrainConfig:
     amp: bool = True
     storage_options: dict = field(default_factory=dict)
     max_steps: int | None = None  # cap steps per epoch (quick runs)
+    worker_start: str | None = None  # DataLoader worker start method: None (platform default, fork) or "spawn"
     stop_after: int | None = None  # stop after this many epochs of this invocation (preemptible jobs; --resume goes on)
 
 
@@ -144,7 +145,7 @@ def pick_device(name: str):
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate_model(model, split_url: str, manifest: Manifest, device, batch_size: int = 256, workers: int = 2,
-                   mean=(0.5,) * 3, std=(0.5,) * 3, storage_options=None, rank=0, world=1) -> dict:
+                   mean=(0.5,) * 3, std=(0.5,) * 3, storage_options=None, rank=0, world=1, worker_start=None) -> dict:
     """Accuracy over every test sample exactly once (split over ranks, then summed)."""
     import torch
 
@@ -152,7 +153,8 @@ def evaluate_model(model, split_url: str, manifest: Manifest, device, batch_size
 
     decode = "cuda" if (device.type == "cuda" and manifest.codec.startswith("jpeg")) else "cpu"
     dl, _, _, _ = make_loader(split_url, batch_size, rank=rank, world=world, train=False, workers=workers,
-                              storage_options=storage_options, decode=decode, manifest=manifest)
+                              storage_options=storage_options, decode=decode, manifest=manifest,
+                              worker_start=worker_start)
     model.eval()
     correct = total = 0
     with torch.no_grad():
@@ -193,6 +195,21 @@ def evaluate(checkpoint: str, shards_url: str, key_ref: str | None = None, devic
 
 
 # ----------------------------------------------------------------------------- training
+
+def lr_factor(schedule: str, total: int):
+    """Learning-rate multiplier per step. onecycle: linear warm-up over the first 25 %, then cosine
+    to 0; triangular (the ConvMixer paper's): linear up to the peak at 40 %, linear down to 0."""
+    peak = max(1, round((0.25 if schedule == "onecycle" else 0.4) * total))
+
+    def f(step: int) -> float:
+        if step < peak:
+            return (step + 1) / peak
+        rest = max(1, total - peak)
+        t = min(1.0, (step - peak) / rest)
+        return 0.5 * (1 + math.cos(math.pi * t)) if schedule == "onecycle" else 1.0 - t
+
+    return f
+
 
 def _plot(metrics: list[dict], path: Path) -> None:
     import matplotlib
@@ -269,19 +286,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     decode = "cuda" if (device.type == "cuda" and m_train.codec.startswith("jpeg")) else "cpu"
     dl, ds, _, steps = make_loader(train_url, cfg.batch_size, rank=rank, world=world, seed=cfg.seed, train=True,
                                    workers=cfg.workers, storage_options=cfg.storage_options, decode=decode,
-                                   manifest=m_train)
+                                   manifest=m_train, worker_start=cfg.worker_start)
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
     if steps < 1:
         raise TrainError(f"{train_url}: no full batch per rank with batch size {cfg.batch_size}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = steps * cfg.epochs
-    if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
-    elif cfg.schedule == "triangular":  # linear up to lr at 40 %, down to 0 (the ConvMixer paper's)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s / (0.4 * total), (total - s) / (0.6 * total)))
-    else:
+    if cfg.schedule not in ("onecycle", "triangular"):
         raise TrainError(f"schedule must be onecycle or triangular, got {cfg.schedule!r}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, total))
     ncls = len(m_train.classes)
     mixer = None
     if cfg.cutmix_mode == "timm" and (cfg.mixup > 0 or cfg.cutmix > 0):
@@ -365,7 +379,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[dict]:
                "lr": sched.get_last_lr()[0], "steps": n_steps, "time_s": round(train_time, 2)}
         if m_test is not None:
             ev = evaluate_model(model, test_url, m_test, device, max(cfg.batch_size, 128), cfg.workers, cfg.mean,
-                                cfg.std, cfg.storage_options, rank, world)
+                                cfg.std, cfg.storage_options, rank, world, cfg.worker_start)
             row.update(test_acc=ev["accuracy"], test_samples=ev["samples"])
         else:
             row.update(test_acc=None, test_samples=0)

@@ -16,7 +16,8 @@ def train_flow(shards: str, out: str, test_shards: str | None = None, key_ref: s
     cfg = TrainConfig(shards=shards, test_shards=test_shards, out=out, key_ref=key_ref,
                       model=model or {"arch": "convmixer", "dim": 256, "depth": 8, "kernel": 9, "patch": 1},
                       epochs=epochs, batch_size=batch_size, lr=lr, cutmix_mode=cutmix_mode, device=device,
-                      workers=workers, resume=resume, storage_options=storage_options or {})
+                      workers=workers, resume=resume, storage_options=storage_options or {},
+                      worker_start="spawn")  # forked DataLoader workers die inside a flow run
     metrics = train(cfg, progress=False)
     create_table_artifact([{k: m[k] for k in ("epoch", "train_loss", "test_acc", "img_per_s")} for m in metrics],
                           key="train-metrics", description=f"etc-data train: {out}")
