@@ -4,7 +4,9 @@ Layout of a dataset root written by ``etc-data prepare --out ROOT``::
 
     ROOT/_info.json                       timm's wds reader format, all splits
     ROOT/<split>/manifest.json            this module's manifest (written last: the commit point)
-    ROOT/<split>/keys.json                sample keys per shard (for incremental ingest)
+    ROOT/<split>/keys-<sha16>.json        sample keys per shard (for incremental ingest), named by
+                                          its content hash so that a run killed between writing it
+                                          and the manifest never breaks the committed manifest's copy
     ROOT/<split>/<split>-NNNNNN.tar       WebDataset shards
 
 A shard that is not listed in ``manifest.json`` does not belong to the dataset (a leftover of a
@@ -20,7 +22,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from . import __version__
 from .errors import EtcError
-from .storage import StorageError, join, read_bytes, write_bytes
+from .storage import StorageError, join, list_names, read_bytes, remove, write_bytes
 
 FORMAT = "etc-data-manifest/1"
 MANIFEST_NAME = "manifest.json"
@@ -48,6 +50,7 @@ class Manifest:
     source: str = ""
     resize: dict | None = None
     keys_sha256: str | None = None
+    keys_file: str | None = None
     tool_version: str = __version__
     created: str = ""
     format: str = FORMAT
@@ -76,7 +79,7 @@ class Manifest:
         d["filenames"] = self.filenames
         order = ["format", "dataset", "split", "num_samples", "shard_lengths", "filenames", "shards", "scheme",
                  "block_size", "scheme_options", "pad", "codec", "key_fingerprint", "classes", "image_size",
-                 "source", "resize", "keys_sha256", "tool_version", "created"]
+                 "source", "resize", "keys_sha256", "keys_file", "tool_version", "created"]
         return {k: d[k] for k in order}
 
     @classmethod
@@ -129,11 +132,20 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
 
 def read_keys(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> dict[str, list[str]]:
     """Sample keys per shard name, checked against the manifest's recorded hash."""
-    url = join(split_url_of(split_url), KEYS_NAME)
-    raw = read_bytes(url, storage_options)
+    url = join(split_url_of(split_url), manifest.keys_file or KEYS_NAME)
+    try:
+        raw = read_bytes(url, storage_options)
+    except StorageError as e:
+        raise ManifestError(f"{url}: the sample-key index the manifest refers to is unreadable ({e})") from None
     if manifest.keys_sha256 and hashlib.sha256(raw).hexdigest() != manifest.keys_sha256:
         raise ManifestError(f"{url}: sha256 does not match the manifest (file changed after commit)")
-    return json.loads(raw)
+    try:
+        keys = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{url}: not valid JSON ({e})") from None
+    if not isinstance(keys, dict) or set(keys) != set(manifest.filenames):
+        raise ManifestError(f"{url}: does not list the manifest's shards")
+    return keys
 
 
 def _dumps(obj) -> bytes:
@@ -142,15 +154,31 @@ def _dumps(obj) -> bytes:
 
 def write_manifest(split_url: str, manifest: Manifest, keys: dict[str, list[str]] | None = None,
                    storage_options: dict | None = None) -> None:
-    """Commit a split: keys.json, then manifest.json (the commit point), then the root _info.json."""
+    """Commit a split: the key index, then manifest.json (the commit point), then the root _info.json.
+
+    The key index is content-addressed (``keys-<sha16>.json``): a run killed after writing it and
+    before the manifest leaves the committed manifest's own index intact. Older indexes are
+    removed after the commit.
+    """
     split_url = split_url_of(split_url)
     if keys is not None:
+        missing = [n for n in manifest.filenames if n not in keys]
+        if missing or set(keys) - set(manifest.filenames):
+            raise ManifestError(f"{manifest_url(split_url)}: the key index must list exactly the manifest's "
+                                f"shards (missing {missing[:3]}, extra {sorted(set(keys) - set(manifest.filenames))[:3]})")
         raw = json.dumps(keys, separators=(",", ":"), sort_keys=True).encode()
         manifest.keys_sha256 = hashlib.sha256(raw).hexdigest()
-        write_bytes(join(split_url, KEYS_NAME), raw, storage_options)
+        manifest.keys_file = f"keys-{manifest.keys_sha256[:16]}.json"
+        write_bytes(join(split_url, manifest.keys_file), raw, storage_options)
     manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_bytes(manifest_url(split_url), _dumps(manifest.to_dict()), storage_options)
     update_info(split_url, manifest, storage_options)
+    try:
+        for name in list_names(split_url, storage_options):
+            if name != manifest.keys_file and (name == KEYS_NAME or (name.startswith("keys-") and name.endswith(".json"))):
+                remove(join(split_url, name), storage_options)
+    except StorageError:
+        pass  # a stale index is harmless: only the one the manifest names is ever read
 
 
 def update_info(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> None:
