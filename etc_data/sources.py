@@ -461,10 +461,10 @@ IMAGENETTE_URLS = {
 
 def download_imagenette(root: str | os.PathLike, size: str = "160") -> Path:
     """Download and extract the official Imagenette archive (torchvision's downloader; needs internet)."""
-    from torchvision.datasets.utils import download_and_extract_archive
-
     if size not in IMAGENETTE_URLS:
         raise SourceError(f"imagenette size {size!r} unknown; valid: {', '.join(IMAGENETTE_URLS)}")
+    from torchvision.datasets.utils import download_and_extract_archive
+
     url = IMAGENETTE_URLS[size]
     try:
         download_and_extract_archive(url, download_root=str(root))
