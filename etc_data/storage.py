@@ -106,8 +106,11 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> N
 
 
 @contextmanager
-def atomic_open(url: str, storage_options: dict | None = None):
-    """Stream a large object; abort (nothing committed) if the body raises."""
+def atomic_open(url: str, storage_options: dict | None = None, block_size: int | None = None):
+    """Stream a large object; abort (nothing committed) if the body raises or the upload fails.
+
+    ``block_size``: the remote buffer / multipart part size (s3fs's default is 50 MiB; S3's
+    minimum part size is 5 MiB)."""
     url = str(url)
     if is_local(url):
         path = Path(url[len("file://"):] if url.startswith("file://") else url)
@@ -123,16 +126,31 @@ def atomic_open(url: str, storage_options: dict | None = None):
             tmp.unlink(missing_ok=True)
         return
     fs, path = get_fs(url, storage_options)
-    f = fs.open(path, "wb")
+    f = retry(f"cannot write {url}", fs.open, path, "wb", **({"block_size": block_size} if block_size else {}))
     try:
         yield f
-    except BaseException:
-        discard = getattr(f, "discard", None)
-        if discard is not None:
-            discard()  # abort the multipart upload
-        f.closed = True  # so that close() in __del__ does not commit what was buffered
+    except BaseException as e:
+        _abort(f)
+        if isinstance(e, Exception) and not isinstance(e, EtcError) and _transient(e):
+            raise StorageError(f"cannot write {url}: upload aborted, nothing committed "
+                               f"({type(e).__name__}: {e})") from e
         raise
-    f.close()
+    try:
+        f.close()  # completes the upload: the object appears whole, or not at all
+    except Exception as e:  # noqa: BLE001
+        _abort(f)  # so that a later close() (e.g. at garbage collection) cannot complete it
+        raise StorageError(f"cannot write {url}: completing the upload failed, nothing committed "
+                           f"({type(e).__name__}: {e})") from e
+
+
+def _abort(f) -> None:
+    discard = getattr(f, "discard", None)
+    if discard is not None:
+        try:
+            discard()  # abort the multipart upload
+        except Exception:  # noqa: BLE001 - e.g. the server is down: the upload stays uncompleted,
+            pass  # which object stores never show under the final name
+    f.closed = True  # so that close() in __del__ does not commit what was buffered
 
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:

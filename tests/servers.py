@@ -114,8 +114,20 @@ class SeaweedS3:
                 time.sleep(0.3)
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s; the data folder and ports are kept for ``start()``."""
         _stop(self.proc)
         self.proc = None
+
+    def restart(self) -> "SeaweedS3":
+        """Stop and start again on the same ports and data (for retry tests)."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> "SeaweedS3":
+        return self.start()
+
+    def __exit__(self, *_):
+        self.stop()
 
 
 class FakeGCS:

@@ -110,3 +110,25 @@ def test_s3_server_down_is_a_clear_error_and_nothing_is_committed(s3):
     finally:
         s3.start()
     assert not exists(url, opts)
+
+
+def test_s3_server_stopped_mid_multipart_upload_fails_clearly_and_commits_nothing(s3):
+    url = "s3://etc-bucket/midway/big.tar"
+    opts = s3.storage_options()
+    chunk = b"w" * (1 << 20)
+    try:
+        with pytest.raises(StorageError, match="cannot write s3://etc-bucket/midway/big.tar: upload aborted"):
+            with atomic_open(url, opts, block_size=5 << 20) as f:
+                for i in range(24):
+                    f.write(chunk)  # s3fs uploads a 5 MiB part each time its buffer fills
+                    if i == 7:
+                        s3.stop()  # parts already uploaded, the rest cannot be
+        s3.start()
+        assert not exists(url, opts)
+        with atomic_open(url, opts) as f:  # the same upload after the restart completes whole
+            for _ in range(12):
+                f.write(chunk)
+        assert read_bytes(url, opts) == chunk * 12
+    finally:
+        if s3.proc is None:
+            s3.start()
