@@ -130,3 +130,27 @@ def test_storage_config_refuses_secrets(tmp_path):
         with pytest.raises(StorageError, match=rf"{bad.name}.*storage_options\.{field}"):
             load_storage_config(bad)
     check_no_secrets({"storage_options": {"client_kwargs": {"region_name": "x"}}}, "ok")
+
+
+def test_verify_cli_exit_status_and_deep_decoding(cifar_exact, tmp_path, capsys):
+    from etc_data.cli import main
+
+    root = tmp_path / "ds"
+    s = _samples(cifar_exact["x_test"][:12], cifar_exact["y_test"][:12])
+    write_manifest(str(root / "train"), _manifest(write_chunk(str(root / "train"), "train", 0, s, max_samples=6)))
+    t = _samples(cifar_exact["x_train"][:5], cifar_exact["y_train"][:5], prefix="test/c")
+    t[3]["jpg"] = t[3]["jpg"][:40]  # a truncated JPEG that is not the first sample of its shard
+    bad_key = sorted(x["__key__"] for x in t).index(t[3]["__key__"])
+    assert bad_key != 0
+    write_manifest(str(root / "test"), _manifest(write_chunk(str(root / "test"), "test", 0, t), split="test"))
+    assert main(["verify", str(root / "train")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "OK"
+    # the shallow check decodes the first sample of each shard only; --deep finds the broken one
+    assert main(["verify", str(root)]) == 0
+    assert main(["verify", str(root), "--deep"]) == 2
+    out = capsys.readouterr()
+    assert f"CORRUPT test-000000.tar: sample {t[3]['__key__']} does not decode" in out.out
+    assert "verification failed" in out.err
+    (root / "train" / "train-000000-1.tar").unlink()
+    assert main(["verify", str(root / "train")]) == 2
+    assert "MISSING train-000000-1.tar" in capsys.readouterr().out
