@@ -1,0 +1,187 @@
+"""Model encryption (Iijima & Kiya; MaungMaung & Kiya): turn a model trained on plain images into
+one that gives exactly the same outputs on images encrypted with the ``blockwise`` scheme.
+
+The ``blockwise`` scheme (block size P = the model's patch size) maps every P x P x 3 block ``q``
+(values in (row, col, channel) order) to ``e[k] = q[inner[k]]`` or ``255 - q[inner[k]]`` where
+``negpos[k]``, and (option ``scramble``) moves block ``perm[i]`` to position ``i``.
+
+The patch embedding is a linear map of each block. With ``u = q / 255`` and the per-channel model
+normalisation ``x = (u - m_c) / s_c``, the plain embedding is ``z = sum_j A[j] u[j] + b0`` with
+``A[j] = W[j] / s_c(j)``, ``b0 = b - sum_j A[j] m_c(j)``. On an encrypted block
+``u'[k] = u[inner[k]]`` (or ``1 - u[inner[k]]``), so ``A'[k] = sigma_k A[inner[k]]`` (sigma = -1 where
+negated) reproduces ``z`` once the bias absorbs the constants:
+
+    W'[k] = sigma_k * W[inner[k]] * s_c(k) / s_c(inner[k])
+    b'    = b - sum_j A[j] m_c(j) + sum_k A'[k] m_c(k) - sum_{k negated} A'[k]
+
+With mean = std = 0.5 for every channel this is a pure permutation and sign flip, ``b' = b``. The
+arithmetic is done in float64 and cast back, so fp32 outputs agree to rounding.
+
+ViT: the tokens of a scrambled image arrive in the order ``perm``; giving token ``i`` the position
+embedding of plain token ``perm[i]`` (prefix/class tokens unchanged) makes the transformer, which is
+otherwise permutation-equivariant over tokens, compute the same class token. ConvMixer keeps the
+spatial layout in its convolutions, so it cannot absorb block scrambling: refused.
+
+Library code: torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import EtcError
+from .schemes import Blockwise, log2_factorial, make_scheme, parse_scheme_spec
+
+
+class ModelCryptError(EtcError):
+    pass
+
+
+def _patch_layer(model):
+    """(arch, conv) of a timm ConvMixer or VisionTransformer."""
+    from timm.models.convmixer import ConvMixer
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, ConvMixer):
+        return "convmixer", model.stem[0]
+    if isinstance(model, VisionTransformer):
+        return "vit", model.patch_embed.proj
+    raise ModelCryptError(f"model encryption supports timm ConvMixer and VisionTransformer, not {type(model).__name__}")
+
+
+def transform_patch_weights(weight: np.ndarray, bias: np.ndarray, keys: Blockwise.Keys,
+                            mean=(0.5,) * 3, std=(0.5,) * 3) -> tuple[np.ndarray, np.ndarray]:
+    """New (weight, bias) of a patch-embedding conv (D, 3, P, P) for blockwise-encrypted input."""
+    w = np.asarray(weight, dtype=np.float64)
+    D, C, P, P2 = w.shape
+    m = P * P * 3
+    if C != 3 or P != P2 or len(keys.inner) != m:
+        raise ModelCryptError(f"patch embedding weight {tuple(w.shape)} does not fit a blockwise key for "
+                              f"{len(keys.inner)} values per block (needs (D, 3, P, P) with 3*P*P = that)")
+    mean = np.asarray(mean, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
+    if mean.shape != (3,) or std.shape != (3,) or (std <= 0).any():
+        raise ModelCryptError(f"normalisation must give 3 means and 3 positive stds, got mean={mean} std={std}")
+    ch = np.arange(m) % 3                                  # channel of value k in (row, col, channel) order
+    flat = w.transpose(0, 2, 3, 1).reshape(D, m)           # (out, row, col, ch) -> (D, m)
+    A = flat / std[ch]                                     # weights on u = q / 255
+    sigma = np.ones(m) if keys.negpos is None else np.where(keys.negpos, -1.0, 1.0)
+    A2 = A[:, keys.inner] * sigma                          # A'[k] = sigma_k A[inner[k]]
+    W2 = A2 * std[ch]
+    b = np.zeros(D) if bias is None else np.asarray(bias, dtype=np.float64)
+    neg = np.zeros(m, bool) if keys.negpos is None else np.asarray(keys.negpos, bool)
+    b2 = b - A @ mean[ch] + A2 @ mean[ch] - A2[:, neg].sum(axis=1)
+    return W2.reshape(D, P, P, 3).transpose(0, 3, 1, 2), b2
+
+
+def encrypt_timm_model(model, scheme: Blockwise, img_size: tuple[int, int] | int,
+                       mean=(0.5,) * 3, std=(0.5,) * 3):
+    """Encrypt a timm ConvMixer/ViT in place for ``scheme`` (a keyed ``blockwise`` scheme); returns it."""
+    import torch
+
+    if not isinstance(scheme, Blockwise):
+        raise ModelCryptError(f"model encryption needs the blockwise scheme, not {scheme.name}")
+    arch, conv = _patch_layer(model)
+    P = conv.kernel_size[0]
+    if tuple(conv.kernel_size) != (P, P) or tuple(conv.stride) != (P, P) or conv.in_channels != 3:
+        raise ModelCryptError(f"{arch}: patch embedding must be Conv2d(3, D, P, stride P), got {conv}")
+    if scheme.block_size != P:
+        raise ModelCryptError(f"{arch}: blockwise block size {scheme.block_size} must equal the model's patch "
+                              f"size {P}")
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if h % P or w % P:
+        raise ModelCryptError(f"{arch}: image size {h}x{w} is not a multiple of the patch size {P}")
+    keys = scheme.keys_for(h, w)
+    if keys.perm is not None and arch == "convmixer":
+        raise ModelCryptError("convmixer cannot absorb block scrambling (its convolutions see the spatial layout); "
+                              "use the blockwise scheme without scramble=1 for ConvMixer")
+    W2, b2 = transform_patch_weights(conv.weight.detach().cpu().numpy(),
+                                     None if conv.bias is None else conv.bias.detach().cpu().numpy(),
+                                     keys, mean, std)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(W2).to(conv.weight.dtype))
+        if conv.bias is None:
+            if not np.allclose(b2, 0):
+                raise ModelCryptError(f"{arch}: the patch embedding has no bias, but this normalisation needs one")
+        else:
+            conv.bias.copy_(torch.from_numpy(b2).to(conv.bias.dtype))
+        if keys.perm is not None:
+            pe = model.pos_embed
+            if pe is None:
+                raise ModelCryptError("vit: the model has no position embedding to scramble")
+            n = (h // P) * (w // P)
+            start = 0 if model.no_embed_class else model.num_prefix_tokens
+            if pe.shape[1] != start + n:
+                raise ModelCryptError(f"vit: position embedding has {pe.shape[1]} entries, expected {start + n} "
+                                      f"for a {h}x{w} image with patch {P}")
+            idx = torch.as_tensor(keys.perm, dtype=torch.long, device=pe.device)
+            pe[:, start:] = pe[:, start:][:, idx].clone()
+    return model
+
+
+def key_space_note(scheme: Blockwise, h: int, w: int) -> str:
+    """Human-readable key space of a blockwise configuration."""
+    P = scheme.block_size
+    m = P * P * 3
+    bits = scheme.key_space_bits(h, w)
+    parts = [f"({m})! value orderings = 2^{log2_factorial(m):.1f}"]
+    if scheme.options["negpos"]:
+        parts.append(f"2^{m} sign masks")
+    if scheme.options["scramble"]:
+        n = (h // P) * (w // P)
+        parts.append(f"({n})! block orders = 2^{log2_factorial(n):.1f}")
+    s = f"key space: {' x '.join(parts)}; total 2^{bits:.1f}"
+    if P == 1:
+        s += (" -- WARNING: a patch of 1 pixel leaves only a channel permutation and 3 signs for the whole image "
+              "(48 keys): essentially no protection, use a larger patch size")
+    elif bits < 128:
+        s += " -- WARNING: below 128 bits"
+    return s
+
+
+def _img_size(config: dict) -> tuple[int, int]:
+    s = config.get("img_size")
+    if s is None:
+        raise ModelCryptError("model config lacks img_size (needed for the block grid)")
+    return (int(s), int(s)) if isinstance(s, (int, float)) else (int(s[0]), int(s[1]))
+
+
+def encrypt_model(ck: dict, key, dataset: str, scheme_spec: str = "blockwise") -> tuple[dict, str]:
+    """Encrypt a plain checkpoint (``etc-data train`` format) for ``key`` and ``dataset``.
+
+    Returns (new checkpoint, key-space note). The new checkpoint records the scheme parameters
+    (``blockwise``, block size = patch, options), the key fingerprint and the dataset id; optimizer
+    and scheduler state of the plain weights are dropped (they do not fit the new weights).
+    """
+    from .models import create_model, patch_size
+
+    if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+        raise ModelCryptError("not an etc-data checkpoint (no model / model_config)")
+    sch = ck.get("scheme") or {}
+    if sch.get("scheme", "plain") != "plain" or ck.get("key_fingerprint") is not None:
+        raise ModelCryptError(f"checkpoint is already for scheme {sch.get('scheme')} (key fingerprint "
+                              f"{ck.get('key_fingerprint')}); encrypt a model trained on plain images")
+    name, opts = parse_scheme_spec(scheme_spec)
+    if name != "blockwise":
+        raise ModelCryptError(f"--scheme must be blockwise[:negpos=..,scramble=..], got {scheme_spec!r}")
+    cfg = dict(ck["model_config"])
+    P = patch_size(cfg)
+    scheme = make_scheme(scheme_spec, key=key, dataset=dataset, block_size=P)
+    h, w = _img_size(cfg)
+    model = create_model(cfg)
+    model.load_state_dict(ck["model"])
+    norm = ck.get("normalize") or {"mean": [0.5] * 3, "std": [0.5] * 3}
+    encrypt_timm_model(model, scheme, (h, w), norm["mean"], norm["std"])
+    out = dict(ck)
+    out["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out["scheme"] = scheme.params()
+    out["dataset"] = dataset
+    out["key_fingerprint"] = key.fingerprint
+    out["optimizer"] = None
+    out["scheduler"] = None
+    out["encrypted_from"] = {"scheme": sch.get("scheme", "plain"), "dataset": ck.get("dataset")}
+    return out, key_space_note(scheme, h, w)
+
+
+__all__ = ["ModelCryptError", "encrypt_model", "encrypt_timm_model", "transform_patch_weights", "key_space_note"
+           ]
