@@ -84,9 +84,9 @@ def interpret_mode() -> bool:
                             or os.environ.get("ETC_DATA_TRITON_INTERPRET") == "1")
 
 
-def triton_enabled(x: torch.Tensor) -> bool:
-    """Whether ``dwconv2d`` would run the Triton kernels for a tensor like ``x``."""
-    if not HAVE_TRITON or x.dtype not in _DTYPES:
+def triton_enabled(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``dwconv2d`` would run the Triton kernels for ``x`` (computed in ``dtype``, default x's)."""
+    if not HAVE_TRITON or (dtype or x.dtype) not in _DTYPES or x.numel() == 0:
         return False
     if interpret_mode():
         return x.device.type == "cpu"
@@ -111,7 +111,7 @@ if HAVE_TRITON:
                          N, C, H, W, H_TILES, W_TILES,
                          K: tl.constexpr, PAD: tl.constexpr, HALO: tl.constexpr, HAS_BIAS: tl.constexpr,
                          NB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, DOT_F32: tl.constexpr):
         """y[n, c, h0:h0+BH, w0:w0+BW] for NB images of one channel: sum_kh X_shift(kh) @ T[c, kh].
 
         Rows of the MMA are (image, row) pairs: M = NB * BH.  Columns (N dim) are output columns
@@ -150,6 +150,9 @@ if HAVE_TRITON:
             a_mask = (row_ok & (hi >= 0) & (hi < H))[:, None] & ci_ok[None, :]
             a = tl.load(x_ptr + (plane + hi * W)[:, None] + ci[None, :], mask=a_mask, other=0.0)
             t = tl.load(t_base + kh * (BK * BW) + t_off)
+            if DOT_F32:  # interpreter only: its tl.dot mishandles bf16 (stored as uint16); products are exact in fp32
+                a = a.to(tl.float32)
+                t = t.to(tl.float32)
             acc = tl.dot(a, t, acc, input_precision=PREC)
         if HAS_BIAS:
             acc += tl.load(b_ptr + c).to(tl.float32)
@@ -161,7 +164,7 @@ if HAVE_TRITON:
                           N, C, H, W, SPLIT, N_PER, H_TILES, W_TILES,
                           K: tl.constexpr, PAD: tl.constexpr, HALO: tl.constexpr, OFF: tl.constexpr,
                           HAS_BIAS: tl.constexpr, NB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-                          BK: tl.constexpr, PREC: tl.constexpr):
+                          BK: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
         """Partial dW[c, i, :] (and db[c] when i == 0) over images [s*N_PER, (s+1)*N_PER).
 
         G = sum over (image, row) tiles of dY^T @ X_i   (BW x BK, fp32, tensor cores)
@@ -199,6 +202,9 @@ if HAVE_TRITON:
                                  mask=row_ok[:, None] & (wo < W)[None, :], other=0.0)
                     xs = tl.load(x_ptr + (plane + hi * W)[:, None] + ci[None, :],
                                  mask=x_row_ok[:, None] & ((ci >= 0) & (ci < W))[None, :], other=0.0)
+                    if DOT_F32:  # interpreter only (see _mma_conv_kernel)
+                        dy = dy.to(tl.float32)
+                        xs = xs.to(tl.float32)
                     g = tl.dot(tl.trans(dy), xs, g, input_precision=PREC)
                     if HAS_BIAS:
                         gb += dy.to(tl.float32)
@@ -315,6 +321,11 @@ def _prec(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"  # ignored for bf16 / fp16 operands
 
 
+def _dot_f32(dtype: torch.dtype) -> bool:
+    """Upcast MMA operands to fp32: only in the interpreter, whose tl.dot cannot multiply bf16/fp16."""
+    return interpret_mode() and dtype != torch.float32
+
+
 def _toeplitz(weight: torch.Tensor, k: int, bk: int, bw: int, off: int, flip: bool, dtype) -> torch.Tensor:
     """(C, k, BK, BW) banded matrices: T[c, kh, j, w] = w[c, kh, j - w + off] (0 outside the band)."""
     w2 = weight.reshape(-1, k, k).float()
@@ -347,7 +358,7 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias, flip: bool, impl: str
     t = _toeplitz(weight, k, g["BK"], g["BW"], g["OFF"], flip, x.dtype)
     args = (x, t, b, y, N, C, H, W)
     common = dict(K=k, PAD=pad, HALO=g["HALO"], HAS_BIAS=has_bias, BH=g["BH"], BW=g["BW"], BK=g["BK"],
-                  PREC=_prec(x.dtype))
+                  PREC=_prec(x.dtype), DOT_F32=_dot_f32(x.dtype))
     tiles = g["H_TILES"] * g["W_TILES"]
     if _autotune_enabled():
         def grid(meta):
@@ -396,7 +407,7 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, k: int, has_bias: bool, impl: str)
         pb = torch.empty((split, C), device=x.device, dtype=torch.float32)
         args = (x, dy, pw, pb, N, C, H, W, split, n_per, g["H_TILES"], g["W_TILES"])
         common = dict(K=k, PAD=pad, HALO=g["HALO"], OFF=g["OFF"], HAS_BIAS=has_bias, BH=g["BH"], BW=g["BW"],
-                      BK=g["BK"], PREC=_prec(x.dtype))
+                      BK=g["BK"], PREC=_prec(x.dtype), DOT_F32=_dot_f32(x.dtype))
         grid = (C * split * k,)
         if _autotune_enabled():
             _mma_wgrad_tuned[grid](*args, **common)
@@ -479,7 +490,7 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     dev = x.device.type
     autocast = torch.is_autocast_enabled(dev) and x.is_floating_point()
     cdt = torch.get_autocast_dtype(dev) if autocast else x.dtype
-    if impl == "torch" or not triton_enabled(x.to(cdt) if cdt != x.dtype else x) or x.numel() == 0:
+    if impl == "torch" or not triton_enabled(x, cdt):
         return F.conv2d(x, weight, bias, padding=k // 2, groups=C)
     x = x.to(cdt).contiguous()  # channels_last (or any strides) -> NCHW contiguous
     if autocast:
