@@ -63,8 +63,10 @@ def _transient(e: BaseException) -> bool:
         "botocore", "aiohttp", "urllib3", "requests", "gcsfs", "s3fs", "aiobotocore")
 
 
-def retry(what: str, fn, *args, delays=RETRY_DELAYS, **kwargs):
-    """Call fn, retrying transient storage errors with backoff; then a StorageError naming ``what``."""
+def retry(what: str, fn, *args, delays=None, **kwargs):
+    """Call fn, retrying transient storage errors with backoff (``RETRY_DELAYS`` seconds unless
+    ``delays`` is given); then a StorageError naming ``what``."""
+    delays = RETRY_DELAYS if delays is None else delays
     for attempt in range(len(delays) + 1):
         try:
             return fn(*args, **kwargs)

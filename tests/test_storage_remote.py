@@ -100,7 +100,10 @@ def test_s3_server_restart_during_upload_retries_to_completion(s3):
     assert read_bytes(url, opts) == b"y" * (1 << 20)
 
 
-def test_s3_server_down_is_a_clear_error_and_nothing_is_committed(s3):
+def test_s3_server_down_is_a_clear_error_and_nothing_is_committed(s3, monkeypatch):
+    import etc_data.storage
+
+    monkeypatch.setattr(etc_data.storage, "RETRY_DELAYS", (0.2, 0.5))  # give up sooner than the default
     url = "s3://etc-bucket/down/shard.tar"
     opts = s3.storage_options()
     s3.stop()
