@@ -159,3 +159,36 @@ class FakeGCS:
     def stop(self) -> None:
         _stop(self.proc)
         self.proc = None
+
+
+# pytest fixtures, session-scoped: import them into a test module (``from .servers import s3_server``)
+# to use them there. ``s3_server`` sets the credentials in the environment for the session (the only
+# place credentials come from) and creates the bucket ``etc-bucket``; ``s3_server.stop()`` /
+# ``.start()`` / ``.restart()`` take it away mid-test (a test that stops it must start it again).
+try:
+    import pytest
+except ImportError:  # benchmarks import this module without pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def s3_server(tmp_path_factory):
+        srv = SeaweedS3(tmp_path_factory.mktemp("weed")).start()
+        import s3fs
+
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in srv.env().items():
+                mp.setenv(k, v)
+            s3fs.S3FileSystem(**srv.storage_options()).mkdir("etc-bucket")
+            yield srv
+        srv.stop()
+
+    @pytest.fixture(scope="session")
+    def gcs_server(tmp_path_factory):
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
+        srv = FakeGCS(tmp_path_factory.mktemp("gcs")).start()
+        import gcsfs
+
+        gcsfs.GCSFileSystem(**srv.storage_options()).mkdir("etc-bucket")
+        yield srv
+        srv.stop()

@@ -11,32 +11,19 @@ from etc_data.prepare import Settings, prepare
 from etc_data.shards import iter_samples, verify
 from etc_data.storage import StorageError, atomic_open, exists, read_bytes, write_bytes
 
-from .servers import FakeGCS, SeaweedS3
+from .servers import gcs_server, s3_server  # noqa: F401 - session fixtures
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    srv = SeaweedS3(tmp_path_factory.mktemp("weed")).start()
-    import s3fs
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in srv.env().items():
-            mp.setenv(k, v)  # credentials only from the environment
-        s3fs.S3FileSystem(**srv.storage_options()).mkdir("etc-bucket")
-        yield srv
-    srv.stop()
+@pytest.fixture
+def s3(s3_server):
+    return s3_server
 
 
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    srv = FakeGCS(tmp_path_factory.mktemp("gcs")).start()
-    import gcsfs
-
-    gcsfs.GCSFileSystem(**srv.storage_options()).mkdir("etc-bucket")
-    yield srv
-    srv.stop()
+@pytest.fixture
+def gcs(gcs_server):
+    return gcs_server
 
 
 @pytest.fixture
