@@ -1,0 +1,207 @@
+"""Model encryption: the encrypted model on blockwise-encrypted real images reproduces the plain
+model on plain images (fp32 logits within 1e-4), for ConvMixer and ViT, both normalisations; the
+checkpoint records scheme/key; the CLI end to end with the project's trainer and evaluate."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from etc_data.cli import main
+from etc_data.keys import load_key, new_key_file
+from etc_data.modelcrypt import ModelCryptError, encrypt_model, encrypt_timm_model, key_space_note
+from etc_data.schemes import make_scheme
+
+HALF = ((0.5,) * 3, (0.5,) * 3)
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _x(u, mean, std):
+    t = torch.from_numpy(np.ascontiguousarray(u)).permute(0, 3, 1, 2).float() / 255
+    return (t - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _check(model, scheme, images, norm):
+    mean, std = norm
+    model.eval()
+    with torch.no_grad():
+        plain = model(_x(images, mean, std))
+        encrypt_timm_model(model, scheme, images.shape[1:3], mean, std)
+        enc = model(_x(scheme.encrypt(images), mean, std))
+        wrong = model(_x(images, mean, std))       # encrypted model, plain images
+    assert plain.dtype == torch.float32
+    diff = float((plain - enc).abs().max())
+    assert diff <= 1e-4, diff
+    # the encrypted model is not the plain one: plain images now give other logits
+    assert float((plain - wrong).abs().max()) > 100 * max(diff, 1e-6)
+    return diff
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory):
+    p = tmp_path_factory.mktemp("k") / "owner.key"
+    new_key_file(p, "alice")
+    return load_key(str(p))
+
+
+@pytest.mark.parametrize("norm", [HALF, IMAGENET], ids=["half", "imagenet"])
+@pytest.mark.parametrize("patch", [1, 2, 4, 7])
+def test_convmixer_exact(cifar_exact, key, patch, norm):
+    from timm.models.convmixer import ConvMixer
+
+    torch.manual_seed(patch)
+    size = 28 if patch == 7 else 32
+    images = cifar_exact["x_test"][:16, :size, :size]
+    m = ConvMixer(dim=48, depth=2, kernel_size=5, patch_size=patch, num_classes=10)
+    _check(m, make_scheme("blockwise", key=key, dataset="c10", block_size=patch), images, norm)
+
+
+@pytest.mark.parametrize("norm", [HALF, IMAGENET], ids=["half", "imagenet"])
+@pytest.mark.parametrize("scramble", [0, 1])
+def test_small_vit_exact(cifar_exact, key, norm, scramble):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(1)
+    v = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+    pe_before = v.pos_embed.detach().clone()
+    s = make_scheme(f"blockwise:scramble={scramble}", key=key, dataset="c10", block_size=4)
+    _check(v, s, cifar_exact["x_test"][:16], norm)
+    assert torch.equal(v.pos_embed[:, 0], pe_before[:, 0])       # class token unchanged
+    moved = not torch.equal(v.pos_embed, pe_before)
+    assert moved == bool(scramble)
+    if scramble:
+        perm = torch.as_tensor(s.keys_for(32, 32).perm)
+        assert torch.equal(v.pos_embed[0, 1:], pe_before[0, 1:][perm])
+
+
+def test_vit_patch16_224_exact(imagenette_batch, key):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(2)
+    v = VisionTransformer(img_size=224, patch_size=16, embed_dim=96, depth=2, num_heads=3, num_classes=10)
+    s = make_scheme("blockwise:scramble=1", key=key, dataset="inet", block_size=16)
+    _check(v, s, np.asarray(imagenette_batch)[:8], IMAGENET)
+
+
+def test_refusals(key):
+    from timm.models.convmixer import ConvMixer
+
+    m = ConvMixer(dim=16, depth=1, kernel_size=3, patch_size=4, num_classes=10)
+    with pytest.raises(ModelCryptError, match="scrambling"):
+        encrypt_timm_model(m, make_scheme("blockwise:scramble=1", key=key, dataset="d", block_size=4), 32)
+    with pytest.raises(ModelCryptError, match="block size 2 must equal the model's patch size 4"):
+        encrypt_timm_model(m, make_scheme("blockwise", key=key, dataset="d", block_size=2), 32)
+    with pytest.raises(ModelCryptError, match="blockwise scheme, not etc"):
+        encrypt_timm_model(m, make_scheme("etc", key=key, dataset="d", block_size=4), 32)
+    with pytest.raises(ModelCryptError, match="30x30 is not a multiple of the patch size 4"):
+        encrypt_timm_model(m, make_scheme("blockwise", key=key, dataset="d", block_size=4), 30)
+
+
+def test_key_space_note(key):
+    n1 = key_space_note(make_scheme("blockwise", key=key, dataset="d", block_size=1), 32, 32)
+    assert "(3)!" in n1 and "essentially no protection" in n1
+    n4 = key_space_note(make_scheme("blockwise", key=key, dataset="d", block_size=4), 32, 32)
+    assert "(48)!" in n4 and "WARNING" not in n4
+
+
+def _plain_ckpt(config, norm=HALF):
+    from etc_data.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model(config)
+    return {"format": "etc-data-ckpt/1", "model": m.state_dict(), "model_config": config,
+            "normalize": {"mean": list(norm[0]), "std": list(norm[1])},
+            "scheme": {"scheme": "plain", "block_size": None, "pad": "error", "options": {}},
+            "dataset": "c10", "key_fingerprint": None, "classes": [str(i) for i in range(10)], "epoch": 0,
+            "optimizer": {"state": {}}, "scheduler": None, "rng": None, "metrics": {}}
+
+
+def test_checkpoint_records_scheme_and_key(tmp_path, key, cifar_exact):
+    from etc_data.train import TrainError, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    cfg = {"arch": "vit", "variant": "custom", "dim": 32, "depth": 1, "heads": 2, "patch": 4, "img_size": 32,
+           "num_classes": 10}
+    ck = _plain_ckpt(cfg, IMAGENET)
+    out, note = encrypt_model(ck, key, "c10", "blockwise:scramble=1")
+    assert out["scheme"] == {"scheme": "blockwise", "block_size": 4, "pad": "error",
+                             "options": {"negpos": True, "scramble": True}}
+    assert out["key_fingerprint"] == key.fingerprint and out["dataset"] == "c10" and out["optimizer"] is None
+    assert "(48)!" in note and "(64)!" in note
+    save_checkpoint(tmp_path / "enc.pt", out)
+    other = tmp_path / "other.key"
+    new_key_file(other, "bob")
+    with pytest.raises(TrainError, match="refused"):
+        load_checkpoint(tmp_path / "enc.pt", key=load_key(str(other)))
+    back = load_checkpoint(tmp_path / "enc.pt", key=key)
+    x = cifar_exact["x_test"][:8]
+    s = make_scheme("blockwise:scramble=1", key=key, dataset="c10", block_size=4)
+    with torch.no_grad():
+        a = model_from_checkpoint(ck).eval()(_x(x, *IMAGENET))
+        b = model_from_checkpoint(back).eval()(_x(s.encrypt(x), *IMAGENET))
+    assert float((a - b).abs().max()) <= 1e-4
+    with pytest.raises(ModelCryptError, match="already for scheme blockwise"):
+        encrypt_model(out, key, "c10")
+    with pytest.raises(ModelCryptError, match="convmixer cannot absorb"):
+        encrypt_model(_plain_ckpt({"arch": "convmixer", "dim": 8, "depth": 1, "kernel": 3, "patch": 2,
+                                   "num_classes": 10, "img_size": 32}), key, "c10", "blockwise:scramble=1")
+
+
+def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
+    """Train a tiny ConvMixer (patch 2) on plain real CIFAR shards, encrypt it with the CLI, evaluate."""
+    from etc_data.manifest import read_manifest
+    from etc_data.prepare import Settings, prepare
+    from etc_data.train import TrainConfig, evaluate_model, load_checkpoint, model_from_checkpoint, train
+
+    npz = tmp_path / "c10.npz"
+    np.savez(npz, x_train=cifar_exact["x_train"][:1200], y_train=cifar_exact["y_train"][:1200],
+             x_test=cifar_exact["x_test"][:300], y_test=cifar_exact["y_test"][:300])
+    ka, kb = tmp_path / "a.key", tmp_path / "b.key"
+    new_key_file(ka, "alice")
+    new_key_file(kb, "bob")
+    for name, scheme, k, splits in [("plain", "plain", None, None), ("enc", "blockwise", ka, ["test"]),
+                                    ("other", "blockwise", kb, ["test"])]:
+        prepare(Settings(source=str(npz), out=str(tmp_path / name), dataset="c10", scheme=scheme, block_size=2,
+                         key_ref=None if k is None else str(k), codec="png", shard_size=400, splits=splits))
+    cfg = TrainConfig(shards=str(tmp_path / "plain" / "train"), test_shards=None, out=str(tmp_path / "run"),
+                      key_ref=None, model={"arch": "convmixer", "dim": 32, "depth": 2, "kernel": 5, "patch": 2},
+                      epochs=6, batch_size=64, lr=0.01, workers=0, device="cpu", mixup=0.0, cutmix=0.0)
+    train(cfg, progress=False)
+    plain_ck = tmp_path / "run" / "last.pt"
+    enc_ck = tmp_path / "enc.pt"
+    rc = main(["encrypt-model", "--key", str(ka), "--dataset", "c10", str(plain_ck), str(enc_ck)])
+    assert rc == 0
+
+    def ev(ck, name, key=None):
+        rc = main(["evaluate", "--checkpoint", str(ck), "--shards", str(tmp_path / name / "test"), "--device", "cpu"]
+                  + (["--key", str(key)] if key else []))
+        assert rc == 0
+        return rc
+
+    import contextlib
+    import io
+
+    def ev_json(*a, **k):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            ev(*a, **k)
+        return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+    plain = ev_json(plain_ck, "plain")
+    enc = ev_json(enc_ck, "enc", ka)
+    # evaluate refuses the encrypted model with another key's shards
+    assert main(["evaluate", "--checkpoint", str(enc_ck), "--shards", str(tmp_path / "other" / "test"),
+                 "--key", str(kb), "--device", "cpu"]) == 2
+    # the encrypted model forced onto plain images / images under another key (bypassing the checks)
+    model = model_from_checkpoint(load_checkpoint(enc_ck)).eval()
+    dev = torch.device("cpu")
+    on_plain = evaluate_model(model, str(tmp_path / "plain" / "test"), read_manifest(str(tmp_path / "plain" / "test")),
+                              dev, workers=0)
+    on_other = evaluate_model(model, str(tmp_path / "other" / "test"), read_manifest(str(tmp_path / "other" / "test")),
+                              dev, workers=0)
+    print(f"\nplain model/plain images {plain}, encrypted model/encrypted images {enc}, "
+          f"encrypted model/plain images {on_plain}, encrypted model/other key {on_other}")
+    assert plain["samples"] == enc["samples"] == 300
+    assert enc["accuracy"] == plain["accuracy"] > 0.25
+    assert on_plain["accuracy"] < plain["accuracy"] - 0.08
+    assert on_other["accuracy"] < plain["accuracy"] - 0.08
