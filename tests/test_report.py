@@ -75,3 +75,25 @@ def test_report_psnr_on_224px_images_plain_and_etc(tmp_path, imagenette_batch):
     assert p["psnr"] == pytest.approx(np.mean(10 * np.log10(255.0 ** 2 / mse)), abs=1e-3)
     assert p["total_bytes"] == sum(map(len, blobs)) and p["images"] == e["images"] == 6
     assert abs(e["psnr"] - p["psnr"]) < 0.5 and 25 < p["psnr"] < 50
+
+
+def test_report_with_owner_key_and_bad_arguments(tmp_path, cifar_exact, key_file, capsys):
+    from etc_data.keys import load_key
+
+    npz = tmp_path / "mini.npz"
+    np.savez(npz, x_test=cifar_exact["x_test"][:70], y_test=cifar_exact["y_test"][:70])
+    out = tmp_path / "r"
+    assert main(["report", "sizes", "--source", str(npz), "--schemes", "plain,etc", "--codec", "png", "--key",
+                 str(key_file), "--limit", "30", "--out", str(out)]) == 0
+    key = load_key(str(key_file))
+    d = json.loads((out / "sizes.json").read_text())
+    assert key.fingerprint in d["key"] and all(r["images"] == 30 for r in d["results"])
+    printed = capsys.readouterr().out
+    assert "ephemeral" not in printed
+    for secret in (key._secret.hex(), key.subkey("mini", "etc", 16).hex()):
+        assert secret not in printed and all(secret not in f.read_text() for f in (out / "sizes.json", out / "sizes.md"))
+    assert main(["report", "sizes", "--source", str(npz), "--codec", "bmp", "--out", str(out)]) == 2
+    assert "unknown codec 'bmp'; valid: jpeg" in capsys.readouterr().err
+    assert main(["report", "sizes", "--source", str(npz), "--schemes", "etc", "--block-size", "8",
+                 "--codec", "jpeg:sub=420", "--out", str(out)]) == 2
+    assert "etc with block size 8 is not JPEG-compliant with 420" in capsys.readouterr().err
