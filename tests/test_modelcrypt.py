@@ -154,7 +154,7 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
     from etc_data.train import TrainConfig, evaluate_model, load_checkpoint, model_from_checkpoint, train
 
     npz = tmp_path / "c10.npz"
-    np.savez(npz, x_train=cifar_exact["x_train"][:1200], y_train=cifar_exact["y_train"][:1200],
+    np.savez(npz, x_train=cifar_exact["x_train"][:1000], y_train=cifar_exact["y_train"][:1000],
              x_test=cifar_exact["x_test"][:300], y_test=cifar_exact["y_test"][:300])
     ka, kb = tmp_path / "a.key", tmp_path / "b.key"
     new_key_file(ka, "alice")
@@ -165,7 +165,7 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
                          key_ref=None if k is None else str(k), codec="png", shard_size=400, splits=splits))
     cfg = TrainConfig(shards=str(tmp_path / "plain" / "train"), test_shards=None, out=str(tmp_path / "run"),
                       key_ref=None, model={"arch": "convmixer", "dim": 32, "depth": 2, "kernel": 5, "patch": 2},
-                      epochs=6, batch_size=64, lr=0.01, workers=0, device="cpu", mixup=0.0, cutmix=0.0)
+                      epochs=5, batch_size=64, lr=0.01, workers=0, device="cpu", mixup=0.0, cutmix=0.0)
     train(cfg, progress=False)
     plain_ck = tmp_path / "run" / "last.pt"
     enc_ck = tmp_path / "enc.pt"
@@ -173,8 +173,8 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
     assert rc == 0
 
     def ev(ck, name, key=None):
-        rc = main(["evaluate", "--checkpoint", str(ck), "--shards", str(tmp_path / name / "test"), "--device", "cpu"]
-                  + (["--key", str(key)] if key else []))
+        rc = main(["evaluate", "--checkpoint", str(ck), "--shards", str(tmp_path / name / "test"), "--device", "cpu",
+                        "--workers", "0"] + (["--key", str(key)] if key else []))
         assert rc == 0
         return rc
 
@@ -191,7 +191,7 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
     enc = ev_json(enc_ck, "enc", ka)
     # evaluate refuses the encrypted model with another key's shards
     assert main(["evaluate", "--checkpoint", str(enc_ck), "--shards", str(tmp_path / "other" / "test"),
-                 "--key", str(kb), "--device", "cpu"]) == 2
+                 "--key", str(kb), "--device", "cpu", "--workers", "0"]) == 2
     # the encrypted model forced onto plain images / images under another key (bypassing the checks)
     model = model_from_checkpoint(load_checkpoint(enc_ck)).eval()
     dev = torch.device("cpu")
