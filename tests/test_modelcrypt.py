@@ -205,3 +205,30 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
     assert enc["accuracy"] == plain["accuracy"] > 0.25
     assert on_plain["accuracy"] < plain["accuracy"] - 0.08
     assert on_other["accuracy"] < plain["accuracy"] - 0.08
+
+
+def test_cli_prints_key_space_and_refuses_bad_inputs(tmp_path, capsys):
+    from etc_data.train import load_checkpoint, save_checkpoint
+
+    kp = tmp_path / "owner.key"
+    new_key_file(kp, "alice")
+    cfg = {"arch": "convmixer", "dim": 8, "depth": 1, "kernel": 3, "patch": 1, "num_classes": 10, "img_size": 32}
+    save_checkpoint(tmp_path / "plain.pt", _plain_ckpt(cfg))
+    assert main(["encrypt-model", "--key", str(kp), "--dataset", "c10", str(tmp_path / "plain.pt"),
+                 str(tmp_path / "enc.pt")]) == 0
+    out = capsys.readouterr()
+    assert "essentially no protection" in out.out and "block 1" in out.out
+    secret = json.loads(kp.read_text())["secret"]
+    assert secret not in out.out + out.err
+    assert load_checkpoint(tmp_path / "enc.pt")["key_fingerprint"] == load_key(str(kp)).fingerprint
+    # existing output, already-encrypted input, wrong scheme, scrambling on ConvMixer: exit 2 naming the item
+    cases = [([str(tmp_path / "plain.pt"), str(tmp_path / "enc.pt")], "enc.pt exists"),
+             ([str(tmp_path / "enc.pt"), str(tmp_path / "x.pt")], "already for scheme blockwise"),
+             (["--scheme", "etc", str(tmp_path / "plain.pt"), str(tmp_path / "y.pt")], "must be blockwise"),
+             (["--scheme", "blockwise:scramble=1", str(tmp_path / "plain.pt"), str(tmp_path / "z.pt")],
+              "plain.pt: convmixer cannot absorb block scrambling")]
+    for args, msg in cases:
+        assert main(["encrypt-model", "--key", str(kp), "--dataset", "c10", *args]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and secret not in err, err
+    assert not any((tmp_path / n).exists() for n in ("x.pt", "y.pt", "z.pt"))
