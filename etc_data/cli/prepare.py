@@ -22,6 +22,27 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _boot_ephemeral_api():
+    """Start Prefect's ephemeral API server in a thread (only when no PREFECT_API_URL is set) so that
+    its boot overlaps this process's imports and the worker pool's start; returns the thread to join.
+    A failure there is left for the flow's own start to report."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    import threading
+
+    def boot():
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - the flow starts (and reports) the server itself
+            pass
+
+    t = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
+    t.start()
+    return t
+
+
 def _storage(storage_config):
     if not storage_config:
         return {}
@@ -67,6 +88,7 @@ def register(cli: click.Group) -> None:
         if shard_size < 1:
             raise EtcError("--shard-size must be >= 1")
         _prefect_env()
+        api_boot = _boot_ephemeral_api()  # Prefect's API server boots while the rest is imported and spawned
         import flows.prepare as fp
 
         opts = _storage(storage_config)
@@ -77,6 +99,8 @@ def register(cli: click.Group) -> None:
         # worker processes start while Prefect's ephemeral API server boots
         fp.POOL = ChunkPool(workers) if not dask_address and (workers or len(os.sched_getaffinity(0))) > 1 else None
         flow_fn = fp.make_prepare_flow(workers, dask_address)
+        if api_boot is not None:
+            api_boot.join()  # the flow may only talk to a server that answers
         try:
             res = flow_fn(source=list(sources), out=out, dataset=dataset, owner=owner, key_ref=key_ref, scheme=scheme,
                           block_size=block_size, codec=codec, shard_size=shard_size, max_shard_bytes=max_shard_bytes,
