@@ -39,8 +39,9 @@ def bare(spec, imgs, workers):
 
     def one(im):  # the library call itself, no etc_data wrapper
         if c.name == "jpeg":
-            b = simplejpeg.encode_jpeg(im, quality=p["q"], colorsubsampling=p["sub"])
-            simplejpeg.decode_jpeg(b)
+            # the same settings as the codec (simplejpeg's own default is the fast, less exact DCT)
+            b = simplejpeg.encode_jpeg(im, quality=p["q"], colorsubsampling=p["sub"], fastdct=bool(p["fastdct"]))
+            simplejpeg.decode_jpeg(b, colorspace="rgb")
             return len(b)
         if c.name == "jpegls":
             return len(imagecodecs.jpegls_encode(im))
