@@ -160,19 +160,42 @@ if HAVE_TRITON:
         tl.store(y_ptr + (plane + h * W)[:, None] + wo[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
     @triton.jit
+    def _wgrad_rows(x_ptr, plane, h, row_ok, ci, ci_ok, dyt, g, i, H, W,
+                    PAD: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+        """g += dy^T @ X_i, X_i = the input rows shifted by i - PAD (rows with i >= K contribute nothing)."""
+        hi = h + (i - PAD)
+        ok = row_ok & (hi >= 0) & (hi < H) & (i < K)
+        xs = tl.load(x_ptr + (plane + hi * W)[:, None] + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)
+        if DOT_F32:  # interpreter only (see _mma_conv_kernel)
+            xs = xs.to(tl.float32)
+        return tl.dot(dyt, xs, g, input_precision=PREC)
+
+    @triton.jit
+    def _wgrad_store(g, pw_ptr, s, c, C, i, cw, ck, K: tl.constexpr, OFF: tl.constexpr):
+        """dW[c, i, j] = sum_w G[w, w + j - OFF] (diagonal sums of G), written to the split's partial row."""
+        d = ck[None, :] - cw[:, None] + OFF  # kernel column each entry of G belongs to
+        out = pw_ptr + ((s * C + c) * K + i) * K
+        for j in tl.static_range(K):
+            tl.store(out + j, tl.sum(tl.sum(tl.where(d == j, g, 0.0), axis=1), axis=0), mask=i < K)
+
+    @triton.jit
     def _mma_wgrad_kernel(x_ptr, dy_ptr, pw_ptr, pb_ptr,
                           N, C, H, W, SPLIT, N_PER, H_TILES, W_TILES,
                           K: tl.constexpr, PAD: tl.constexpr, HALO: tl.constexpr, OFF: tl.constexpr,
                           HAS_BIAS: tl.constexpr, NB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-                          BK: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
-        """Partial dW[c, i, :] (and db[c] when i == 0) over images [s*N_PER, (s+1)*N_PER).
+                          BK: tl.constexpr, IPP: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+        """Partial dW[c, i0:i0+IPP, :] (and db[c] when i0 == 0) over images [s*N_PER, (s+1)*N_PER).
 
-        G = sum over (image, row) tiles of dY^T @ X_i   (BW x BK, fp32, tensor cores)
-        dW[c, i, j] = sum_w G[w, w + j - OFF]           (diagonal sums, once at the end)
+        G_i = sum over (image, row) tiles of dY^T @ X_i   (BW x BK, fp32, tensor cores; contraction over
+              M = NB*BH (image, row) pairs), for the IPP (1..3) kernel rows i of this program: the dY tile is
+              loaded once for all of them and the shifted X tiles overlap (L1 hits).
+        dW[c, i, j] = sum_w G_i[w, w + j - OFF]            (diagonal sums, once at the end)
+        One flat loop over (image block, row tile, column tile) so Triton can pipeline the loads.
         """
+        KG: tl.constexpr = (K + IPP - 1) // IPP
         pid = tl.program_id(0)
-        i = pid % K  # kernel row fastest: the K programs of one (channel, split) read the same data (L2)
-        tmp = pid // K
+        i0 = (pid % KG) * IPP  # row group fastest: the KG programs of one (channel, split) read the same data
+        tmp = pid // KG
         s = tmp % SPLIT
         c = tmp // SPLIT
 
@@ -181,40 +204,46 @@ if HAVE_TRITON:
         ck = tl.arange(0, BK)
         n_lo = s * N_PER
         n_hi = tl.minimum(n_lo + N_PER, N)
+        tiles = H_TILES * W_TILES
+        n_iter = tl.cdiv(n_hi - n_lo, NB) * tiles
 
-        g = tl.zeros((BW, BK), dtype=tl.float32)
+        g0 = tl.zeros((BW, BK), dtype=tl.float32)
+        g1 = tl.zeros((BW, BK), dtype=tl.float32)
+        g2 = tl.zeros((BW, BK), dtype=tl.float32)
         gb = tl.zeros((NB * BH, BW), dtype=tl.float32)
-        for n0 in range(n_lo, n_hi, NB):
-            n = n0 + rr // BH
+        for it in range(n_iter):
+            t = it % tiles
+            n = n_lo + (it // tiles) * NB + rr // BH
+            h = (t // W_TILES) * BH + rr % BH
+            wt = t % W_TILES
+            row_ok = (n < n_hi) & (h < H)
             plane = (n.to(tl.int64) * C + c) * H * W
-            for ht in range(H_TILES):
-                h = ht * BH + rr % BH
-                row_ok = (n < n_hi) & (h < H)
-                hi = h + (i - PAD)
-                x_row_ok = row_ok & (hi >= 0) & (hi < H)
-                for wt in range(W_TILES):
-                    wo = wt * BW + cw
-                    if HALO:
-                        ci = wt * BW - PAD + ck
-                    else:
-                        ci = ck
-                    dy = tl.load(dy_ptr + (plane + h * W)[:, None] + wo[None, :],
-                                 mask=row_ok[:, None] & (wo < W)[None, :], other=0.0)
-                    xs = tl.load(x_ptr + (plane + hi * W)[:, None] + ci[None, :],
-                                 mask=x_row_ok[:, None] & ((ci >= 0) & (ci < W))[None, :], other=0.0)
-                    if DOT_F32:  # interpreter only (see _mma_conv_kernel)
-                        dy = dy.to(tl.float32)
-                        xs = xs.to(tl.float32)
-                    g = tl.dot(tl.trans(dy), xs, g, input_precision=PREC)
-                    if HAS_BIAS:
-                        gb += dy.to(tl.float32)
+            wo = wt * BW + cw
+            if HALO:
+                ci = wt * BW - PAD + ck
+            else:
+                ci = ck
+            ci_ok = (ci >= 0) & (ci < W)
+            dy = tl.load(dy_ptr + (plane + h * W)[:, None] + wo[None, :],
+                         mask=row_ok[:, None] & (wo < W)[None, :], other=0.0)
+            if HAS_BIAS:
+                gb += dy.to(tl.float32)
+            if DOT_F32:
+                dy = dy.to(tl.float32)
+            dyt = tl.trans(dy)
+            g0 = _wgrad_rows(x_ptr, plane, h, row_ok, ci, ci_ok, dyt, g0, i0, H, W, PAD, K, PREC, DOT_F32)
+            if IPP >= 2:
+                g1 = _wgrad_rows(x_ptr, plane, h, row_ok, ci, ci_ok, dyt, g1, i0 + 1, H, W, PAD, K, PREC, DOT_F32)
+            if IPP >= 3:
+                g2 = _wgrad_rows(x_ptr, plane, h, row_ok, ci, ci_ok, dyt, g2, i0 + 2, H, W, PAD, K, PREC, DOT_F32)
 
-        d = ck[None, :] - cw[:, None] + OFF  # kernel column each entry of G belongs to
-        out = pw_ptr + ((s * C + c) * K + i) * K
-        for j in tl.static_range(K):
-            tl.store(out + j, tl.sum(tl.sum(tl.where(d == j, g, 0.0), axis=1), axis=0))
+        _wgrad_store(g0, pw_ptr, s, c, C, i0, cw, ck, K, OFF)
+        if IPP >= 2:
+            _wgrad_store(g1, pw_ptr, s, c, C, i0 + 1, cw, ck, K, OFF)
+        if IPP >= 3:
+            _wgrad_store(g2, pw_ptr, s, c, C, i0 + 2, cw, ck, K, OFF)
         if HAS_BIAS:
-            tl.store(pb_ptr + s * C + c, tl.sum(tl.sum(gb, axis=1), axis=0), mask=i == 0)
+            tl.store(pb_ptr + s * C + c, tl.sum(tl.sum(gb, axis=1), axis=0), mask=i0 == 0)
 
     @triton.jit
     def _direct_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, W_TILES,
@@ -285,14 +314,17 @@ if HAVE_TRITON:
                                                                              cf.kwargs["NB"] <= _np2(n))]
         return out or [triton.Config({"NB": max(1, 16 // bh)}, num_warps=4, num_stages=2)]
 
+    # <= 12 configs each after pruning (compile ~1 s each, once per shape; results cached on disk by triton)
     _CONV_CONFIGS = [triton.Config({"NB": nb}, num_warps=w, num_stages=st)
                      for nb in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)]
+    _WGRAD_CONFIGS = [triton.Config({"NB": nb, "IPP": 3}, num_warps=w, num_stages=st)
+                      for nb in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)]
     _mma_conv_tuned = triton.autotune(
         _CONV_CONFIGS, key=["N", "C", "H", "W", "K", "BW", "BK", "BH", "PREC"],
-        prune_configs_by={"early_config_prune": _prune_conv})(_mma_conv_kernel)
+        prune_configs_by={"early_config_prune": _prune_conv}, cache_results=True)(_mma_conv_kernel)
     _mma_wgrad_tuned = triton.autotune(
-        _CONV_CONFIGS, key=["N", "C", "H", "W", "K", "BW", "BK", "BH", "PREC", "SPLIT"],
-        prune_configs_by={"early_config_prune": _prune_conv})(_mma_wgrad_kernel)
+        _WGRAD_CONFIGS, key=["N", "C", "H", "W", "K", "BW", "BK", "BH", "PREC", "SPLIT"],
+        prune_configs_by={"early_config_prune": _prune_conv}, cache_results=True)(_mma_wgrad_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,17 +434,19 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, k: int, has_bias: bool, impl: str)
                                          num_warps=4)
     else:
         g = _mma_geometry(H, W, k)
-        split, n_per = _split(N, C * k, x, 8)
+        nb = _default_nb(g["BH"], N)
+        ipp = 3  # kernel rows per program (dY loaded once for 3 rows; 3 fp32 accumulators)
+        split, n_per = _split(N, C * triton.cdiv(k, ipp), x, 8 if _autotune_enabled() else nb)
         pw = torch.empty((split, C, k * k), device=x.device, dtype=torch.float32)
         pb = torch.empty((split, C), device=x.device, dtype=torch.float32)
         args = (x, dy, pw, pb, N, C, H, W, split, n_per, g["H_TILES"], g["W_TILES"])
         common = dict(K=k, PAD=pad, HALO=g["HALO"], OFF=g["OFF"], HAS_BIAS=has_bias, BH=g["BH"], BW=g["BW"],
                       BK=g["BK"], PREC=_prec(x.dtype), DOT_F32=_dot_f32(x.dtype))
-        grid = (C * split * k,)
         if _autotune_enabled():
-            _mma_wgrad_tuned[grid](*args, **common)
+            _mma_wgrad_tuned[lambda meta: (C * split * triton.cdiv(k, meta["IPP"]),)](*args, **common)
         else:
-            _mma_wgrad_kernel[grid](*args, NB=_default_nb(g["BH"], N), num_warps=4, num_stages=2, **common)
+            _mma_wgrad_kernel[(C * split * triton.cdiv(k, ipp),)](*args, NB=nb, IPP=ipp, num_warps=4,
+                                                                    num_stages=2, **common)
     return pw.sum(0), (pb.sum(0) if has_bias else None)
 
 
