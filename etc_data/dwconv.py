@@ -107,9 +107,8 @@ def _np2(v: int) -> int:
 if HAVE_TRITON:
 
     @triton.jit
-    def _mma_conv_kernel(x_ptr, t_ptr, b_ptr, y_ptr,
-                         N, C, H, W, H_TILES, W_TILES,
-                         K: tl.constexpr, PAD: tl.constexpr, HALO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _mma_conv_kernel(x_ptr, t_ptr, b_ptr, y_ptr, N, C, H_TILES, W_TILES,
+                         H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, PAD: tl.constexpr, HALO: tl.constexpr, HAS_BIAS: tl.constexpr,
                          NB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
                          PREC: tl.constexpr, DOT_F32: tl.constexpr):
         """y[n, c, h0:h0+BH, w0:w0+BW] for NB images of one channel: sum_kh X_shift(kh) @ T[c, kh].
@@ -160,7 +159,7 @@ if HAVE_TRITON:
         tl.store(y_ptr + (plane + h * W)[:, None] + wo[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
     @triton.jit
-    def _wgrad_rows(x_ptr, plane, h, row_ok, ci, ci_ok, dyt, g, i, H, W,
+    def _wgrad_rows(x_ptr, plane, h, row_ok, ci, ci_ok, dyt, g, i, H: tl.constexpr, W: tl.constexpr,
                     PAD: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
         """g += dy^T @ X_i, X_i = the input rows shifted by i - PAD (rows with i >= K contribute nothing)."""
         hi = h + (i - PAD)
@@ -179,9 +178,8 @@ if HAVE_TRITON:
             tl.store(out + j, tl.sum(tl.sum(tl.where(d == j, g, 0.0), axis=1), axis=0), mask=i < K)
 
     @triton.jit
-    def _mma_wgrad_kernel(x_ptr, dy_ptr, pw_ptr, pb_ptr,
-                          N, C, H, W, SPLIT, N_PER, H_TILES, W_TILES,
-                          K: tl.constexpr, PAD: tl.constexpr, HALO: tl.constexpr, OFF: tl.constexpr,
+    def _mma_wgrad_kernel(x_ptr, dy_ptr, pw_ptr, pb_ptr, N, C, SPLIT, N_PER, H_TILES, W_TILES,
+                          H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, PAD: tl.constexpr, HALO: tl.constexpr, OFF: tl.constexpr,
                           HAS_BIAS: tl.constexpr, NB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                           BK: tl.constexpr, IPP: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
         """Partial dW[c, i0:i0+IPP, :] (and db[c] when i0 == 0) over images [s*N_PER, (s+1)*N_PER).
@@ -258,7 +256,7 @@ if HAVE_TRITON:
         base = x_ptr + q.to(tl.int64) * H * W
         wbase = w_ptr + c * (K * K)
         acc = tl.zeros((BH, BW), dtype=tl.float32)
-        for i in tl.static_range(K):
+        for i in range(K):  # dynamic row loop, unrolled columns: K loads in flight (81 unrolled ones spill)
             hi = h + (i - PAD)
             r_ok = (hi >= 0) & (hi < H)
             for j in tl.static_range(K):
@@ -294,7 +292,7 @@ if HAVE_TRITON:
                 dy = tl.load(dy_ptr + base + h * W + w, mask=(h < H) & (w < W), other=0.0).to(tl.float32)
                 if HAS_BIAS:
                     accb += dy
-                for i in tl.static_range(K):
+                for i in range(K):
                     hi = h + (i - PAD)
                     r_ok = (hi >= 0) & (hi < H)
                     for j in tl.static_range(K):
@@ -308,17 +306,26 @@ if HAVE_TRITON:
 
     # ---- autotuned variants (CUDA only; the interpreter runs the plain kernels with the heuristic config)
     def _prune_conv(configs, named_args, **kw):
+        """Keep configs with 16 <= M = NB*BH <= 128 and NB not beyond the batch; for the weight gradient
+        (configs with IPP) 3 kernel rows per program only while the 3 fp32 accumulators fit (BW*BK <= 1024 and
+        not tf32x3, or 8 warps), else 1 (ptxas -v for sm_90: no spills then)."""
         bh = kw.get("BH", named_args.get("BH"))
+        small = kw.get("BW", 0) * kw.get("BK", 0) <= 1024 and kw.get("PREC") != "tf32x3"  # tf32x3 needs more regs
         n = named_args["N"]
-        out = [cf for cf in configs if 16 <= cf.kwargs["NB"] * bh <= 128 and (cf.kwargs["NB"] == 1 or
-                                                                             cf.kwargs["NB"] <= _np2(n))]
-        return out or [triton.Config({"NB": max(1, 16 // bh)}, num_warps=4, num_stages=2)]
+        out = [cf for cf in configs if 16 <= cf.kwargs["NB"] * bh <= 128
+               and (cf.kwargs["NB"] == 1 or cf.kwargs["NB"] <= _np2(n))
+               and ("IPP" not in cf.kwargs or (cf.kwargs["IPP"] == 3) == small or
+                    (cf.kwargs["IPP"] == 3 and cf.num_warps == 8))]
+        if out:
+            return out
+        cf = dict(configs[0].kwargs, NB=max(1, 16 // bh))
+        return [triton.Config(cf, num_warps=4, num_stages=2)]
 
     # <= 12 configs each after pruning (compile ~1 s each, once per shape; results cached on disk by triton)
     _CONV_CONFIGS = [triton.Config({"NB": nb}, num_warps=w, num_stages=st)
                      for nb in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)]
-    _WGRAD_CONFIGS = [triton.Config({"NB": nb, "IPP": 3}, num_warps=w, num_stages=st)
-                      for nb in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)]
+    _WGRAD_CONFIGS = [triton.Config({"NB": nb, "IPP": ipp}, num_warps=w, num_stages=st)
+                      for ipp in (3, 1) for nb in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)]
     _mma_conv_tuned = triton.autotune(
         _CONV_CONFIGS, key=["N", "C", "H", "W", "K", "BW", "BK", "BH", "PREC"],
         prune_configs_by={"early_config_prune": _prune_conv}, cache_results=True)(_mma_conv_kernel)
@@ -388,8 +395,8 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias, flip: bool, impl: str
         return y
     g = _mma_geometry(H, W, k)
     t = _toeplitz(weight, k, g["BK"], g["BW"], g["OFF"], flip, x.dtype)
-    args = (x, t, b, y, N, C, H, W)
-    common = dict(K=k, PAD=pad, HALO=g["HALO"], HAS_BIAS=has_bias, BH=g["BH"], BW=g["BW"], BK=g["BK"],
+    args = (x, t, b, y, N, C)
+    common = dict(H=H, W=W, K=k, PAD=pad, HALO=g["HALO"], HAS_BIAS=has_bias, BH=g["BH"], BW=g["BW"], BK=g["BK"],
                   PREC=_prec(x.dtype), DOT_F32=_dot_f32(x.dtype))
     tiles = g["H_TILES"] * g["W_TILES"]
     if _autotune_enabled():
@@ -435,12 +442,13 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, k: int, has_bias: bool, impl: str)
     else:
         g = _mma_geometry(H, W, k)
         nb = _default_nb(g["BH"], N)
-        ipp = 3  # kernel rows per program (dY loaded once for 3 rows; 3 fp32 accumulators)
+        # kernel rows per program: 3 -> dY loaded once for 3 rows, but 3 fp32 (BW, BK) accumulators (spill at 64x64)
+        ipp = 3 if g["BW"] * g["BK"] <= 1024 and x.dtype != torch.float32 else 1
         split, n_per = _split(N, C * triton.cdiv(k, ipp), x, 8 if _autotune_enabled() else nb)
         pw = torch.empty((split, C, k * k), device=x.device, dtype=torch.float32)
         pb = torch.empty((split, C), device=x.device, dtype=torch.float32)
-        args = (x, dy, pw, pb, N, C, H, W, split, n_per, g["H_TILES"], g["W_TILES"])
-        common = dict(K=k, PAD=pad, HALO=g["HALO"], OFF=g["OFF"], HAS_BIAS=has_bias, BH=g["BH"], BW=g["BW"],
+        args = (x, dy, pw, pb, N, C, split, n_per, g["H_TILES"], g["W_TILES"])
+        common = dict(H=H, W=W, K=k, PAD=pad, HALO=g["HALO"], OFF=g["OFF"], HAS_BIAS=has_bias, BH=g["BH"], BW=g["BW"],
                       BK=g["BK"], PREC=_prec(x.dtype), DOT_F32=_dot_f32(x.dtype))
         if _autotune_enabled():
             _mma_wgrad_tuned[lambda meta: (C * split * triton.cdiv(k, meta["IPP"]),)](*args, **common)
