@@ -342,3 +342,63 @@ def test_gpu_patched_convmixer_training_step_matches_stock():
     g1 = stock.blocks[0][0].fn[0].weight.grad
     g2 = patched.blocks[0][0].fn[0].weight.grad
     assert g2.dtype == torch.float32 and _relerr(g2, g1.double()) < 5e-2
+
+
+# ---------------------------------------------------------------------------------------------- sm_90 compile (no GPU)
+def _compile_sm90(fn, sig: dict, consts: dict, num_warps=4, num_stages=2, div16=()):
+    """Compile a @triton.jit kernel for an H100 (sm_90a) without a GPU; returns (ptx, ptxas -v output)."""
+    import shutil
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    full = {a: ("constexpr" if a in consts else sig[a]) for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a in sig and (sig[a].startswith("*") or a in div16)}
+    src = ASTSource(fn, full, {(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptx = k.asm["ptx"]
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists() and shutil.which("ptxas") is None:
+        return ptx, ""
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"dwconv_{os.getpid()}_{fn.__name__}.ptx"
+    tmp.write_text(ptx)
+    try:
+        r = subprocess.run([str(ptxas) if ptxas.exists() else "ptxas", "-arch=sm_90a", "-v", str(tmp),
+                            "-o", os.devnull], capture_output=True, text=True, timeout=300)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ptx, r.stderr
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100_without_spills():
+    """The CIFAR ConvMixer configs (bf16, 32x32, k9) lower to pipelined tensor-core code with no register spills."""
+    if interpret_mode():
+        pytest.skip("TRITON_INTERPRET is set: kernels are interpreted functions")
+    pytest.importorskip("triton")
+    from etc_data import dwconv as d
+
+    g = d._mma_geometry(32, 32, 9)
+    assert (g["BW"], g["BK"], g["BH"], g["HALO"]) == (32, 32, 32, False)
+    ptx, info = _compile_sm90(
+        d._mma_conv_kernel,
+        dict(x_ptr="*bf16", t_ptr="*bf16", b_ptr="*fp32", y_ptr="*bf16", N="i32", C="i32", H_TILES="i32",
+             W_TILES="i32"),
+        dict(H=32, W=32, K=9, PAD=4, HALO=False, HAS_BIAS=True, NB=2, BH=32, BW=32, BK=32, PREC="tf32",
+             DOT_F32=False), div16=("N", "C"))
+    assert "wgmma.mma_async" in ptx  # Hopper tensor cores
+    assert "cp.async" in ptx  # loads of step kh+1 pipelined under the MMA of kh
+    assert "st.global.v4" in ptx  # vectorized stores
+    if info:
+        assert "0 bytes spill stores" in info, info
+    ptx, info = _compile_sm90(
+        d._mma_wgrad_kernel,
+        dict(x_ptr="*bf16", dy_ptr="*bf16", pw_ptr="*fp32", pb_ptr="*fp32", N="i32", C="i32", SPLIT="i32",
+             N_PER="i32", H_TILES="i32", W_TILES="i32"),
+        dict(H=32, W=32, K=9, PAD=4, HALO=False, OFF=4, HAS_BIAS=True, NB=2, BH=32, BW=32, BK=32, IPP=3,
+             PREC="tf32", DOT_F32=False), div16=("N", "C"))
+    assert "mma" in ptx and "cp.async" in ptx
+    if info:
+        assert "0 bytes spill stores" in info, info
