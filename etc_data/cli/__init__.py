@@ -15,7 +15,7 @@ from .. import __version__
 from ..errors import EtcError
 
 # modules under etc_data/cli/ that define a ``register(group)`` function
-COMMAND_MODULES = ["keys", "crypt", "prepare", "report", "train", "modelcrypt"]
+COMMAND_MODULES = ["keys", "crypt", "prepare", "report", "train", "modelcrypt", "audit"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
