@@ -32,11 +32,15 @@ Implementations (``impl`` argument or env ``ETC_DATA_DWCONV_IMPL``)
     Weight gradient: for kernel row ``i``, ``G_i = dY^T @ X_i`` (BW x BK, X_i = input rows shifted
     by ``i - p``) is accumulated over all images/rows of a channel on tensor cores (contraction over
     (image, row)), and ``dW[i, j]`` is the sum of ``G_i``'s diagonal ``j`` -- extracted once per
-    program at the end.  One program per (channel, kernel row, batch split); the per-split partial
-    sums are written to a (SPLIT, C, k, k) buffer and summed by torch (two-stage, deterministic, no
-    atomics).  The bias gradient rides along in the same pass.
+    program at the end.  One program per (channel, group of IPP=3 (or 1) kernel rows, batch split):
+    the dY tile is loaded once for the IPP rows; the per-split partial sums are written to a
+    (SPLIT, C, k*k) buffer and summed by torch (two-stage, deterministic, no atomics).  The bias
+    gradient rides along in the same pass.
     fp32 operands use ``input_precision="tf32x3"`` (3 TF32 MMAs, ~fp32 accuracy); bf16/fp16 use
-    one bf16/fp16 MMA with fp32 accumulation.
+    one bf16/fp16 MMA with fp32 accumulation.  H and W are compile-time constants (one compile per
+    spatial size) so row offsets/masks are provably 16-byte aligned and loads vectorize (W=56 too).
+    Checked by compiling for sm_90 without a GPU (tests/test_dwconv.py): wgmma, cp.async pipelining,
+    no register spills for the CIFAR ConvMixer shapes.
 ``"direct"``: plain FMA kernels (one program per (plane, spatial tile), k*k shifted loads from L1,
     weights as scalars in registers; the weight gradient reduces each tile per tap).  Exact fp32;
     kept as a reference / fallback and for comparison in ``benchmarks/bench_convmixer_gpu.py``.
@@ -46,8 +50,11 @@ Under ``torch.autocast`` the input is cast to the autocast dtype (as autocast do
 the weight stays fp32 (cast to the compute dtype inside), the output has the input's (autocast)
 dtype and the weight/bias gradients are returned in the parameters' dtype.
 
-On CUDA the kernels are autotuned (a handful of configs per shape, first call only; disable with
-``ETC_DATA_DWCONV_AUTOTUNE=0``).
+On CUDA the MMA kernels are autotuned (<= 12 configs per shape and kernel: images per tile, warps,
+pipeline stages, rows per program; first call only, results cached by triton; disable with
+``ETC_DATA_DWCONV_AUTOTUNE=0`` to use the built-in heuristic).  ``ETC_DATA_DWCONV_SPLIT`` forces the
+number of batch splits of the weight gradient.  Nothing here has been timed on a GPU yet: run
+``benchmarks/bench_convmixer_gpu.py`` on the H100.
 """
 
 from __future__ import annotations
@@ -108,8 +115,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _mma_conv_kernel(x_ptr, t_ptr, b_ptr, y_ptr, N, C, H_TILES, W_TILES,
-                         H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, PAD: tl.constexpr, HALO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         NB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
+                         H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, PAD: tl.constexpr,
+                         HALO: tl.constexpr, HAS_BIAS: tl.constexpr, NB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
                          PREC: tl.constexpr, DOT_F32: tl.constexpr):
         """y[n, c, h0:h0+BH, w0:w0+BW] for NB images of one channel: sum_kh X_shift(kh) @ T[c, kh].
 
@@ -179,7 +186,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _mma_wgrad_kernel(x_ptr, dy_ptr, pw_ptr, pb_ptr, N, C, SPLIT, N_PER, H_TILES, W_TILES,
-                          H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, PAD: tl.constexpr, HALO: tl.constexpr, OFF: tl.constexpr,
+                          H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, PAD: tl.constexpr,
+                          HALO: tl.constexpr, OFF: tl.constexpr,
                           HAS_BIAS: tl.constexpr, NB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                           BK: tl.constexpr, IPP: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
         """Partial dW[c, i0:i0+IPP, :] (and db[c] when i0 == 0) over images [s*N_PER, (s+1)*N_PER).
