@@ -426,9 +426,10 @@ def _num_sms(x: torch.Tensor) -> int:
 
 
 def _split(n: int, programs_per_split: int, x: torch.Tensor, multiple: int) -> tuple[int, int]:
-    """(SPLIT, N_PER): cut the batch so that >= ~4 programs per SM run, N_PER a multiple of `multiple`."""
+    """(SPLIT, N_PER): cut the batch so that >= ~8 programs per SM exist (2-3 resident per SM, so a few
+    waves and a small tail), N_PER a multiple of `multiple`."""
     env = os.environ.get("ETC_DATA_DWCONV_SPLIT")
-    want = int(env) if env else math.ceil(4 * _num_sms(x) / max(1, programs_per_split))
+    want = int(env) if env else math.ceil(8 * _num_sms(x) / max(1, programs_per_split))
     want = max(1, min(want, n))
     n_per = triton.cdiv(triton.cdiv(n, want), multiple) * multiple
     return triton.cdiv(n, n_per), n_per
