@@ -1,0 +1,88 @@
+"""Security audit: the attacks on real CIFAR-10 pixels, the measures, the CLI output contract."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from etc_data.audit import (AuditConfig, AuditError, best_global, fr_attack, jigsaw_attack, run_audit,
+                            ssim_psnr)
+from etc_data.cli import main
+from etc_data.schemes import make_scheme
+
+from tests.conftest import needs_shared
+
+pytestmark = needs_shared
+
+
+def _enc(x, B, spec="etc"):
+    return make_scheme(spec, subkey=os.urandom(32), block_size=B).encrypt(x)
+
+
+def test_jigsaw_solves_4_block_cifar_exactly(cifar_exact):
+    x = cifar_exact["x_test"][:6]
+    enc = _enc(x, 16)
+    ok = 0
+    for i in range(len(x)):
+        sol = jigsaw_attack(enc[i], 16)
+        s, _, g = best_global(x[i], sol)
+        assert s > ssim_psnr(x[i], enc[i])[0]
+        ok += bool(np.array_equal(g, x[i]))
+    assert ok >= 3  # the exact 2x2 solver restores most images pixel for pixel (up to the global transform)
+
+
+def test_jigsaw_is_key_independent_and_beats_ciphertext_on_small_blocks(cifar_exact):
+    x = cifar_exact["x_test"][:3]
+    enc = _enc(x, 8)
+    for i in range(len(x)):
+        sol = jigsaw_attack(enc[i], 8, seeds=1)
+        assert sol.shape == x[i].shape and sol.dtype == np.uint8
+        # the output is a rearrangement of the ciphertext's blocks: same multiset of |x-127.5|
+        assert np.array_equal(np.sort(np.abs(sol.astype(int) * 2 - 255).ravel()),
+                              np.sort(np.abs(enc[i].astype(int) * 2 - 255).ravel()))
+
+
+def test_fr_attack_invariant_to_negpos_and_channel_order(cifar_exact):
+    x = cifar_exact["x_test"][:1]
+    # inverting or permuting the channels of a ciphertext leaves the FR features unchanged
+    enc = _enc(x, 8)[0]
+    a = fr_attack(enc, 8)
+    assert np.array_equal(a, fr_attack(255 - enc, 8))
+    assert np.array_equal(a, fr_attack(enc[..., [2, 0, 1]], 8))
+    # and it is not the identity: the block-boundary differences (meaningless after scrambling) are dropped
+    assert (a.reshape(4, 8, 4, 8)[:, 7, :, :] == 255).all()
+
+
+def test_audit_cli_contract(cifar_exact, shared_dir, tmp_path):
+    out = tmp_path / "aud"
+    rc = main(["audit", "--source", str(shared_dir / "cifar10-lossless-subset.npz"), "--scheme", "etc",
+               "--block-size", "16,8", "--sample", "3", "--out", str(out)])
+    assert rc == 0
+    rep = json.loads((out / "audit.json").read_text())
+    assert rep["key_bits"]["etc/B16"] == pytest.approx(30.92, abs=0.01)
+    assert rep["weak_key_warnings"] and "30.9" in rep["weak_key_warnings"][0]
+    got = {(r["block_size"], r["attack"]): r for r in rep["results"]}
+    assert set(got) == {(b, a) for b in (16, 8) for a in ("none", "jigsaw", "fr")}
+    for r in rep["results"]:
+        assert {"scheme", "block_size", "ssim_mean", "psnr_mean"} <= set(r) and r["scheme"] == "etc"
+        assert -1 <= r["ssim_mean"] <= 1
+    assert got[(16, "none")]["measure"] == "none"
+    assert got[(16, "jigsaw")]["ssim_mean"] > got[(16, "none")]["ssim_mean"] + 0.3
+    assert rep["lpips"] == "LPIPS skipped: no local weights"
+    for f in ("audit.md", "ssim_boxplot.png", "examples.png"):
+        assert (out / f).stat().st_size > 100
+    assert "LPIPS skipped" in (out / "audit.md").read_text()
+
+
+def test_audit_bad_inputs(shared_dir, tmp_path, capsys):
+    src = str(shared_dir / "cifar10-lossless-subset.npz")
+    assert main(["audit", "--source", src, "--block-size", "12", "--sample", "1", "--out", str(tmp_path)]) == 2
+    assert "block size 12" in capsys.readouterr().err
+    assert main(["audit", "--source", src, "--sample", "0", "--out", str(tmp_path)]) == 2
+    assert main(["audit", "--source", src, "--split", "nope", "--sample", "1", "--out", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
+    with pytest.raises(AuditError, match="lpips"):
+        run_audit(AuditConfig(src, ["etc"], [16], sample=1, lpips_weights=str(tmp_path / "none.pth")), tmp_path)
