@@ -82,19 +82,11 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> N
     """Write an object atomically: it appears complete under ``url`` or not at all."""
     url = str(url)
     if is_local(url):
-        path = Path(url[len("file://"):] if url.startswith("file://") else url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_open(url) as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as e:
             raise StorageError(f"cannot write {url}: {e}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
         return
     fs, path = get_fs(url, storage_options)
 

@@ -50,7 +50,8 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60
     raise RuntimeError(f"{what} did not open port {port} in {timeout} s")
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """SIGTERM the process group, SIGKILL after 5 s."""
     if proc is None or proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
@@ -115,7 +116,7 @@ class SeaweedS3:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s; the data folder and ports are kept for ``start()``."""
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
     def restart(self) -> "SeaweedS3":
@@ -157,7 +158,7 @@ class FakeGCS:
         return self
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
 

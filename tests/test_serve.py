@@ -1,8 +1,6 @@
 """A real Prefect server on loopback serves one pipeline; a run triggered through the API writes shards."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,23 +12,9 @@ import pytest
 from etc_data.pipelines import PipelineError, load_pipeline, load_pipelines
 from etc_data.manifest import read_manifest
 
+from .servers import free_port, stop_process
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(p):
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 def _write_pipeline(tmp_path, npz, key_file, **extra):
@@ -72,7 +56,7 @@ def test_serve_against_a_real_prefect_server(tmp_path, cifar_exact, key_file):
     np.savez(npz, x_train=cifar_exact["x_train"][:60], y_train=cifar_exact["y_train"][:60],
              x_test=cifar_exact["x_test"][:20], y_test=cifar_exact["y_test"][:20])
     pipes = _write_pipeline(tmp_path, npz, key_file)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_LOGGING_LEVEL="WARNING",
                PREFECT_UI_ENABLED="false")
@@ -117,5 +101,5 @@ asyncio.run(main())
         assert m.num_samples == 60 and m.shard_lengths == [40, 20]
     finally:
         if served is not None:
-            _stop(served)
-        _stop(server)
+            stop_process(served)
+        stop_process(server)
