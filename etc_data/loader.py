@@ -122,15 +122,28 @@ def train_steps(num_samples: int, world: int, workers: int, batch_size: int) -> 
 
 
 class ShardDataset(tud.IterableDataset):
-    """A torch IterableDataset over one split; set ``.epoch`` before each epoch."""
+    """A torch IterableDataset over one split; set ``.epoch`` before each epoch.
+
+    The epoch lives in shared memory, so persistent DataLoader workers (started once, by fork or
+    spawn) see the new epoch's seed without being restarted."""
 
     def __init__(self, split_url, manifest, rank=0, world=1, seed=0, train=True, storage_options=None,
-                 raw_jpeg=False, shuffle_buffer=2000):
+                 raw_jpeg=False, shuffle_buffer=2000, mp_context=None):
+        import multiprocessing as mp
+
         super().__init__()
         self.split_url, self.manifest = split_url, manifest
         self.rank, self.world, self.seed, self.train = rank, world, seed, train
         self.storage_options, self.raw_jpeg, self.shuffle_buffer = storage_options, raw_jpeg, shuffle_buffer
-        self.epoch = 0
+        self._epoch = (mp.get_context(mp_context) if mp_context else mp).Value("i", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = int(value)
 
     def __iter__(self):
         info = tud.get_worker_info()
@@ -139,6 +152,14 @@ class ShardDataset(tud.IterableDataset):
                               workers=nw, epoch=self.epoch, seed=self.seed, train=self.train,
                               shuffle_buffer=self.shuffle_buffer, storage_options=self.storage_options,
                               raw_jpeg=self.raw_jpeg)
+
+
+def default_worker_start() -> str | None:
+    """fork (the platform default) is cheapest, but forked DataLoader workers die next to Prefect's
+    threads and event loops (seen in flows and in one pytest process after a flow ran): spawn there."""
+    import sys
+
+    return "spawn" if "prefect" in sys.modules else None
 
 
 def collate(batch):
@@ -172,11 +193,11 @@ def make_loader(split_url: str, batch_size: int, *, rank=0, world=1, seed=0, tra
                 storage_options=None, decode="cpu", manifest: Manifest | None = None, worker_start: str | None = None):
     split_url = split_url_of(split_url)
     manifest = manifest or read_manifest(split_url, storage_options)
-    ds = ShardDataset(split_url, manifest, rank, world, seed, train, storage_options, raw_jpeg=(decode == "cuda"))
-    # fork is the cheap default; inside a Prefect flow (threads, event loops) forked workers die: spawn there
-    ctx = worker_start if workers else None
+    ctx = (worker_start or default_worker_start()) if workers else None
+    ds = ShardDataset(split_url, manifest, rank, world, seed, train, storage_options, raw_jpeg=(decode == "cuda"),
+                      mp_context=ctx)
     dl = tud.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                        drop_last=train, persistent_workers=False, pin_memory=(decode == "cuda"),
+                        drop_last=train, persistent_workers=bool(workers), pin_memory=(decode == "cuda"),
                         multiprocessing_context=ctx)
     steps = train_steps(manifest.num_samples, world, workers, batch_size) if train else None
     return dl, ds, manifest, steps
