@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

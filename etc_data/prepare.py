@@ -19,14 +19,13 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from . import __version__
 from .codecs import check_scheme_codec, encode_batch, get_codec
 from .errors import EtcError
 from .manifest import Manifest, ManifestError, read_keys, read_manifest, write_manifest
 from .schemes import WeakKeyWarning, make_scheme, parse_scheme_spec
-from .shards import ShardInfo, write_chunk
+from .shards import write_chunk
 from .sources import Source, open_source
 from .storage import StorageError, join, list_names, remove
 

@@ -12,7 +12,6 @@ rows codecs, columns schemes, MB and ratio to plain) and ``sizes.png`` (bytes pe
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 import warnings

@@ -180,7 +180,7 @@ def evaluate(checkpoint: str, shards_url: str, key_ref: str | None = None, devic
     split_url = split_url_of(shards_url)
     m = read_manifest(split_url, storage_options)
     ck = load_checkpoint(checkpoint, key_ref=key_ref) if key_ref else load_checkpoint(checkpoint)
-    fp = check_key(m, key_ref, split_url)
+    check_key(m, key_ref, split_url)
     ck_scheme = ck.get("scheme") or {}
     if m.scheme != "plain" or ck_scheme.get("scheme", "plain") != "plain":
         if ck_scheme.get("scheme") != m.scheme or ck_scheme.get("block_size") != m.block_size:

@@ -82,3 +82,12 @@ def make_image_zip(path: Path, images, labels, classes, split: str = "train", ex
             Image.fromarray(img).save(b, format="PNG" if ext == "png" else "JPEG", quality=95)
             z.writestr(f"{split}/{classes[int(lab)]}/{i:04d}.{ext}", b.getvalue())
     return path
+
+
+def make_mini_npz(path: Path, cifar_exact: dict, n_train: int, n_test: int = 0) -> Path:
+    """An .npz source of the first exact CIFAR-10 images (x_/y_train, and x_/y_test when n_test)."""
+    arrays = {"x_train": cifar_exact["x_train"][:n_train], "y_train": cifar_exact["y_train"][:n_train]}
+    if n_test:
+        arrays.update(x_test=cifar_exact["x_test"][:n_test], y_test=cifar_exact["y_test"][:n_test])
+    np.savez(path, **arrays)
+    return path

@@ -6,7 +6,6 @@ import sys
 import zipfile
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from etc_data.cli import main

@@ -2,19 +2,17 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from etc_data.cli import main
 from etc_data.manifest import read_manifest
 
+from .conftest import make_mini_npz
+
 
 @pytest.fixture
 def mini_npz(tmp_path, cifar_exact):
-    p = tmp_path / "cifar10-mini.npz"
-    np.savez(p, x_train=cifar_exact["x_train"][:90], y_train=cifar_exact["y_train"][:90],
-             x_test=cifar_exact["x_test"][:30], y_test=cifar_exact["y_test"][:30])
-    return p
+    return make_mini_npz(tmp_path / "cifar10-mini.npz", cifar_exact, 90, 30)
 
 
 def test_cli_prepare_runs_the_flow_and_keeps_the_key_out_of_prefect(tmp_path, mini_npz, key_file, capsys):

@@ -18,14 +18,11 @@ from etc_data.schemes import make_scheme
 from etc_data.shards import iter_samples, verify
 from etc_data.sources import SourceError
 
-from .conftest import make_image_zip
+from .conftest import make_image_zip, make_mini_npz
 
 
 def _npz(tmp_path, cifar_exact, n_train=120, n_test=40):
-    p = tmp_path / "cifar10-mini.npz"
-    np.savez(p, x_train=cifar_exact["x_train"][:n_train], y_train=cifar_exact["y_train"][:n_train],
-             x_test=cifar_exact["x_test"][:n_test], y_test=cifar_exact["y_test"][:n_test])
-    return p
+    return make_mini_npz(tmp_path / "cifar10-mini.npz", cifar_exact, n_train, n_test)
 
 
 def _hashes(root):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etc_data.schemes import (
-    CPERMS, SCHEMES, EtC, SchemeError, WeakKeyWarning, check_jpeg_compat, dihedral, image_to_blocks,
+    CPERMS, SCHEMES, SchemeError, WeakKeyWarning, check_jpeg_compat, dihedral, image_to_blocks,
     key_space, make_scheme, parse_scheme_spec, scheme_from_params,
 )
 

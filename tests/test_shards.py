@@ -1,15 +1,12 @@
-import hashlib
-import io
 import json
 import subprocess
-import tarfile
 
 import numpy as np
 import pytest
 
 from etc_data.manifest import Manifest, ManifestError, read_manifest, read_keys, write_manifest
 from etc_data.shards import (
-    ShardError, ShardWriter, build_tar, iter_samples, iter_tar, verify, write_chunk,
+    ShardError, ShardWriter, build_tar, iter_samples, verify, write_chunk,
 )
 from etc_data.storage import StorageError, check_no_secrets, load_storage_config
 

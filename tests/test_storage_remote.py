@@ -4,13 +4,13 @@ import json
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from etc_data.prepare import Settings, prepare
 from etc_data.shards import iter_samples, verify
 from etc_data.storage import StorageError, atomic_open, exists, read_bytes, write_bytes
 
+from .conftest import make_mini_npz
 from .servers import gcs_server, s3_server  # noqa: F401 - session fixtures
 
 pytestmark = pytest.mark.slow
@@ -28,10 +28,7 @@ def gcs(gcs_server):
 
 @pytest.fixture
 def mini_npz(tmp_path, cifar_exact):
-    p = tmp_path / "cifar10-mini.npz"
-    np.savez(p, x_train=cifar_exact["x_train"][:70], y_train=cifar_exact["y_train"][:70],
-             x_test=cifar_exact["x_test"][:20], y_test=cifar_exact["y_test"][:20])
-    return p
+    return make_mini_npz(tmp_path / "cifar10-mini.npz", cifar_exact, 70, 20)
 
 
 @pytest.mark.parametrize("store", ["s3", "gcs"])
