@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .codecs import get_codec
 from .errors import EtcError
 from .schemes import parse_scheme_spec
-from .storage import check_no_secrets, is_local
+from .storage import is_local, read_config_yaml
 
 
 class PipelineError(EtcError):
@@ -114,21 +114,8 @@ class Pipeline(BaseModel):
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
-    import yaml
-
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"pipeline file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise PipelineError(f"{path}: a pipeline must be a mapping of fields")
-    try:
-        check_no_secrets(doc, f"pipeline {path}")
-    except EtcError as e:
-        raise PipelineError(str(e)) from None
+    doc = read_config_yaml(path, "pipeline", PipelineError)
     try:
         p = Pipeline.model_validate(doc)
     except ValidationError as e:

@@ -277,17 +277,20 @@ def prepare(s: Settings, map_chunks=None, progress=None, key_loader=None) -> Pre
 _WORKER_CACHE: dict = {}
 
 
-def _chunk_in_worker(settings: dict, spec: dict) -> dict:
-    """Run one chunk in a pool worker; the source and scheme are opened once per worker process
-    and the key is loaded there from its reference."""
+def run_chunk_cached(settings: dict, spec: dict, key_loader=None) -> dict:
+    """Run one chunk from public settings; the source and scheme are opened once per process (a
+    pool worker, or a Prefect task thread) and the key is loaded here from its reference with
+    ``key_loader`` (default: a path or env:NAME)."""
     import dataclasses
 
     s = Settings(**settings)
     ck = (repr(s.source), s.resize, s.scheme, s.block_size, s.pad, s.dataset, s.key_ref)
-    if ck not in _WORKER_CACHE:
+    entry = _WORKER_CACHE.get(ck)
+    if entry is None:
+        entry = (s.open_source(), build_scheme(s, key_loader=key_loader)[0])
         _WORKER_CACHE.clear()
-        _WORKER_CACHE[ck] = (s.open_source(), build_scheme(s)[0])
-    source, scheme = _WORKER_CACHE[ck]
+        _WORKER_CACHE[ck] = entry
+    source, scheme = entry
     return dataclasses.asdict(run_chunk(s, ChunkSpec(**spec), source=source, scheme=scheme))
 
 
@@ -307,7 +310,7 @@ class ChunkPool:
         self.warm = [self.ex.submit(_warm_up) for _ in range(n)]
 
     def run(self, settings: dict, spec: dict) -> dict:
-        return self.ex.submit(_chunk_in_worker, settings, spec).result()
+        return self.ex.submit(run_chunk_cached, settings, spec).result()
 
     def close(self):
         self.ex.shutdown(wait=True, cancel_futures=True)

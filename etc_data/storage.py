@@ -233,23 +233,37 @@ def check_no_secrets(doc: Any, source: str) -> None:
                            f"environment or the provider's credential chain, never from a config file")
 
 
-def load_storage_config(path: str | os.PathLike) -> dict:
-    """Read a storage YAML (``url`` + optional ``storage_options``), refusing secret fields."""
+def read_config_yaml(path: str | os.PathLike, what: str, error=None) -> dict:
+    """Read a YAML config file that must be a mapping with no secret-looking field; errors are
+    ``error`` (default StorageError) naming ``what`` and the file."""
     import yaml
 
+    error = error or StorageError
     p = Path(path)
     try:
         doc = yaml.safe_load(p.read_text())
     except FileNotFoundError:
-        raise StorageError(f"storage config {p} does not exist") from None
+        raise error(f"{what} {p} does not exist") from None
     except yaml.YAMLError as e:
-        raise StorageError(f"storage config {p}: invalid YAML: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("url"), str):
+        raise error(f"{what} {p}: invalid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise error(f"{what} {p}: must be a mapping of fields")
+    try:
+        check_no_secrets(doc, f"{what} {p}")
+    except StorageError as e:
+        raise error(str(e)) from None
+    return doc
+
+
+def load_storage_config(path: str | os.PathLike) -> dict:
+    """Read a storage YAML (``url`` + optional ``storage_options``), refusing secret fields."""
+    p = Path(path)
+    doc = read_config_yaml(p, "storage config")
+    if not isinstance(doc.get("url"), str):
         raise StorageError(f"storage config {p}: field 'url' (a string) is required")
     opts = doc.get("storage_options") or {}
     if not isinstance(opts, dict):
         raise StorageError(f"storage config {p}: field 'storage_options' must be a mapping")
-    check_no_secrets(doc, f"storage config {p}")
     unknown = set(doc) - {"url", "storage_options"}
     if unknown:
         raise StorageError(f"storage config {p}: unknown field(s) {', '.join(sorted(unknown))}; valid: url, storage_options")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from functools import lru_cache
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from etc_data.prepare import ChunkResult, ChunkSpec, PrepareSummary, Settings, build_scheme, prepare, run_chunk
+from etc_data.prepare import ChunkResult, PrepareSummary, Settings, prepare, run_chunk_cached
 from etc_data.schemes import MIN_KEY_BITS, weak_key_message
 from etc_data.storage import StorageError
 
@@ -29,23 +28,13 @@ def _storage_error(task, task_run, state) -> bool:
     return False
 
 
-@lru_cache(maxsize=4)
-def _source(spec: str, resize):
-    return Settings(source=spec.split("\n"), out="", dataset="", resize=resize).open_source()
-
-
 @task(name="shard-chunk", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_storage_error,
       cache_policy=NO_CACHE, persist_result=False, log_prints=False)
 def shard_chunk(settings: dict, spec: dict) -> dict:
-    """One shard: the key is loaded here from its reference and never leaves this task."""
-    s = Settings(**settings)
-    if POOL is not None and not str(s.key_ref or "").startswith("prefect-secret:"):
+    """One shard: the key is loaded from its reference where the chunk runs and never leaves it."""
+    if POOL is not None and not str(settings.get("key_ref") or "").startswith("prefect-secret:"):
         return POOL.run(settings, spec)  # CPU work in a warm local worker process
-    key = None if s.scheme_name() == "plain" else load_key_ref(s.key_ref)
-    scheme, _ = build_scheme(s, key)
-    src = _source("\n".join(s.source if isinstance(s.source, list) else [s.source]), s.resize)
-    r = run_chunk(s, ChunkSpec(**spec), source=src, scheme=scheme)
-    return dataclasses.asdict(r)
+    return run_chunk_cached(settings, spec, key_loader=load_key_ref)
 
 
 def _task_runner(workers: int | None, dask_address: str | None):
