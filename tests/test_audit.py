@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 
 import numpy as np
 import pytest
@@ -18,20 +18,33 @@ from tests.conftest import needs_shared
 pytestmark = needs_shared
 
 
-def _enc(x, B, spec="etc"):
-    return make_scheme(spec, subkey=os.urandom(32), block_size=B).encrypt(x)
+def _enc(x, B, spec="etc", key_seed=0):
+    # a fixed subkey keeps the test deterministic; the attack never sees it (key independence is tested below)
+    subkey = hashlib.sha256(b"audit-test-%d" % key_seed).digest()
+    return make_scheme(spec, subkey=subkey, block_size=B).encrypt(x)
 
 
 def test_jigsaw_solves_4_block_cifar_exactly(cifar_exact):
     x = cifar_exact["x_test"][:6]
     enc = _enc(x, 16)
-    ok = 0
+    ok, solved, cipher = 0, [], []
     for i in range(len(x)):
         sol = jigsaw_attack(enc[i], 16)
         s, _, g = best_global(x[i], sol)
-        assert s > ssim_psnr(x[i], enc[i])[0]
+        solved.append(s)
+        cipher.append(ssim_psnr(x[i], enc[i])[0])
         ok += bool(np.array_equal(g, x[i]))
-    assert ok >= 3  # the exact 2x2 solver restores most images pixel for pixel (up to the global transform)
+    # the exact 2x2 solver restores most images pixel for pixel (up to the global transform); a single
+    # ciphertext can by chance score a higher SSIM than a wrong solution, so compare the means
+    assert ok >= 4
+    assert np.mean(solved) > np.mean(cipher) + 0.4
+
+
+def test_jigsaw_solution_does_not_depend_on_the_key(cifar_exact):
+    x = cifar_exact["x_test"][:2]
+    sols = [[jigsaw_attack(e, 16) for e in _enc(x, 16, key_seed=k)] for k in (1, 2)]
+    for a, b, ref in zip(*sols, x):
+        assert best_global(ref, a)[0] == pytest.approx(best_global(ref, b)[0])
 
 
 def test_jigsaw_is_key_independent_and_beats_ciphertext_on_small_blocks(cifar_exact):
