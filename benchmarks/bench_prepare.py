@@ -59,27 +59,21 @@ def bare(zips: list[Path], workers: int, kind: str) -> tuple[float, int]:
 def library(zips: list[Path], key: Path, out: Path, shard_size: int, resize) -> tuple[float, int]:
     import dataclasses
 
-    from etc_data.prepare import ChunkPool, ChunkResult, Settings, prepare
+    from etc_data.prepare import ChunkPool, ChunkResult, Settings, prepare, run_chunk_cached
 
     t = time.perf_counter()
-    pool = ChunkPool()
     s = Settings(source=[str(z) for z in zips], out=str(out), dataset="bench", scheme="etc", block_size=16,
                  codec="jpeg:q=85,sub=420", key_ref=str(key), shard_size=shard_size, resize=resize)
+    pool = ChunkPool(settings=dataclasses.asdict(s))  # workers open the source while this process plans
     try:
         def map_chunks(specs):
-            futs = [pool.ex.submit(_lib_chunk, dataclasses.asdict(s), dataclasses.asdict(c)) for c in specs]
+            futs = [pool.ex.submit(run_chunk_cached, dataclasses.asdict(s), dataclasses.asdict(c)) for c in specs]
             return [ChunkResult(**f.result()) for f in futs]
 
         summ = prepare(s, map_chunks=map_chunks)
     finally:
         pool.close()
     return time.perf_counter() - t, sum(m.num_samples for m in summ.manifests.values())
-
-
-def _lib_chunk(settings, spec):
-    from etc_data.prepare import _chunk_in_worker
-
-    return _chunk_in_worker(settings, spec)
 
 
 def cli(zips: list[Path], key: Path, out: Path, shard_size: int, resize, env) -> float:

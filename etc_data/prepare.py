@@ -69,6 +69,7 @@ class ChunkSpec:
     split: str
     index: int           # shard index of the chunk
     items: list[int]     # positions in the split's sorted item list
+    token: str = ""      # the split's Source.split_token when planned ("" = not checked)
 
 
 @dataclass
@@ -153,7 +154,9 @@ def plan_split(s: Settings, source: Source, split: str, fingerprint: str | None,
     done = {k for v in keys.values() for k in v}
     total, todo = _item_positions(source, split, s.limit, done)
     start = _next_index(existing)
-    chunks = [ChunkSpec(split, start + n, todo[i:i + s.shard_size]) for n, i in enumerate(range(0, len(todo), s.shard_size))]
+    token = source.split_token(split)
+    chunks = [ChunkSpec(split, start + n, todo[i:i + s.shard_size], token)
+              for n, i in enumerate(range(0, len(todo), s.shard_size))]
     return SplitPlan(split, total, chunks, existing, keys)
 
 
@@ -163,7 +166,11 @@ def run_chunk(s: Settings, spec: ChunkSpec, source: Source | None = None, scheme
     codec = get_codec(s.codec)
     if scheme is None:
         scheme, _ = build_scheme(s)
-    items = [source.items(spec.split)[i] for i in spec.items]
+    if spec.token and source.split_token(spec.split) != spec.token:
+        raise PrepareError(f"source {source.name}, split {spec.split}: changed since this run was planned "
+                           f"(chunk {spec.index}); run prepare again")
+    all_items = source.items(spec.split)
+    items = [all_items[i] for i in spec.items]
     batch = source.load(items, on_bad_image=s.on_bad_image)
     if len(batch.keys) == 0:
         return ChunkResult(spec.split, spec.index, [], batch.skipped, [], 0)
@@ -236,11 +243,12 @@ class PrepareSummary:
         return out
 
 
-def prepare(s: Settings, map_chunks=None, progress=None, key_loader=None) -> PrepareSummary:
+def prepare(s: Settings, map_chunks=None, progress=None, key_loader=None, source: Source | None = None) -> PrepareSummary:
     """Run the whole pipeline: in this process, or with ``map_chunks(specs) -> iterable of
     ChunkResult`` (how the Prefect flow fans chunks out to tasks). ``key_loader(ref)`` resolves
-    the key reference (default: a path or env:NAME)."""
-    source = s.open_source()
+    the key reference (default: a path or env:NAME). ``source``: the settings' source, already
+    opened by the caller for this run (else it is opened here)."""
+    source = source or s.open_source()
     s.dataset = dataset_id(source, s.dataset)
     codec = get_codec(s.codec)
     scheme, key = build_scheme(s, key_loader=key_loader)
@@ -274,24 +282,36 @@ def prepare(s: Settings, map_chunks=None, progress=None, key_loader=None) -> Pre
 
 # ----------------------------------------------------------------------------- local process pool
 
-_WORKER_CACHE: dict = {}
+_SOURCES: dict = {}   # per process (a pool worker, or the thread runner's process): the last source opened
+_SCHEMES: dict = {}   # and the last key schedule built
+
+
+def cached_source(s: Settings, token: str = "", split: str = "") -> Source:
+    """The source of these settings, opened once per process and reopened when it no longer
+    matches the planner's ``token`` for ``split`` (a source that grew between two runs of a
+    long-lived process)."""
+    ck = (repr(s.source), s.resize)
+    source = _SOURCES.get(ck)
+    if source is None or (token and source.split_token(split) != token):
+        _SOURCES.clear()
+        source = _SOURCES[ck] = s.open_source()
+    return source
 
 
 def run_chunk_cached(settings: dict, spec: dict, key_loader=None) -> dict:
-    """Run one chunk from public settings; the source and scheme are opened once per process (a
+    """Run one chunk from public settings; the source and scheme are kept open per process (a
     pool worker, or a Prefect task thread) and the key is loaded here from its reference with
     ``key_loader`` (default: a path or env:NAME)."""
     import dataclasses
 
-    s = Settings(**settings)
-    ck = (repr(s.source), s.resize, s.scheme, s.block_size, s.pad, s.dataset, s.key_ref)
-    entry = _WORKER_CACHE.get(ck)
-    if entry is None:
-        entry = (s.open_source(), build_scheme(s, key_loader=key_loader)[0])
-        _WORKER_CACHE.clear()
-        _WORKER_CACHE[ck] = entry
-    source, scheme = entry
-    return dataclasses.asdict(run_chunk(s, ChunkSpec(**spec), source=source, scheme=scheme))
+    s, c = Settings(**settings), ChunkSpec(**spec)
+    source = cached_source(s, c.token, c.split)
+    sk = (s.scheme, s.block_size, s.pad, s.dataset, s.key_ref)
+    scheme = _SCHEMES.get(sk)
+    if scheme is None:
+        _SCHEMES.clear()
+        scheme = _SCHEMES[sk] = build_scheme(s, key_loader=key_loader)[0]
+    return dataclasses.asdict(run_chunk(s, c, source=source, scheme=scheme))
 
 
 class ChunkPool:
@@ -300,22 +320,31 @@ class ChunkPool:
     Started once per run, ideally while other start-up work goes on (e.g. Prefect's API server),
     it keeps each worker's opened source and key schedule warm across chunks."""
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, settings: dict | None = None):
+        """``settings``: open their source in each worker while it waits (no key is loaded)."""
         import multiprocessing as mp
         import os
         from concurrent.futures import ProcessPoolExecutor
 
         n = workers or len(os.sched_getaffinity(0))
         self.ex = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"))
-        self.warm = [self.ex.submit(_warm_up) for _ in range(n)]
+        self.warm = [self.ex.submit(_warm_up, settings) for _ in range(n)]
 
     def run(self, settings: dict, spec: dict) -> dict:
         return self.ex.submit(run_chunk_cached, settings, spec).result()
 
-    def close(self):
-        self.ex.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True):
+        """Stop the workers; ``wait=False`` lets them exit while the caller goes on (they are
+        joined at interpreter exit)."""
+        self.ex.shutdown(wait=wait, cancel_futures=True)
 
 
-def _warm_up() -> None:
+def _warm_up(settings: dict | None) -> None:
     from . import codecs, schemes, shards, sources  # noqa: F401 - import cost paid once per worker
     import simplejpeg  # noqa: F401
+
+    if settings:
+        try:
+            cached_source(Settings(**settings))
+        except Exception:  # noqa: BLE001 - a bad source is reported by the run itself, with its name
+            pass

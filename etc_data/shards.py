@@ -50,10 +50,27 @@ def _octal(n: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, n)
 
 
+def _header_template() -> tuple[bytes, int]:
+    h = bytearray(512)
+    h[100:108] = _octal(0o444, 8)
+    h[108:116] = _octal(0, 8)
+    h[116:124] = _octal(0, 8)
+    h[136:148] = _octal(0, 12)
+    h[148:156] = b" " * 8  # the checksum field counts as spaces while the checksum is computed
+    h[156:157] = b"0"
+    h[257:265] = b"ustar\x0000"
+    h[329:337] = _octal(0, 8)
+    h[337:345] = _octal(0, 8)
+    return bytes(h), sum(h)
+
+
+_TEMPLATE, _TEMPLATE_SUM = _header_template()
+
+
 def _ustar_header(name: str, size: int) -> bytes | None:
-    """A deterministic ustar header (mode 0444, uid/gid 0, mtime 0, no user/group names), built
-    directly: tarfile's generic path costs ~60 us per member, this ~3 us. None if the name does
-    not fit ustar's 100 + 155 byte fields (the caller then falls back to tarfile's PAX format)."""
+    """A deterministic ustar header (mode 0444, uid/gid 0, mtime 0, no user/group names), patched
+    into a fixed template (tarfile's generic path costs ~60 us per member, this ~1 us). None if the
+    name does not fit ustar's 100 + 155 byte fields (the caller then falls back to PAX)."""
     raw = name.encode()
     prefix = b""
     if len(raw) > 100:
@@ -63,20 +80,12 @@ def _ustar_header(name: str, size: int) -> bytes | None:
         prefix, raw = raw[:cut], raw[cut + 1:]
     if size >= 8 ** 11:
         return None
-    h = bytearray(512)
+    sz = b"%011o\0" % size
+    h = bytearray(_TEMPLATE)
     h[0:len(raw)] = raw
-    h[100:108] = _octal(0o444, 8)
-    h[108:116] = _octal(0, 8)
-    h[116:124] = _octal(0, 8)
-    h[124:136] = _octal(size, 12)
-    h[136:148] = _octal(0, 12)
-    h[148:156] = b" " * 8
-    h[156:157] = b"0"
-    h[257:265] = b"ustar\x0000"
-    h[329:337] = _octal(0, 8)
-    h[337:345] = _octal(0, 8)
+    h[124:136] = sz
     h[345:345 + len(prefix)] = prefix
-    h[148:156] = b"%06o\0 " % sum(h)
+    h[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(raw) + sum(prefix) + sum(sz))
     return bytes(h)
 
 
@@ -84,6 +93,9 @@ def _pax_member(name: str, data: bytes) -> bytes:
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o444, 0, 0, "", ""
     return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # one encoder, not one per sample
 
 
 def sample_files(sample: dict) -> list[tuple[str, bytes]]:
@@ -97,7 +109,7 @@ def sample_files(sample: dict) -> list[tuple[str, bytes]]:
         if ext == "cls":
             data = str(int(value)).encode()
         elif ext == "json":
-            data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+            data = _JSON(value).encode()
         elif isinstance(value, (bytes, bytearray, memoryview)):
             data = bytes(value)
         else:
@@ -106,28 +118,43 @@ def sample_files(sample: dict) -> list[tuple[str, bytes]]:
     return sorted(out)
 
 
+_PAD = [b"\0" * (-n % 512) for n in range(512)]
+
+
 def build_tar(samples: Iterable[dict]) -> tuple[bytes, list[str]]:
     """Deterministic tar bytes of samples in sorted key order; returns (bytes, keys)."""
-    samples = sorted(samples, key=lambda s: s["__key__"])
-    keys = [s["__key__"] for s in samples]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise ShardError(f"duplicate sample key {dup!r}")
+    return _build_tar_files(_sorted_files(samples))
+
+
+def _sorted_files(samples: Iterable[dict]) -> list[tuple[str, list[tuple[str, bytes]]]]:
+    """(key, files) per sample in sorted key order; a duplicate key is an error."""
+    out = sorted(((s["__key__"], sample_files(s)) for s in samples), key=lambda kf: kf[0])
+    for a, b in zip(out, out[1:]):
+        if a[0] == b[0]:
+            raise ShardError(f"duplicate sample key {a[0]!r}")
+    return out
+
+
+def _build_tar_files(samples: list[tuple[str, list[tuple[str, bytes]]]]) -> tuple[bytes, list[str]]:
     parts: list[bytes] = []
-    for s in samples:
-        for name, data in sample_files(s):
-            parts.append(_ustar_header(name, len(data)) or _pax_member(name, data))
-            parts.append(data)
-            if len(data) % 512:
-                parts.append(b"\0" * (512 - len(data) % 512))
-    parts.append(b"\0" * 1024)  # end-of-archive marker
+    add = parts.append
+    for _, files in samples:
+        for name, data in files:
+            add(_ustar_header(name, len(data)) or _pax_member(name, data))
+            add(data)
+            add(_PAD[len(data) % 512])
+    add(b"\0" * 1024)  # end-of-archive marker
     body = b"".join(parts)
-    return body + b"\0" * (-len(body) % _RECORD), keys
+    return body + b"\0" * (-len(body) % _RECORD), [k for k, _ in samples]
 
 
 def write_shard(split_url: str, name: str, samples: list[dict], storage_options: dict | None = None) -> ShardInfo:
     """Build one shard and write it atomically to ``split_url/name``."""
-    data, keys = build_tar(samples)
+    return _write_files(split_url, name, _sorted_files(samples), storage_options)
+
+
+def _write_files(split_url, name, files, storage_options) -> ShardInfo:
+    data, keys = _build_tar_files(files)
     try:
         write_bytes(join(split_url, name), data, storage_options)
     except StorageError as e:
@@ -143,18 +170,18 @@ def write_chunk(split_url: str, split: str, index: int, samples: list[dict], max
     (tar headers add 1.5 KiB per file on top). Part boundaries depend only on the samples, so a
     rerun gives the same shards.
     """
-    samples = sorted(samples, key=lambda s: s["__key__"])
+    files = _sorted_files(samples)
     parts, cur, cur_bytes = [], [], 0
-    for s in samples:
-        size = sum(len(d) for _, d in sample_files(s))
+    for kf in files:
+        size = sum(len(d) for _, d in kf[1]) if max_bytes else 0
         if cur and ((max_samples and len(cur) >= max_samples) or (max_bytes and cur_bytes + size > max_bytes)):
             parts.append(cur)
             cur, cur_bytes = [], 0
-        cur.append(s)
+        cur.append(kf)
         cur_bytes += size
     if cur:
         parts.append(cur)
-    return [write_shard(split_url, shard_name(split, index, p), part, storage_options) for p, part in enumerate(parts)]
+    return [_write_files(split_url, shard_name(split, index, p), part, storage_options) for p, part in enumerate(parts)]
 
 
 class ShardWriter:
@@ -195,29 +222,82 @@ class ShardWriter:
             self.close()
 
 
-def iter_tar(data: bytes, name: str) -> Iterator[dict]:
-    """Group a tar's files into samples ``{"__key__", ext: bytes, ...}`` (WebDataset's rule:
-    the key is the path up to the first dot of the last path component)."""
+def _tar_members(data: bytes, name: str) -> list[tuple[str, int, int]] | None:
+    """(member name, offset, size) of the regular files of a plain ustar/v7 tar, headers checked
+    (checksums of all 512-byte blocks summed at once with numpy). None when the tar uses anything
+    else (PAX or GNU long names, links, base-256 sizes): the caller then reads it with tarfile."""
+    import numpy as np
+
+    n = len(data)
+    if n % 512:
+        raise ShardError(f"shard {name} is not a readable tar: {n} bytes is not a multiple of 512")
+    blocks = np.frombuffer(data, np.uint8).reshape(-1, 512)
+    sums = blocks.sum(1, dtype=np.int64)
+    out, off = [], 0
+    while off + 512 <= n:
+        h = data[off:off + 512]
+        if sums[off // 512] == 0:  # end-of-archive marker
+            break
+        try:
+            stored = int(h[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+        except ValueError:
+            stored = -1
+        if stored != int(sums[off // 512]) - sum(h[148:156]) + 256:
+            raise ShardError(f"shard {name} is not a readable tar: bad header checksum at byte {off}")
+        kind = h[156:157]
+        field = h[124:136]
+        if field[:1] >= b"\x80":
+            return None  # base-256 size
+        size = int(field.replace(b"\0", b" ").strip() or b"0", 8)
+        if kind not in (b"0", b"\0", b"5"):
+            return None
+        member = h[0:100].split(b"\0", 1)[0]
+        if h[345] != 0:
+            if h[257:263] != b"ustar\0":
+                return None  # GNU format keeps times there, not a name prefix
+            member = h[345:500].split(b"\0", 1)[0] + b"/" + member
+        off += 512
+        if off + size > n:
+            raise ShardError(f"shard {name} is not a readable tar: member {member.decode(errors='replace')} "
+                             f"ends past the end of the data")
+        if kind != b"5":
+            out.append((member.decode("utf-8", "surrogateescape"), off, size))
+        off += -(-size // 512) * 512
+    return out
+
+
+def _tarfile_members(data: bytes, name: str):
     try:
         tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
-        cur: dict | None = None
         for ti in tar:
-            if not ti.isfile():
-                continue
-            head, _, base = ti.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                raise ShardError(f"shard {name}: member {ti.name} has no extension")
-            key = f"{head}/{stem}" if head else stem
-            if cur is None or cur["__key__"] != key:
-                if cur is not None:
-                    yield cur
-                cur = {"__key__": key}
-            cur[ext] = tar.extractfile(ti).read()
-        if cur is not None:
-            yield cur
+            if ti.isfile():
+                yield ti.name, ti.offset_data, ti.size
     except tarfile.TarError as e:
         raise ShardError(f"shard {name} is not a readable tar: {e}") from None
+
+
+def iter_tar(data: bytes, name: str) -> Iterator[dict]:
+    """Group a tar's files into samples ``{"__key__", ext: bytes, ...}`` (WebDataset's rule:
+    the key is the path up to the first dot of the last path component). Plain ustar archives
+    (what ``build_tar`` writes) are parsed directly, about 20x faster than tarfile; anything else
+    goes through tarfile."""
+    members = _tar_members(data, name)
+    if members is None:
+        members = _tarfile_members(data, name)
+    cur: dict | None = None
+    for member, off, size in members:
+        head, _, base = member.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        if not dot:
+            raise ShardError(f"shard {name}: member {member} has no extension")
+        key = f"{head}/{stem}" if head else stem
+        if cur is None or cur["__key__"] != key:
+            if cur is not None:
+                yield cur
+            cur = {"__key__": key}
+        cur[ext] = data[off:off + size]
+    if cur is not None:
+        yield cur
 
 
 def read_shard(split_url: str, name: str, storage_options: dict | None = None) -> bytes:
@@ -275,25 +355,20 @@ def verify(split_url: str, deep: bool = False, storage_options: dict | None = No
     present = set(list_names(split_url, storage_options))
     listed = {e["name"] for e in m.shards}
     rep.extra = sorted(n for n in present if n.endswith(".tar") and n not in listed)
-    for e in m.shards:
+
+    def check(e: dict) -> tuple[str | None, int]:
+        """(problem or None, samples) for one listed shard."""
         name = e["name"]
-        if name not in present:
-            rep.missing.append(name)
-            continue
-        rep.checked += 1
         try:
             data = read_shard(split_url, name, storage_options)
         except ShardError as err:
-            rep.corrupt.append(f"{name}: {err}")
-            continue
+            return f"{name}: {err}", 0
         if len(data) != e["bytes"]:
-            rep.corrupt.append(f"{name}: {len(data)} bytes, manifest says {e['bytes']}")
-            continue
+            return f"{name}: {len(data)} bytes, manifest says {e['bytes']}", 0
         if hashlib.sha256(data).hexdigest() != e["sha256"]:
-            rep.corrupt.append(f"{name}: sha256 mismatch")
-            continue
+            return f"{name}: sha256 mismatch", 0
+        n = 0
         try:
-            n = 0
             for s in iter_tar(data, name):
                 exts = [x for x in s if x in SAMPLE_EXTS]
                 if len(exts) != 1 or "cls" not in s:
@@ -308,10 +383,20 @@ def verify(split_url: str, deep: bool = False, storage_options: dict | None = No
                                          f"manifest says {m.image_size[0]}x{m.image_size[1]}")
                 n += 1
         except ShardError as err:
-            rep.corrupt.append(f"{name}: {err}")
-            continue
+            return f"{name}: {err}", 0
         if n != e["samples"]:
-            rep.corrupt.append(f"{name}: {n} samples, manifest says {e['samples']}")
-            continue
-        rep.samples += n
+            return f"{name}: {n} samples, manifest says {e['samples']}", 0
+        return None, n
+
+    todo = [e for e in m.shards if e["name"] in present]
+    rep.missing = [e["name"] for e in m.shards if e["name"] not in present]
+    rep.checked = len(todo)
+    # a few shards at a time (reads, sha256 and decoding release the GIL), reported in order
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(todo)))) as ex:
+        for problem, n in ex.map(check, todo):
+            if problem:
+                rep.corrupt.append(problem)
+            rep.samples += n
     return rep

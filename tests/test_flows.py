@@ -93,3 +93,56 @@ def test_report_flow_merges_per_split_tasks_into_the_library_report(tmp_path, mi
     saved = json.loads((tmp_path / "rep" / "sizes.json").read_text())
     assert saved["results"] == direct["results"] and (tmp_path / "rep" / "sizes.png").stat().st_size > 0
     assert json.loads(key_file.read_text())["secret"] not in json.dumps(saved)
+
+
+def test_cli_prepare_in_a_fresh_process_boots_its_own_api_server(tmp_path, mini_npz, key_file):
+    """The main command as users run it: a new process, the key in an environment variable, the
+    ephemeral API server started early by the CLI (flows/ephemeral.py) and gone afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ETC_TEST_OWNER_KEY=key_file.read_text(), PREFECT_HOME=str(tmp_path / "ph"))
+    env.pop("PREFECT_API_URL", None)
+    r = subprocess.run([sys.executable, "-m", "etc_data.cli", "prepare", "--source", str(mini_npz), "--key",
+                        "env:ETC_TEST_OWNER_KEY", "--out", str(tmp_path / "ds"), "--dataset", "c10", "--shard-size", "50"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train: 90 samples in 2 shards" in r.stdout and "test: 30 samples in 1 shards" in r.stdout
+    verified = next(line for line in r.stdout.splitlines() if line.startswith("verified:"))
+    assert "train 90" in verified and "test 30" in verified
+    secret = json.loads(key_file.read_text())["secret"]
+    assert secret not in r.stdout + r.stderr
+    assert read_manifest(str(tmp_path / "ds" / "train")).num_samples == 90
+    leftover = subprocess.run(["pgrep", "-f", "uvicorn.*prefect.server"], capture_output=True, text=True).stdout.split()
+    for pid in leftover:  # a server of this run would still see our PREFECT_HOME
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read()
+        except OSError:
+            continue
+        assert str(tmp_path / "ph").encode() not in environ, "the CLI left its API server running"
+
+
+def test_ephemeral_api_server_never_sees_the_key_variable(tmp_path, monkeypatch):
+    import os
+    import urllib.request
+
+    from flows.ephemeral import EphemeralAPI
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "ph"))
+    monkeypatch.setenv("ETC_TEST_HIDDEN", "owner-key-material")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    api = EphemeralAPI(hide_env=("ETC_TEST_HIDDEN",))
+    try:
+        assert os.environ["PREFECT_API_URL"] == api.url
+        api.wait()
+        with urllib.request.urlopen(api.url + "/health", timeout=5) as resp:
+            assert resp.status == 200
+        environ = open(f"/proc/{api.proc.pid}/environ", "rb").read().split(b"\0")
+        assert not any(e.startswith(b"ETC_TEST_HIDDEN=") for e in environ)
+        assert b"PREFECT__SERVER_EPHEMERAL=1" in environ
+        proc = api.proc
+    finally:
+        api.stop()
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert proc.poll() is not None and api.proc is None

@@ -149,3 +149,44 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, cifar_exact
     assert _hashes(ref) == _hashes(out)
     assert not list(out.rglob("*.part"))
     assert verify(str(out / "train")).ok
+
+
+def test_kept_open_sources_are_reopened_when_the_source_grew(tmp_path, cifar_exact, key_file):
+    """A long-lived process (Prefect task threads, a served deployment) keeps its source open
+    across runs; a folder that gained images between two runs must not be read through the stale
+    listing (positions would point at the wrong images)."""
+    import dataclasses
+
+    from etc_data.prepare import ChunkResult, run_chunk_cached
+
+    from etc_data.codecs import get_codec as gc
+
+    x, y = cifar_exact["x_train"][:30], cifar_exact["y_train"][:30]
+    folder = tmp_path / "imgs" / "train"
+
+    def add(lo, hi):
+        from PIL import Image
+
+        for i in range(lo, hi):
+            d = folder / f"c{int(y[i])}"
+            d.mkdir(parents=True, exist_ok=True)
+            # names that sort new images *between* old ones, so stale positions would shift
+            Image.fromarray(x[i]).save(d / f"{(i * 7) % 30:04d}_{i}.png")
+
+    def run():
+        s = Settings(source=str(tmp_path / "imgs"), out=str(tmp_path / "out"), dataset="d", key_ref=str(key_file),
+                     codec="png", shard_size=8)
+        return prepare(s, map_chunks=lambda specs: [ChunkResult(**run_chunk_cached(dataclasses.asdict(s),
+                                                                                   dataclasses.asdict(c)))
+                                                    for c in specs])
+
+    add(0, 20)
+    run()
+    add(20, 30)
+    summ = run()
+    assert summ.written["train"] == 10 and summ.manifests["train"].num_samples == 30
+    scheme = make_scheme("etc", key=load_key(key_file), dataset="d", block_size=16)
+    samples = list(iter_samples(str(tmp_path / "out" / "train")))
+    dec = scheme.decrypt(np.stack([gc("png").decode(s["png"]) for s in samples]))
+    idx = [int(s["__key__"].rsplit("_", 1)[1]) for s in samples]
+    assert sorted(idx) == list(range(30)) and np.array_equal(dec, x[idx])

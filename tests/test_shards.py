@@ -151,3 +151,57 @@ def test_verify_cli_exit_status_and_deep_decoding(cifar_exact, tmp_path, capsys)
     (root / "train" / "train-000000-1.tar").unlink()
     assert main(["verify", str(root / "train")]) == 2
     assert "MISSING train-000000-1.tar" in capsys.readouterr().out
+
+
+def _tarfile_tar(files, fmt, dirs=()):
+    """A tar written by Python's tarfile (as other tools would write shards) in the given format."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
+        for d in dirs:
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            t.addfile(ti)
+        for name, data in files:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime = len(data), 1_700_000_000
+            t.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_tar_reader_matches_tarfile_on_foreign_tars(fmt):
+    import tarfile
+
+    from etc_data.shards import _tar_members, iter_tar
+
+    long_dir = "d" * 120  # needs the ustar prefix field, a GNU long name or a PAX record
+    files = [(f"{long_dir}/k{i:03d}.{ext}", bytes([i]) * (i * 37 + len(ext))) for i in range(5) for ext in ("cls", "jpg")]
+    files.append(("short/x.png", b"png-bytes"))
+    data = _tarfile_tar(files, {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}[fmt],
+                        dirs=["short"])
+    got = list(iter_tar(data, "foreign.tar"))
+    assert [s["__key__"] for s in got] == [f"{long_dir}/k{i:03d}" for i in range(5)] + ["short/x"]
+    assert got[3]["jpg"] == bytes([3]) * (3 * 37 + 3) and got[-1]["png"] == b"png-bytes"
+    fast = _tar_members(data, "foreign.tar")
+    if fmt == "ustar":  # parsed directly, with the prefix field
+        assert fast is not None and [m[0] for m in fast] == [f for f, _ in files]
+    else:  # GNU long names and PAX records go through tarfile
+        assert fast is None
+
+
+def test_tar_reader_rejects_corrupt_headers_and_truncation(cifar_exact):
+    from etc_data.shards import _tar_members, iter_tar
+
+    data, _ = build_tar(_samples(cifar_exact["x_test"][:3], cifar_exact["y_test"][:3]))
+    assert len(list(iter_tar(data, "ok.tar"))) == 3
+    bad = bytearray(data)
+    bad[_tar_members(data, "ok.tar")[4][1] - 512 + 10] ^= 0x20  # a byte of the fifth member's name
+    with pytest.raises(ShardError, match="bad.tar is not a readable tar"):
+        list(iter_tar(bytes(bad), "bad.tar"))
+    with pytest.raises(ShardError, match="cut.tar"):
+        list(iter_tar(data[:2048], "cut.tar"))
+    with pytest.raises(ShardError, match="cut2.tar .*multiple of 512"):
+        list(iter_tar(data[:2000], "cut2.tar"))

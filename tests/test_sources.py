@@ -170,3 +170,37 @@ def test_missing_or_empty_sources_are_named(tmp_path):
         open_source(tmp_path / "empty")
     with pytest.raises(SourceError, match="imagenette size"):
         download_imagenette(tmp_path, size="999")
+
+
+def _zip_records(path):
+    with zipfile.ZipFile(path) as z:
+        return {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits) for i in z.infolist()}
+
+
+def test_fast_zip_directory_matches_zipfile_and_falls_back(tmp_path, shared_dir, cifar_exact):
+    from etc_data.sources import _zip_directory
+
+    for name in ("cifar10-test-jpeg.zip", "imagenette-224-subset.zip"):
+        assert _zip_directory(shared_dir / name) == _zip_records(shared_dir / name)
+    x, y = cifar_exact["x_test"][:6], cifar_exact["y_test"][:6]
+    plain = make_image_zip(tmp_path / "plain.zip", x, y, CIFAR10_CLASSES)
+    # a zip behind other bytes (a self-extracting archive) and a zip64 archive: zipfile reads them
+    pre = tmp_path / "prefixed.zip"
+    pre.write_bytes(b"#!/bin/sh\nexit 0\n" + plain.read_bytes())
+    z64 = tmp_path / "z64.zip"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(z64, "w") as dst:
+        for info in src.infolist():
+            with src.open(info) as r, dst.open(info.filename, "w", force_zip64=True) as w:
+                w.write(r.read())
+    assert _zip_directory(pre) is None
+    d = _zip_directory(z64)  # zip64 extras in the local headers, small sizes: the fast path still applies
+    assert d is None or d == _zip_records(z64)
+    for path in (plain, pre, z64):
+        src = FolderSource(path)
+        b = src.load(src.items("train"))
+        order = [int(k.rsplit("/", 1)[1]) for k in b.keys]  # keys end in the image's index
+        assert sorted(order) == list(range(6)) and np.array_equal(b.images, x[order])  # PNG: exact pixels
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(SourceError, match="bad.zip is not a readable .zip"):
+        FolderSource(bad)

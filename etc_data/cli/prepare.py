@@ -19,25 +19,19 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def _boot_ephemeral_api():
-    """Start Prefect's ephemeral API server in a thread (only when no PREFECT_API_URL is set) so that
-    its boot overlaps this process's imports and the worker pool's start; returns the thread to join.
-    A failure there is left for the flow's own start to report."""
-    if os.environ.get("PREFECT_API_URL"):
+def _boot_ephemeral_api(key_ref: str | None):
+    """Start Prefect's local API server now, so that its boot overlaps this process's imports and
+    the worker pool's start (see flows/ephemeral.py); returns it, to ``wait`` on before the flow.
+    Only in a fresh process with no PREFECT_API_URL: where Prefect is already imported (a notebook,
+    the tests) its settings are fixed, and Prefect starts its own server on first use as usual."""
+    import sys
+
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         return None
-    import threading
+    from flows.ephemeral import EphemeralAPI
 
-    def boot():
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
-
-            SubprocessASGIServer().start()
-        except Exception:  # noqa: BLE001 - the flow starts (and reports) the server itself
-            pass
-
-    t = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
-    t.start()
-    return t
+    hide = (key_ref[4:],) if key_ref and key_ref.startswith("env:") else ()  # the server never sees the key
+    return EphemeralAPI(hide_env=hide)
 
 
 def _storage(storage_config):
@@ -85,29 +79,38 @@ def register(cli: click.Group) -> None:
         if shard_size < 1:
             raise EtcError("--shard-size must be >= 1")
         _prefect_env()
-        api_boot = _boot_ephemeral_api()  # Prefect's API server boots while the rest is imported and spawned
+        api = _boot_ephemeral_api(key_ref)  # Prefect's API server boots while the rest is imported and spawned
+        from ..prepare import ChunkPool
+
+        # worker processes start (and open the source) while Prefect's API server boots
+        pool = None
+        if not dask_address and (workers or len(os.sched_getaffinity(0))) > 1:
+            pool = ChunkPool(workers, {"source": list(sources), "out": out, "dataset": "", "resize": resize})
         import flows.prepare as fp
 
+        fp.POOL = pool
         opts = _storage(storage_config)
         bar = tqdm(unit="shard", desc="prepare")
         fp.PROGRESS = lambda r: (bar.update(1), bar.set_postfix_str(f"{r.split} #{r.index}"))
-        from ..prepare import ChunkPool
-
-        # worker processes start while Prefect's ephemeral API server boots
-        fp.POOL = ChunkPool(workers) if not dask_address and (workers or len(os.sched_getaffinity(0))) > 1 else None
-        flow_fn = fp.make_prepare_flow(workers, dask_address)
-        if api_boot is not None:
-            api_boot.join()  # the flow may only talk to a server that answers
         try:
-            res = flow_fn(source=list(sources), out=out, dataset=dataset, owner=owner, key_ref=key_ref, scheme=scheme,
-                          block_size=block_size, codec=codec, shard_size=shard_size, max_shard_bytes=max_shard_bytes,
-                          limit=limit, splits=list(splits) or None, resize=resize, pad=pad,
-                          on_bad_image=on_bad_image, storage_options=opts, workers=workers)
+            flow_fn = fp.make_prepare_flow(workers, dask_address)
+            if api is not None:
+                from ..sources import SourceError, open_source
+
+                try:  # the planner's copy of the source, opened while the server boots
+                    fp.PREOPENED = (list(sources), resize, open_source(list(sources), resize=resize))
+                except SourceError:
+                    pass  # reported by the flow, which opens it again
+                api.wait()  # the flow may only talk to a server that answers
+            res = flow_fn(source=list(sources), out=out, dataset=dataset, owner=owner, key_ref=key_ref,
+                          scheme=scheme, block_size=block_size, codec=codec, shard_size=shard_size,
+                          max_shard_bytes=max_shard_bytes, limit=limit, splits=list(splits) or None, resize=resize,
+                          pad=pad, on_bad_image=on_bad_image, storage_options=opts, workers=workers)
         finally:
             bar.close()
-            fp.PROGRESS = None
+            fp.PROGRESS = fp.PREOPENED = None
             if fp.POOL is not None:
-                fp.POOL.close()
+                fp.POOL.close(wait=False)  # its workers exit while the shards are verified
                 fp.POOL = None
         for line in res["lines"]:
             click.echo(line)
