@@ -5,7 +5,7 @@ For each codec, on the 5,000 exact CIFAR-10 images and on 300 Imagenette 224 px 
   (simplejpeg / imagecodecs / Pillow release the GIL);
 - report: ``etc_data.report.size_report`` for the plain scheme with that codec (which also sums
   sizes and, for lossy codecs, decodes and computes PSNR: its bare twin does the same decode).
-Target (issue 3): report time <= 1.2x bare. Best of up to 3 alternating runs each.
+Target (issue 3): report time <= 1.2x bare. Best of up to 7 alternating runs each.
 
     python benchmarks/bench_codecs.py [--limit-cifar 5000] [--limit-inet 300] [--codec jpeg:q=85,sub=444 ...]
 """
@@ -92,7 +92,7 @@ def main():
         for spec in args.codec or CODECS:
             bare(spec, imgs[:50], workers)  # warm-up
             tb = tr = float("inf")
-            for rep in range(3):  # alternate, keep the best of each: the machine is shared
+            for rep in range(7):  # alternate, keep the best of each: the machine is shared
                 t = time.perf_counter()
                 bare(spec, imgs, workers)
                 tb = min(tb, time.perf_counter() - t)

@@ -122,6 +122,27 @@ class Codec:
             return [fn(np.ascontiguousarray(im), p) for im in images]
         return [self.encode(im) for im in images]
 
+    def decode_into(self, blobs: list[bytes], out: np.ndarray) -> np.ndarray:
+        """Decode blobs into ``out``, an (N, H, W, 3) uint8 batch of the expected size: JPEGs are
+        decoded in place (no per-image array and no stacking copy), other codecs image by image."""
+        if self.name == "jpeg" and out.flags.c_contiguous:
+            import simplejpeg
+
+            for i, b in enumerate(blobs):
+                try:
+                    r = simplejpeg.decode_jpeg(b, colorspace="rgb", buffer=out[i])
+                except Exception as e:  # noqa: BLE001 - corrupt data, or not the expected size
+                    raise CodecError(f"jpeg: cannot decode {len(b)} bytes into {out.shape[1:3]}: {e}") from None
+                if r.shape != out.shape[1:]:
+                    raise CodecError(f"jpeg: decoded {r.shape[:2]}, expected {tuple(out.shape[1:3])}")
+            return out
+        for i, b in enumerate(blobs):
+            img = self.decode(b)
+            if img.shape != out.shape[1:]:
+                raise CodecError(f"{self.name}: decoded {img.shape[:2]}, expected {tuple(out.shape[1:3])}")
+            out[i] = img
+        return out
+
     def decode(self, data: bytes) -> np.ndarray:
         try:
             out = _DECODERS[self.name](data if isinstance(data, bytes) else bytes(data), self.params)

@@ -235,8 +235,9 @@ class NpzSource(Source):
 
     def _items(self, split):
         self._x(split)
-        y = self._arrays[split][1]
-        return [Item(sample_key(split, f"{i:06d}"), int(y[i]), i) for i in range(len(y))]
+        y = self._arrays[split][1].tolist()
+        prefix = sample_key(split) + "/"
+        return [Item(f"{prefix}{i:06d}", int(lab), i) for i, lab in enumerate(y)]
 
     def _read(self, item):
         split = item.key.split("/", 1)[0]
@@ -432,11 +433,11 @@ class CifarSource(Source):
 
     def _items(self, split):
         # keys follow the official batch order, per class, like the shared JPEG copies: <split>/<class>/NNNN
-        y = self._y[split]
-        counts = np.zeros(len(self.classes), int)
+        prefix = [sample_key(split, c) + "/" for c in self.classes]
+        counts = [0] * len(self.classes)
         out = []
-        for i, lab in enumerate(y):
-            out.append(Item(sample_key(split, self.classes[lab], f"{counts[lab]:04d}"), int(lab), i))
+        for i, lab in enumerate(np.asarray(self._y[split]).tolist()):
+            out.append(Item(f"{prefix[lab]}{counts[lab]:04d}", lab, i))
             counts[lab] += 1
         return out
 

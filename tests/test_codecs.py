@@ -82,3 +82,14 @@ def test_j2k_pillow_and_imagecodecs_defaults_differ_only_by_mct_and_resolutions(
     size = lambda blobs: sum(map(len, blobs))  # noqa: E731
     assert size(ic) < 0.85 * size(pil)  # the colour transform is most of the gap
     assert size(encode_batch("j2k:fmt=j2k", x)) < size(pil)  # no JP2 container boxes
+
+
+def test_decode_into_matches_decode_and_names_size_mismatches(cifar_exact, imagenette_batch):
+    for spec in ("jpeg:q=85,sub=420", "png"):
+        c = get_codec(spec)
+        for x in (cifar_exact["x_test"][:8], imagenette_batch[:3]):
+            blobs = c.encode_many(x)
+            out = c.decode_into(blobs, np.empty_like(x))
+            assert np.array_equal(out, np.stack([c.decode(b) for b in blobs]))
+        with pytest.raises(CodecError, match=r"\(16, 16\)"):
+            c.decode_into(c.encode_many(cifar_exact["x_test"][:2]), np.empty((2, 16, 16, 3), np.uint8))
