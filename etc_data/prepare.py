@@ -345,6 +345,8 @@ def _warm_up(settings: dict | None) -> None:
 
     if settings:
         try:
-            cached_source(Settings(**settings))
+            source = cached_source(Settings(**settings))
+            for split in source.splits:  # sorted listings and their tokens, checked by every chunk
+                source.split_token(split)
         except Exception:  # noqa: BLE001 - a bad source is reported by the run itself, with its name
             pass
