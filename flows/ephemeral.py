@@ -29,6 +29,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the server's process before exec: SIGTERM when the CLI dies, even by SIGKILL (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class EphemeralAPI:
     """A Prefect API server on 127.0.0.1 for the life of this process (``stop`` ends it; it is also
     stopped at exit). ``hide_env`` names environment variables the server must not inherit (e.g.
@@ -56,7 +67,8 @@ class EphemeralAPI:
             [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env=self._env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            env=self._env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
     def wait(self, timeout: float = 120.0) -> None:
         """Block until the server answers /health (the first use of a Prefect home also creates

@@ -146,3 +146,35 @@ def test_ephemeral_api_server_never_sees_the_key_variable(tmp_path, monkeypatch)
         api.stop()
         monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert proc.poll() is not None and api.proc is None
+
+
+def test_ephemeral_api_server_dies_with_a_killed_cli(tmp_path):
+    """A CLI killed with SIGKILL (OOM, a scheduler timeout) takes its API server with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "ph"))
+    env.pop("PREFECT_API_URL", None)
+    parent = subprocess.Popen([sys.executable, "-c", "from flows.ephemeral import EphemeralAPI\n"
+                               "import time\na = EphemeralAPI()\nprint(a.proc.pid, flush=True)\ntime.sleep(600)"],
+                              env=env, stdout=subprocess.PIPE, text=True)
+    server = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            return
+        try:  # a zombie still answers kill(0); its parent (init) reaps it
+            if open(f"/proc/{server}/stat").read().split(")")[1].split()[0] == "Z":
+                return
+        except OSError:
+            return
+        time.sleep(0.2)
+    os.kill(server, signal.SIGKILL)
+    raise AssertionError("the API server outlived its killed parent")
