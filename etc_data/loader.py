@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch.utils.data as tud
@@ -162,25 +163,41 @@ def default_worker_start() -> str | None:
     return "spawn" if "prefect" in sys.modules else None
 
 
+class JpegBatch(NamedTuple):
+    """A batch of JPEG files packed into one uint8 tensor: two tensors cross from a DataLoader worker
+    to the trainer (and get pinned) instead of one shared-memory tensor per image, which capped this
+    path at ~1,600 images/s per worker. ``images()`` gives one 1-D view per file."""
+
+    data: "torch.Tensor"     # uint8 (total bytes,)
+    offsets: "torch.Tensor"  # int64 (N + 1,)
+
+    def images(self) -> list:
+        o = self.offsets.tolist()
+        return [self.data[a:b] for a, b in zip(o[:-1], o[1:])]
+
+
 def collate(batch):
-    """(uint8 HWC arrays or JPEG bytes, labels) -> (uint8 NHWC tensor or list of byte tensors, labels)."""
+    """(uint8 HWC arrays or JPEG bytes, labels) -> (uint8 NHWC tensor or JpegBatch, labels)."""
     import torch
 
     imgs, labels = zip(*batch)
     y = torch.as_tensor(labels, dtype=torch.long)
-    if isinstance(imgs[0], (bytes, bytearray)):
-        return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in imgs], y
+    if isinstance(imgs[0], (bytes, bytearray, memoryview)):
+        offsets = np.zeros(len(imgs) + 1, np.int64)
+        np.cumsum([len(b) for b in imgs], out=offsets[1:])
+        data = torch.frombuffer(bytearray(b"".join(imgs)), dtype=torch.uint8)
+        return JpegBatch(data, torch.from_numpy(offsets)), y
     return torch.from_numpy(np.stack(imgs)), y
 
 
 def to_float_nchw(x, device, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
-    """uint8 NHWC (tensor, or list of JPEG byte tensors decoded on the GPU) -> normalised float NCHW."""
+    """uint8 NHWC tensor, or a JpegBatch (decoded here on the GPU) -> normalised float NCHW."""
     import torch
 
-    if isinstance(x, list):  # GPU JPEG decoding, in one batched call
+    if isinstance(x, (JpegBatch, list)):  # GPU JPEG decoding, in one batched call
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        imgs = decode_jpeg(x, mode=ImageReadMode.RGB, device=device)
+        imgs = decode_jpeg(x.images() if isinstance(x, JpegBatch) else x, mode=ImageReadMode.RGB, device=device)
         x = torch.stack(imgs).float()  # NCHW already
     else:
         x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()

@@ -53,3 +53,33 @@ def test_eval_sees_every_sample_once_and_shuffle_is_seeded(split):
     b = [k for *_, k in iter_split(url, m, epoch=0, seed=1, with_keys=True)]
     c = [k for *_, k in iter_split(url, m, epoch=1, seed=1, with_keys=True)]
     assert a == b and a != c and sorted(a) == sorted(c)
+
+
+def test_jpeg_bytes_batches_cross_as_two_tensors_and_decode_like_the_cpu_path(tmp_path, cifar_exact):
+    """decode="cuda" (the trainer's path for JPEG shards on a GPU) ships each batch as one packed
+    JpegBatch; decoding it (here with torchvision on the CPU) gives the CPU path's images."""
+    import torch
+
+    from etc_data.loader import JpegBatch, make_loader, to_float_nchw
+
+    npz = tmp_path / "m.npz"
+    np.savez(npz, x_train=cifar_exact["x_train"][:100], y_train=cifar_exact["y_train"][:100])
+    key = tmp_path / "k.key"
+    new_key_file(key, "a")
+    prepare(Settings(source=str(npz), out=str(tmp_path / "ds"), dataset="d", key_ref=str(key),
+                     codec="jpeg:q=90,sub=444", shard_size=40))
+    url = str(tmp_path / "ds" / "train")
+    got = {}
+    for mode in ("cpu", "cuda"):
+        dl, _, _, _ = make_loader(url, 32, train=False, workers=2, decode=mode)
+        xs, ys = [], []
+        for x, y in dl:
+            if mode == "cuda":
+                assert isinstance(x, JpegBatch) and x.data.dtype == torch.uint8 and len(x.offsets) == len(y) + 1
+                assert all(v[:2].tolist() == [0xFF, 0xD8] for v in x.images())  # each view is one JPEG file
+            xs.append(to_float_nchw(x, torch.device("cpu")))
+            ys.append(y)
+        got[mode] = (torch.cat(xs), torch.cat(ys))
+    (a, ya), (b, yb) = got["cpu"], got["cuda"]
+    assert a.shape == b.shape == (100, 3, 32, 32) and torch.equal(ya, yb)
+    assert float((a - b).abs().max()) <= 2 / 127.5 + 1e-6  # libjpeg-turbo in both; IDCT rounding at most 2 levels
