@@ -58,6 +58,7 @@ def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int 
 
     def samples():
         k = 0
+        codecs = {}  # ext -> codec, looked up once rather than per sample
         for si in mine:
             name = shards[si]["name"]
             data = read_shard(split_url, name, storage_options)
@@ -77,8 +78,9 @@ def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int 
                 if raw_jpeg and ext == "jpg":
                     img = s[ext]
                 else:
+                    codec = codecs.get(ext) or codecs.setdefault(ext, codec_for_ext(ext))
                     try:
-                        img = codec_for_ext(ext).decode(s[ext])
+                        img = codec.decode(s[ext])
                     except EtcError as e:
                         raise ShardError(f"shard {name}: sample {s['__key__']}: {e}") from None
                 yield (img, label, s["__key__"]) if with_keys else (img, label)

@@ -222,10 +222,19 @@ class ShardWriter:
             self.close()
 
 
+def _octal_field(field: bytes) -> int:
+    """A tar numeric field: octal digits padded with NULs or spaces; -1 if it is not one."""
+    try:
+        return int(field.replace(b"\0", b" ").strip() or b"-1", 8)
+    except ValueError:
+        return -1
+
+
 def _tar_members(data: bytes, name: str) -> list[tuple[str, int, int]] | None:
     """(member name, offset, size) of the regular files of a plain ustar/v7 tar, headers checked
-    (checksums of all 512-byte blocks summed at once with numpy). None when the tar uses anything
-    else (PAX or GNU long names, links, base-256 sizes): the caller then reads it with tarfile."""
+    (the checksums every header must match are computed for all 512-byte blocks at once with
+    numpy). None when the tar uses anything else (PAX or GNU long names, links, base-256 sizes):
+    the caller then reads it with tarfile."""
     import numpy as np
 
     n = len(data)
@@ -233,36 +242,44 @@ def _tar_members(data: bytes, name: str) -> list[tuple[str, int, int]] | None:
         raise ShardError(f"shard {name} is not a readable tar: {n} bytes is not a multiple of 512")
     blocks = np.frombuffer(data, np.uint8).reshape(-1, 512)
     sums = blocks.sum(1, dtype=np.int64)
+    # a header's checksum counts its own 8-byte checksum field as spaces
+    expect = (sums - blocks[:, 148:156].sum(1, dtype=np.int64) + 256).tolist()
+    empty = (sums == 0).tolist()
     out, off = [], 0
-    while off + 512 <= n:
-        h = data[off:off + 512]
-        if sums[off // 512] == 0:  # end-of-archive marker
+    while off < n:
+        b = off >> 9
+        if empty[b]:  # end-of-archive marker
             break
-        try:
-            stored = int(h[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+        try:  # the usual "%06o\0 " checksum and "%011o\0" size; anything else takes the general parse
+            stored = int(data[off + 148:off + 154], 8)
         except ValueError:
-            stored = -1
-        if stored != int(sums[off // 512]) - sum(h[148:156]) + 256:
+            stored = _octal_field(data[off + 148:off + 156])
+        if stored != expect[b]:
             raise ShardError(f"shard {name} is not a readable tar: bad header checksum at byte {off}")
-        kind = h[156:157]
-        field = h[124:136]
-        if field[:1] >= b"\x80":
-            return None  # base-256 size
-        size = int(field.replace(b"\0", b" ").strip() or b"0", 8)
-        if kind not in (b"0", b"\0", b"5"):
+        kind = data[off + 156]
+        if kind not in (48, 0, 53):  # "0", NUL (regular files), "5" (directory)
             return None
-        member = h[0:100].split(b"\0", 1)[0]
-        if h[345] != 0:
-            if h[257:263] != b"ustar\0":
+        if data[off + 124] >= 0x80:
+            return None  # base-256 size
+        try:
+            size = int(data[off + 124:off + 135], 8)
+        except ValueError:
+            size = _octal_field(data[off + 124:off + 136])
+            if size < 0:
+                raise ShardError(f"shard {name} is not a readable tar: bad size field at byte {off}") from None
+        end = data.find(b"\0", off, off + 100)
+        member = data[off:end if end >= 0 else off + 100]
+        if data[off + 345] != 0:
+            if data[off + 257:off + 263] != b"ustar\0":
                 return None  # GNU format keeps times there, not a name prefix
-            member = h[345:500].split(b"\0", 1)[0] + b"/" + member
+            member = data[off + 345:off + 500].split(b"\0", 1)[0] + b"/" + member
         off += 512
         if off + size > n:
             raise ShardError(f"shard {name} is not a readable tar: member {member.decode(errors='replace')} "
                              f"ends past the end of the data")
-        if kind != b"5":
+        if kind != 53:
             out.append((member.decode("utf-8", "surrogateescape"), off, size))
-        off += -(-size // 512) * 512
+        off += (size + 511) & ~511
     return out
 
 
