@@ -208,6 +208,12 @@ def to_float_nchw(x, device, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
     return ((x - m) / s).contiguous()
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def make_loader(split_url: str, batch_size: int, *, rank=0, world=1, seed=0, train=True, workers=2,
                 storage_options=None, decode="cpu", manifest: Manifest | None = None, worker_start: str | None = None):
     split_url = split_url_of(split_url)
@@ -216,7 +222,7 @@ def make_loader(split_url: str, batch_size: int, *, rank=0, world=1, seed=0, tra
     ds = ShardDataset(split_url, manifest, rank, world, seed, train, storage_options, raw_jpeg=(decode == "cuda"),
                       mp_context=ctx)
     dl = tud.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                        drop_last=train, persistent_workers=bool(workers), pin_memory=(decode == "cuda"),
+                        drop_last=train, persistent_workers=bool(workers), pin_memory=(decode == "cuda" and _cuda()),
                         multiprocessing_context=ctx)
     steps = train_steps(manifest.num_samples, world, workers, batch_size) if train else None
     return dl, ds, manifest, steps
