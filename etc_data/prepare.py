@@ -70,6 +70,7 @@ class ChunkSpec:
     index: int           # shard index of the chunk
     items: list[int]     # positions in the split's sorted item list
     token: str = ""      # the split's Source.split_token when planned ("" = not checked)
+    fingerprint: str | None = None  # the planner's key fingerprint (public; None = plain or not checked)
 
 
 @dataclass
@@ -155,7 +156,7 @@ def plan_split(s: Settings, source: Source, split: str, fingerprint: str | None,
     total, todo = _item_positions(source, split, s.limit, done)
     start = _next_index(existing)
     token = source.split_token(split)
-    chunks = [ChunkSpec(split, start + n, todo[i:i + s.shard_size], token)
+    chunks = [ChunkSpec(split, start + n, todo[i:i + s.shard_size], token, fingerprint)
               for n, i in enumerate(range(0, len(todo), s.shard_size))]
     return SplitPlan(split, total, chunks, existing, keys)
 
@@ -307,10 +308,17 @@ def run_chunk_cached(settings: dict, spec: dict, key_loader=None) -> dict:
     s, c = Settings(**settings), ChunkSpec(**spec)
     source = cached_source(s, c.token, c.split)
     sk = (s.scheme, s.block_size, s.pad, s.dataset, s.key_ref)
-    scheme = _SCHEMES.get(sk)
-    if scheme is None:
+    scheme, fp = _SCHEMES.get(sk, (None, None))
+    if scheme is None or (c.fingerprint and fp != c.fingerprint):
+        # first chunk here, or the key behind the reference changed since it was loaded (a rotated
+        # key file or Prefect Secret in a long-lived process): load it again
         _SCHEMES.clear()
-        scheme = _SCHEMES[sk] = build_scheme(s, key_loader=key_loader)[0]
+        scheme, key = build_scheme(s, key_loader=key_loader)
+        fp = key.fingerprint if key is not None else None
+        _SCHEMES[sk] = (scheme, fp)
+    if c.fingerprint and fp != c.fingerprint:
+        raise PrepareError(f"the key behind {s.key_ref} changed while this run was going on (fingerprint "
+                           f"{fp}, planned with {c.fingerprint}); run prepare again")
     return dataclasses.asdict(run_chunk(s, c, source=source, scheme=scheme))
 
 

@@ -190,3 +190,37 @@ def test_kept_open_sources_are_reopened_when_the_source_grew(tmp_path, cifar_exa
     dec = scheme.decrypt(np.stack([gc("png").decode(s["png"]) for s in samples]))
     idx = [int(s["__key__"].rsplit("_", 1)[1]) for s in samples]
     assert sorted(idx) == list(range(30)) and np.array_equal(dec, x[idx])
+
+
+def test_kept_schemes_follow_a_rotated_key(tmp_path, cifar_exact):
+    """A long-lived process keeps its key schedule across runs; when the key behind the same
+    reference changes (a rotated key file or Prefect Secret), the next run must encrypt with the
+    new key that its manifest names, not the cached old one."""
+    import dataclasses
+
+    from etc_data.keys import new_key_file
+    from etc_data.prepare import ChunkResult, run_chunk_cached
+
+    src = _npz(tmp_path, cifar_exact, 40, 0)
+    ref = tmp_path / "owner.key"
+
+    def run(out):
+        s = Settings(source=str(src), out=str(tmp_path / out), dataset="d", key_ref=str(ref), codec="png",
+                     shard_size=20)
+        return prepare(s, map_chunks=lambda specs: [ChunkResult(**run_chunk_cached(dataclasses.asdict(s),
+                                                                                   dataclasses.asdict(c)))
+                                                    for c in specs])
+
+    new_key_file(ref, "alice")
+    run("a")
+    ref.unlink()
+    new_key_file(ref, "alice")  # rotated: same path, new secret
+    run("b")
+    key = load_key(ref)
+    m = read_manifest(str(tmp_path / "b" / "train"))
+    assert m.key_fingerprint == key.fingerprint
+    scheme = make_scheme("etc", key=key, dataset="d", block_size=16)
+    samples = list(iter_samples(str(tmp_path / "b" / "train")))
+    dec = scheme.decrypt(np.stack([get_codec("png").decode(x["png"]) for x in samples]))
+    order = [int(x["__key__"].split("/")[1]) for x in samples]
+    assert np.array_equal(dec, cifar_exact["x_train"][:40][order])
