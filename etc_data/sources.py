@@ -504,21 +504,28 @@ def extract_archive(path: Path) -> Path:
     tag = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     base = Path(os.environ.get("ETC_DATA_CACHE", Path.home() / ".cache" / "etc-data")) / "extracted"
     dest = base / f"{path.name.split('.')[0]}-{tag}"
-    if not (dest / ".complete").exists():
-        tmp = dest.with_name(dest.name + ".part")
-        import shutil
+    if (dest / ".complete").exists():
+        return dest
+    import fcntl
+    import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            with tarfile.open(path) as t:
-                t.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as e:
+    base.mkdir(parents=True, exist_ok=True)
+    # one extraction at a time: the planner and every pool worker open the source at once
+    with open(base / f"{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / ".complete").exists():
+            tmp = dest.with_name(dest.name + ".part")
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SourceError(f"{path}: cannot extract archive ({e})") from None
-        (tmp / ".complete").touch()
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+            tmp.mkdir(parents=True)
+            try:
+                with tarfile.open(path) as t:
+                    t.extractall(tmp, filter="data")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise SourceError(f"{path}: cannot extract archive ({e})") from None
+            (tmp / ".complete").touch()
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
     return dest
 
 

@@ -204,3 +204,28 @@ def test_fast_zip_directory_matches_zipfile_and_falls_back(tmp_path, shared_dir,
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(SourceError, match="bad.zip is not a readable .zip"):
         FolderSource(bad)
+
+
+def test_archive_extracted_once_when_processes_open_it_together(tmp_path, cifar_exact):
+    """The planner and every pool worker open a .tar.gz source at the same moment on a fresh
+    machine; they must not extract over each other."""
+    import os
+    import subprocess
+    import sys
+
+    folder = _cifar_python_folder(tmp_path / "raw", cifar_exact, per_batch=400, n_test=400)
+    tgz = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tgz, "w:gz") as t:
+        t.add(folder, arcname="cifar-10-batches-py")
+    code = ("import sys, hashlib\nfrom etc_data.sources import open_source\ns = open_source(sys.argv[1])\n"
+            "b = s.load(s.items('train')[:50] + s.items('test')[-50:])\n"
+            "print(len(s.items('train')), len(s.items('test')), hashlib.sha256(b.images.tobytes()).hexdigest())")
+    env = dict(os.environ, ETC_DATA_CACHE=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tgz)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    lines = {o.strip() for o, _ in outs}
+    assert len(lines) == 1 and lines.pop().startswith("2000 400 ")
+    extracted = [p for p in (tmp_path / "cache" / "extracted").iterdir() if p.is_dir()]
+    assert len(extracted) == 1 and not any(p.name.endswith(".part") for p in extracted)
