@@ -15,8 +15,10 @@ def deployments(folder: str):
     out = []
     for p in load_pipelines(folder):
         kw = {"cron": p.schedule.cron} if p.schedule else {}
+        # one run at a time per pipeline: a scheduled ingest that outlasts its interval would
+        # otherwise plan the same next shards as the run before it and race it to the manifest
         out.append(prepare_flow.to_deployment(name=p.name, parameters=p.flow_parameters(),
-                                              tags=["etc-data", f"owner:{p.owner}"], **kw))
+                                              tags=["etc-data", f"owner:{p.owner}"], concurrency_limit=1, **kw))
     return out
 
 

@@ -90,6 +90,7 @@ async def main():
             await asyncio.sleep(0.5)
         dep = next(d for d in deps if d.name == "mini")
         assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * *", dep.schedules
+        assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
     run = await run_deployment("etc-prepare/mini", timeout=180)
     print(run.state.type.value)
 asyncio.run(main())
