@@ -114,13 +114,17 @@ def test_cli_prepare_in_a_fresh_process_boots_its_own_api_server(tmp_path, mini_
     secret = json.loads(key_file.read_text())["secret"]
     assert secret not in r.stdout + r.stderr
     assert read_manifest(str(tmp_path / "ds" / "train")).num_samples == 90
-    leftover = subprocess.run(["pgrep", "-f", "uvicorn.*prefect.server"], capture_output=True, text=True).stdout.split()
-    for pid in leftover:  # a server of this run would still see our PREFECT_HOME
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():  # a server of this run would still see our PREFECT_HOME
+        if not proc.name.isdigit():
+            continue
         try:
-            environ = open(f"/proc/{pid}/environ", "rb").read()
+            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
         except OSError:
             continue
-        assert str(tmp_path / "ph").encode() not in environ, "the CLI left its API server running"
+        if b"prefect.server" in cmdline:
+            assert str(tmp_path / "ph").encode() not in environ, "the CLI left its API server running"
 
 
 def test_ephemeral_api_server_never_sees_the_key_variable(tmp_path, monkeypatch):
