@@ -2,9 +2,10 @@
 
 Prefect starts this server itself on first use when no ``PREFECT_API_URL`` is set, but only after
 importing its whole server package in the calling process (~2.5 s of CPU here) and then waiting for
-the subprocess to import it again. Starting the same subprocess first (same command, same
-environment flags as Prefect 3.8's ``SubprocessASGIServer``) lets its boot overlap this process's
-imports and the worker pool's start; Prefect then simply finds ``PREFECT_API_URL`` set.
+the subprocess to import it again. Starting the same server first (Prefect 3.8's
+``SubprocessASGIServer`` command: uvicorn, Prefect's app factory, the same environment flags; on a
+socket this process binds) lets its boot overlap this process's imports and the worker pool's
+start; Prefect then simply finds ``PREFECT_API_URL`` set.
 This module imports nothing from Prefect.
 """
 
@@ -21,12 +22,6 @@ import urllib.error
 import urllib.request
 
 from etc_data.errors import EtcError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -61,28 +56,31 @@ class EphemeralAPI:
         atexit.register(self.stop)
 
     def _launch(self) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            env=self._env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        # the listening socket is bound here (port chosen by the OS) and handed to uvicorn, so no
+        # other process can take the port between choosing and binding it
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(128)
+            self.port = sock.getsockname()[1]
+            self.url = f"http://127.0.0.1:{self.port}/api"
+            fd = sock.fileno()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory",
+                 "prefect.server.api.server:create_app", "--fd", str(fd), "--log-level", "error",
+                 "--lifespan", "on"],
+                env=self._env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                pass_fds=(fd,), preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        finally:
+            sock.close()  # the server holds its own copy
 
     def wait(self, timeout: float = 120.0) -> None:
         """Block until the server answers /health (the first use of a Prefect home also creates
         its database, which takes longer)."""
         deadline = time.monotonic() + timeout
-        retried = False
         while time.monotonic() < deadline:
             code = self.proc.poll()
             if code is not None:
-                if not retried:  # the port was taken between probing and binding: once more on another
-                    retried = True
-                    self._launch()
-                    os.environ["PREFECT_API_URL"] = self.url
-                    continue
                 raise EtcError(f"Prefect's local API server exited with code {code} while starting:\n{self._tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
