@@ -180,11 +180,18 @@ def get_codec(spec: str | Codec) -> Codec:
     return Codec(name, params)
 
 
+_BY_EXT: dict[str, Codec] = {}
+
+
 def codec_for_ext(ext: str) -> Codec:
-    ext = ext.lower().lstrip(".")
-    if ext not in EXT_TO_CODEC and ext != "jpeg":
-        raise CodecError(f"no codec for extension .{ext}; known: {', '.join(EXT_TO_CODEC)}")
-    return get_codec(EXT_TO_CODEC.get(ext, "jpeg"))
+    """The default codec of a sample extension (readers call this per sample: parsed once per ext)."""
+    c = _BY_EXT.get(ext)
+    if c is None:
+        e = ext.lower().lstrip(".")
+        if e not in EXT_TO_CODEC and e != "jpeg":
+            raise CodecError(f"no codec for extension .{e}; known: {', '.join(EXT_TO_CODEC)}")
+        c = _BY_EXT[ext] = get_codec(EXT_TO_CODEC.get(e, "jpeg"))
+    return c
 
 
 def check_scheme_codec(scheme, codec: Codec | str) -> None:

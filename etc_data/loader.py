@@ -28,9 +28,7 @@ import torch.utils.data as tud
 from .codecs import codec_for_ext
 from .errors import EtcError
 from .manifest import Manifest, read_manifest, split_url_of
-from .shards import ShardError, iter_tar, read_shard
-
-IMAGE_EXTS = ("jpg", "jls", "jp2", "png", "webp", "jxl", "ppm")
+from .shards import SAMPLE_EXTS, ShardError, iter_tar, read_shard
 
 
 class LoaderError(EtcError):
@@ -38,7 +36,7 @@ class LoaderError(EtcError):
 
 
 def _image_ext(sample: dict, shard: str) -> str:
-    for e in IMAGE_EXTS:
+    for e in SAMPLE_EXTS:
         if e in sample:
             return e
     raise ShardError(f"shard {shard}: sample {sample.get('__key__')} has no image field")
@@ -58,7 +56,6 @@ def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int 
 
     def samples():
         k = 0
-        codecs = {}  # ext -> codec, looked up once rather than per sample
         for si in mine:
             name = shards[si]["name"]
             data = read_shard(split_url, name, storage_options)
@@ -78,9 +75,8 @@ def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int 
                 if raw_jpeg and ext == "jpg":
                     img = s[ext]
                 else:
-                    codec = codecs.get(ext) or codecs.setdefault(ext, codec_for_ext(ext))
                     try:
-                        img = codec.decode(s[ext])
+                        img = codec_for_ext(ext).decode(s[ext])
                     except EtcError as e:
                         raise ShardError(f"shard {name}: sample {s['__key__']}: {e}") from None
                 yield (img, label, s["__key__"]) if with_keys else (img, label)

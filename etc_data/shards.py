@@ -16,10 +16,11 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from .codecs import EXT_TO_CODEC, codec_for_ext
 from .errors import EtcError
 from .storage import StorageError, join, list_names, read_bytes, write_bytes
 
-SAMPLE_EXTS = ("jpg", "jls", "jp2", "png", "webp", "jxl", "raw")
+SAMPLE_EXTS = tuple(EXT_TO_CODEC)  # the image field of a sample: one per codec (raw images are .ppm)
 
 
 class ShardError(EtcError):
@@ -372,7 +373,6 @@ class VerifyReport:
 def verify(split_url: str, deep: bool = False, storage_options: dict | None = None) -> VerifyReport:
     """Check every shard the manifest lists: exists, size, sha256, sample count, decodable
     (first sample, or every sample with ``deep``); also report extra shards not listed."""
-    from .codecs import codec_for_ext
     from .manifest import read_manifest, split_url_of
 
     split_url = split_url_of(split_url)

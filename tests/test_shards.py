@@ -205,3 +205,22 @@ def test_tar_reader_rejects_corrupt_headers_and_truncation(cifar_exact):
         list(iter_tar(data[:2048], "cut.tar"))
     with pytest.raises(ShardError, match="cut2.tar .*multiple of 512"):
         list(iter_tar(data[:2000], "cut2.tar"))
+
+
+def test_every_codec_extension_is_an_image_for_verify_and_the_loader(tmp_path, cifar_exact):
+    """One list of sample image extensions (the codecs'): a raw (PPM) dataset verifies and loads."""
+    from etc_data.codecs import EXT_TO_CODEC
+    from etc_data.keys import new_key_file
+    from etc_data.loader import iter_split
+    from etc_data.prepare import Settings, prepare
+    from etc_data.shards import SAMPLE_EXTS
+
+    assert set(SAMPLE_EXTS) == set(EXT_TO_CODEC)
+    np.savez(tmp_path / "m.npz", x_train=cifar_exact["x_train"][:20], y_train=cifar_exact["y_train"][:20])
+    new_key_file(tmp_path / "k.key", "a")
+    prepare(Settings(source=str(tmp_path / "m.npz"), out=str(tmp_path / "ds"), dataset="d",
+                     key_ref=str(tmp_path / "k.key"), codec="raw", shard_size=8))
+    url = str(tmp_path / "ds" / "train")
+    rep = verify(url, deep=True)
+    assert rep.ok and rep.samples == 20, rep.lines()
+    assert len(list(iter_split(url, read_manifest(url), train=False))) == 20
