@@ -139,18 +139,24 @@ def load_key_file(path: str | os.PathLike) -> OwnerKey:
     return parse_key_text(path.read_text(), f"file {path}")
 
 
+def key_env_var(ref: str | os.PathLike | None) -> str | None:
+    """The environment variable a key reference reads (None, "" and ``env:`` mean $ETC_DATA_KEY),
+    or None for a file reference."""
+    ref = "" if ref is None else str(ref)
+    if ref == "":
+        return ENV_VAR
+    return (ref[4:] or ENV_VAR) if ref.startswith("env:") else None
+
+
 def load_key(ref: str | os.PathLike | None = None) -> OwnerKey:
     """Load a key from a reference: a file path, ``env:NAME``, or None for $ETC_DATA_KEY.
 
     The reference is safe to log and to pass as a Prefect parameter; the key is not.
     """
-    if ref is None or str(ref) == "env:" or str(ref) == "":
-        ref = f"env:{ENV_VAR}"
-    ref = str(ref)
-    if ref.startswith("env:"):
-        name = ref[4:] or ENV_VAR
+    name = key_env_var(ref)
+    if name is not None:
         value = os.environ.get(name)
         if not value:
             raise KeyFileError(f"environment variable {name} is not set (expected a key file's content or a hex secret)")
         return parse_key_text(value, f"env:{name}")
-    return load_key_file(ref)
+    return load_key_file(str(ref))

@@ -19,7 +19,6 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-
 from . import __version__
 from .codecs import check_scheme_codec, encode_batch, get_codec
 from .errors import EtcError
@@ -244,12 +243,11 @@ class PrepareSummary:
         return out
 
 
-def prepare(s: Settings, map_chunks=None, progress=None, key_loader=None, source: Source | None = None) -> PrepareSummary:
+def prepare(s: Settings, map_chunks=None, progress=None, key_loader=None) -> PrepareSummary:
     """Run the whole pipeline: in this process, or with ``map_chunks(specs) -> iterable of
     ChunkResult`` (how the Prefect flow fans chunks out to tasks). ``key_loader(ref)`` resolves
-    the key reference (default: a path or env:NAME). ``source``: the settings' source, already
-    opened by the caller for this run (else it is opened here)."""
-    source = source or s.open_source()
+    the key reference (default: a path or env:NAME)."""
+    source = s.open_source()
     s.dataset = dataset_id(source, s.dataset)
     codec = get_codec(s.codec)
     scheme, key = build_scheme(s, key_loader=key_loader)
@@ -336,7 +334,8 @@ class ChunkPool:
 
         n = workers or len(os.sched_getaffinity(0))
         self.ex = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"))
-        self.warm = [self.ex.submit(_warm_up, settings) for _ in range(n)]
+        for _ in range(n):
+            self.ex.submit(_warm_up, settings)
 
     def run(self, settings: dict, spec: dict) -> dict:
         return self.ex.submit(run_chunk_cached, settings, spec).result()

@@ -69,15 +69,8 @@ def summary_markdown(s: Settings, summ: PrepareSummary) -> str:
     return head + "\n".join(rows) + warn
 
 
-PROGRESS = None   # optional callback(ChunkResult), set by the CLI for its progress bar
-POOL = None       # optional etc_data.prepare.ChunkPool: local worker processes for the chunk tasks
-PREOPENED = None  # optional (source, resize, Source): opened by the CLI while Prefect's API boots; used once
-
-
-def _preopened(s: Settings):
-    global PREOPENED
-    pre, PREOPENED = PREOPENED, None
-    return pre[2] if pre is not None and (pre[0], pre[1]) == (s.source, s.resize) else None
+PROGRESS = None  # optional callback(ChunkResult), set by the CLI for its progress bar
+POOL = None      # optional etc_data.prepare.ChunkPool: local worker processes for the chunk tasks
 
 
 def run_prepare(s: Settings) -> PrepareSummary:
@@ -92,7 +85,7 @@ def run_prepare(s: Settings) -> PrepareSummary:
                 PROGRESS(r)
             yield r
 
-    return prepare(s, map_chunks=map_chunks, key_loader=load_key_ref, source=_preopened(s))
+    return prepare(s, map_chunks=map_chunks, key_loader=load_key_ref)
 
 
 @flow(name="etc-prepare", log_prints=False, persist_result=False)

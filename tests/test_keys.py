@@ -71,3 +71,11 @@ def test_subkeys_depend_on_dataset_scheme_block_and_are_stable_across_processes(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [a.hex(), fingerprint(s)]
     assert len(fingerprint(s)) == 16
+
+
+def test_key_env_var_names_the_variable_a_reference_reads(tmp_path):
+    from etc_data.keys import ENV_VAR, key_env_var
+
+    assert key_env_var(None) == key_env_var("") == key_env_var("env:") == ENV_VAR
+    assert key_env_var("env:OWNER_KEY") == "OWNER_KEY"
+    assert key_env_var(str(tmp_path / "owner.key")) is None and key_env_var(tmp_path / "owner.key") is None

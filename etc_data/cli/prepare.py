@@ -30,8 +30,10 @@ def _boot_ephemeral_api(key_ref: str | None):
         return None
     from flows.ephemeral import EphemeralAPI
 
-    hide = (key_ref[4:],) if key_ref and key_ref.startswith("env:") else ()  # the server never sees the key
-    return EphemeralAPI(hide_env=hide)
+    from ..keys import key_env_var
+
+    name = key_env_var(key_ref)  # the server never sees the variable holding the key
+    return EphemeralAPI(hide_env=(name,) if name else ())
 
 
 def _storage(storage_config):
@@ -95,12 +97,6 @@ def register(cli: click.Group) -> None:
         try:
             flow_fn = fp.make_prepare_flow(workers, dask_address)
             if api is not None:
-                from ..sources import SourceError, open_source
-
-                try:  # the planner's copy of the source, opened while the server boots
-                    fp.PREOPENED = (list(sources), resize, open_source(list(sources), resize=resize))
-                except SourceError:
-                    pass  # reported by the flow, which opens it again
                 api.wait()  # the flow may only talk to a server that answers
             res = flow_fn(source=list(sources), out=out, dataset=dataset, owner=owner, key_ref=key_ref,
                           scheme=scheme, block_size=block_size, codec=codec, shard_size=shard_size,
@@ -108,7 +104,7 @@ def register(cli: click.Group) -> None:
                           pad=pad, on_bad_image=on_bad_image, storage_options=opts, workers=workers)
         finally:
             bar.close()
-            fp.PROGRESS = fp.PREOPENED = None
+            fp.PROGRESS = None
             if fp.POOL is not None:
                 fp.POOL.close(wait=False)  # its workers exit while the shards are verified
                 fp.POOL = None
