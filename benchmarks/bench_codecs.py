@@ -24,7 +24,7 @@ import numpy as np
 
 from etc_data.codecs import get_codec
 from etc_data.report import size_report
-from etc_data.sources import NpzSource, decode_image
+from etc_data.sources import NpzSource, Source, decode_image
 
 SHARED = Path(os.environ.get("ETC_DATA_SHARED", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CODECS = ["jpeg:q=85,sub=444", "jpeg:q=85,sub=420", "jpegls", "j2k", "png", "webp", "jxl"]
@@ -66,7 +66,8 @@ def bare(spec, imgs, workers):
 
 class ArraySource(NpzSource):
     def __init__(self, x):  # reuse NpzSource's batching over an in-memory array
-        self._cache, self.resize = {}, None
+        Source.__init__(self)
+        self.resize = None
         self._splits, self.name, self.description, self.classes = ["train"], "bench", "bench", ["0"]
         self._arrays = {"train": (x, np.zeros(len(x), np.int64))}
 

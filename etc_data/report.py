@@ -12,7 +12,6 @@ rows codecs, columns schemes, MB and ratio to plain) and ``sizes.png`` (bytes pe
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import warnings
 from dataclasses import dataclass, field
@@ -138,7 +137,8 @@ class SizeReport:
             lines += ["", f"Skipped {len(self.skipped)} unreadable images: " + ", ".join(self.skipped[:20])]
         return "\n".join(lines) + "\n"
 
-    def plot(self, path: Path) -> None:
+    def plot(self, path) -> None:
+        """Bar chart of bytes per image (``path``: a file name or a binary file object)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -155,19 +155,18 @@ class SizeReport:
         ax.set_title(f"Compressed size per image ({self.source}, block {self.block_size})", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, format="png")
         plt.close(fig)
 
     def write(self, out: str | Path) -> Path:
+        """sizes.json, sizes.md and sizes.png in ``out``, each written atomically."""
+        from .storage import atomic_open, write_bytes
+
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, data in (("sizes.json", json.dumps(self.to_json(), indent=1) + "\n"), ("sizes.md", self.markdown())):
-            tmp = out / f".{name}.part"
-            tmp.write_text(data)
-            os.replace(tmp, out / name)
-        tmp = out / ".sizes.png.part.png"
-        self.plot(tmp)
-        os.replace(tmp, out / "sizes.png")
+        write_bytes(str(out / "sizes.json"), (json.dumps(self.to_json(), indent=1) + "\n").encode())
+        write_bytes(str(out / "sizes.md"), self.markdown().encode())
+        with atomic_open(str(out / "sizes.png")) as f:
+            self.plot(f)
         return out
 
 

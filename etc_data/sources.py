@@ -58,8 +58,6 @@ def zlib_error():
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
-
-
 _SAFE = re.compile(r"[A-Za-z0-9_\-]+\Z").match
 
 
@@ -123,6 +121,7 @@ class Source:
 
     def __init__(self):
         self._cache: dict[str, list[Item]] = {}
+        self._key_hash: dict[str, str] = {}
 
     def resize_policy(self) -> dict | None:
         return None if self.resize is None else {"shorter_side": self.resize, "crop": "center",
@@ -146,8 +145,6 @@ class Source:
         """Identifies what a split holds: a hash of its sorted sample keys (cached) and the size and
         mtime of the archive file behind it (checked live). A process that keeps a source open
         (a pool worker) compares it with the planner's token before trusting its positions."""
-        if not hasattr(self, "_key_hash"):
-            self._key_hash = {}
         if split not in self._key_hash:
             import hashlib
 
@@ -155,12 +152,16 @@ class Source:
         return f"{self._key_hash[split]}:{self.stat_token()}"
 
     def stat_token(self) -> str:
+        """Where the source lives (an extracted archive's folder name carries the archive's size and
+        mtime) and, for a file, its size and mtime."""
         path = getattr(self, "path", None)
+        if path is None:
+            return ""
         try:
-            st = os.stat(path) if path is not None else None
+            st = os.stat(path)
         except OSError:
-            return "missing"
-        return f"{st.st_size}.{st.st_mtime_ns}" if st is not None and not os.path.isdir(path) else ""
+            return f"{path}|missing"
+        return f"{path}|" + ("" if os.path.isdir(path) else f"{st.st_size}.{st.st_mtime_ns}")
 
     def _read(self, item: Item) -> np.ndarray:
         raise NotImplementedError
@@ -274,7 +275,7 @@ def _zip_directory(path: Path) -> dict[str, tuple] | None:
             raise zipfile.BadZipFile("no end of central directory record")
         _, disk, cd_disk, _, n_total, cd_size, cd_off, _ = struct.unpack_from("<4sHHHHIIH", tail, i)
         eocd = size - tail_len + i
-        if (disk or cd_disk or 0xFFFF in (n_total,) or 0xFFFFFFFF in (cd_size, cd_off)
+        if (disk or cd_disk or n_total == 0xFFFF or 0xFFFFFFFF in (cd_size, cd_off)
                 or tail[max(0, i - 20):max(0, i - 16)] == b"PK\x06\x07" or eocd - cd_size != cd_off):
             return None
         f.seek(cd_off)

@@ -74,10 +74,11 @@ def check_key(manifest: Manifest, key_ref: str | None, where: str) -> str | None
         return None
     if manifest.key_fingerprint is None:
         raise TrainError(f"{where}: manifest has no key fingerprint for scheme {manifest.scheme}")
-    if key_ref is None and not os.environ.get("ETC_DATA_KEY"):
+    from .keys import ENV_VAR, load_key
+
+    if key_ref is None and not os.environ.get(ENV_VAR):
         raise TrainError(f"{where} holds {manifest.scheme}-encrypted shards: give the owner's key (--key) to check "
                          f"it matches fingerprint {manifest.key_fingerprint}")
-    from .keys import load_key
 
     fp = load_key(key_ref).fingerprint
     if fp != manifest.key_fingerprint:
@@ -91,9 +92,10 @@ def check_key(manifest: Manifest, key_ref: str | None, where: str) -> str | None
 def save_checkpoint(path: Path, state: dict) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.part")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    from .storage import atomic_open
+
+    with atomic_open(str(path)) as f:  # a crash mid-save never leaves a half checkpoint under the name
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | os.PathLike, key=None, key_ref: str | None = None) -> dict:
@@ -224,10 +226,11 @@ def _plot(metrics: list[dict], path: Path) -> None:
     ax[1].plot(ep, [m["test_acc"] for m in metrics], marker="o", color="C1")
     ax[1].set_xlabel("epoch"), ax[1].set_ylabel("test accuracy")
     fig.tight_layout()
-    tmp = path.with_name(".curves.part.png")
-    fig.savefig(tmp, dpi=100)
+    from .storage import atomic_open
+
+    with atomic_open(str(path)) as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> list[dict]:
