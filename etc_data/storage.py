@@ -39,6 +39,10 @@ def is_local(url: str) -> bool:
     return "://" not in str(url) or str(url).startswith("file://")
 
 
+def _local_path(url: str) -> Path:
+    return Path(url[len("file://"):] if url.startswith("file://") else url)
+
+
 def join(root: str, *parts: str) -> str:
     root = str(root)
     if is_local(root) and not root.startswith("file://"):
@@ -107,7 +111,7 @@ def atomic_open(url: str, storage_options: dict | None = None, block_size: int |
     minimum part size is 5 MiB)."""
     url = str(url)
     if is_local(url):
-        path = Path(url[len("file://"):] if url.startswith("file://") else url)
+        path = _local_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
         try:
@@ -150,9 +154,8 @@ def _abort(f) -> None:
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     url = str(url)
     if is_local(url):
-        path = url[len("file://"):] if url.startswith("file://") else url
         try:
-            return Path(path).read_bytes()
+            return _local_path(url).read_bytes()
         except FileNotFoundError:
             raise StorageError(f"{url} does not exist") from None
         except OSError as e:
