@@ -146,6 +146,11 @@ def pick_device(name: str):
 
 # ----------------------------------------------------------------------------- evaluation
 
+def decode_mode(device, manifest: Manifest) -> str:
+    """JPEG shards are decoded on the GPU when training there; everything else in the loader workers."""
+    return "cuda" if (device.type == "cuda" and manifest.codec.startswith("jpeg")) else "cpu"
+
+
 def evaluate_model(model, split_url: str, manifest: Manifest, device, batch_size: int = 256, workers: int = 2,
                    mean=(0.5,) * 3, std=(0.5,) * 3, storage_options=None, rank=0, world=1, worker_start=None) -> dict:
     """Accuracy over every test sample exactly once (split over ranks, then summed)."""
@@ -153,10 +158,9 @@ def evaluate_model(model, split_url: str, manifest: Manifest, device, batch_size
 
     from .loader import make_loader, to_float_nchw
 
-    decode = "cuda" if (device.type == "cuda" and manifest.codec.startswith("jpeg")) else "cpu"
     dl, _, _, _ = make_loader(split_url, batch_size, rank=rank, world=world, train=False, workers=workers,
-                              storage_options=storage_options, decode=decode, manifest=manifest,
-                              worker_start=worker_start)
+                              storage_options=storage_options, decode=decode_mode(device, manifest),
+                              manifest=manifest, worker_start=worker_start)
     model.eval()
     correct = total = 0
     with torch.no_grad():
@@ -286,9 +290,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     core = model.module if world > 1 else model
 
     # 3. data and recipe
-    decode = "cuda" if (device.type == "cuda" and m_train.codec.startswith("jpeg")) else "cpu"
     dl, ds, _, steps = make_loader(train_url, cfg.batch_size, rank=rank, world=world, seed=cfg.seed, train=True,
-                                   workers=cfg.workers, storage_options=cfg.storage_options, decode=decode,
+                                   workers=cfg.workers, storage_options=cfg.storage_options,
+                                   decode=decode_mode(device, m_train),
                                    manifest=m_train, worker_start=cfg.worker_start)
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
