@@ -3,7 +3,7 @@
 For each codec, on the 5,000 exact CIFAR-10 images and on 300 Imagenette 224 px images:
 - bare: the codec library called directly in a loop, the loop split over one thread per core
   (simplejpeg / imagecodecs / Pillow release the GIL);
-- report: ``etc_data.report.size_report`` for the plain scheme with that codec (which also sums
+- report: ``etc_data.report.measure_sizes`` for the plain scheme with that codec (which also sums
   sizes and, for lossy codecs, decodes and computes PSNR: its bare twin does the same decode).
 Target (issue 3): report time <= 1.2x bare. Best of up to 7 alternating runs each.
 
@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from etc_data.codecs import get_codec
-from etc_data.report import size_report
-from etc_data.sources import NpzSource, Source, decode_image
+from etc_data.report import measure_sizes
+from etc_data.images import decode_image
+from etc_data.sources import NpzSource, Source
 
 SHARED = Path(os.environ.get("ETC_DATA_SHARED", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CODECS = ["jpeg:q=85,sub=444", "jpeg:q=85,sub=420", "jpegls", "j2k", "png", "webp", "jxl"]
@@ -98,7 +99,7 @@ def main():
                 bare(spec, imgs, workers)
                 tb = min(tb, time.perf_counter() - t)
                 t = time.perf_counter()
-                size_report(ArraySource(imgs), ["plain"], [spec], workers=workers, batch_size=len(imgs))
+                measure_sizes(ArraySource(imgs), ["plain"], [spec], workers=workers, batch_size=len(imgs))
                 tr = min(tr, time.perf_counter() - t)
                 if tb > 2:  # slow codecs: one run is long enough to be stable
                     break

@@ -67,7 +67,7 @@ def main():
     a = ap.parse_args()
     from etc_data.keys import new_key_file
     from etc_data.manifest import read_manifest
-    from etc_data.prepare import Settings, prepare
+    from etc_data.prepare import PrepareConfig, prepare_dataset
     from etc_data.shards import iter_tar, read_shard
 
     cores = len(os.sched_getaffinity(0))
@@ -77,7 +77,7 @@ def main():
         new_key_file(key, "bench")
         out = tmp / "ds"
         t = time.perf_counter()
-        prepare(Settings(source=[str(SHARED / "cifar10-train-jpeg.zip")], out=str(out), dataset="bench",
+        prepare_dataset(PrepareConfig(source=[str(SHARED / "cifar10-train-jpeg.zip")], out=str(out), dataset="bench",
                          scheme="etc", block_size=16, codec="jpeg:q=85,sub=444", key_ref=str(key), shard_size=5000,
                          limit=a.limit, splits=["train"]))
         url = str(out / "train")

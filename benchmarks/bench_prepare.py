@@ -57,22 +57,13 @@ def bare(zips: list[Path], workers: int, kind: str) -> tuple[float, int]:
 
 
 def library(zips: list[Path], key: Path, out: Path, shard_size: int, resize) -> tuple[float, int]:
-    import dataclasses
-
-    from etc_data.prepare import ChunkPool, ChunkResult, Settings, prepare, run_chunk_cached
+    """``prepare_dataset`` as a library user calls it (its own worker pool, verification included)."""
+    from etc_data.prepare import PrepareConfig, prepare_dataset
 
     t = time.perf_counter()
-    s = Settings(source=[str(z) for z in zips], out=str(out), dataset="bench", scheme="etc", block_size=16,
-                 codec="jpeg:q=85,sub=420", key_ref=str(key), shard_size=shard_size, resize=resize)
-    pool = ChunkPool(settings=dataclasses.asdict(s))  # workers open the source while this process plans
-    try:
-        def map_chunks(specs):
-            futs = [pool.ex.submit(run_chunk_cached, dataclasses.asdict(s), dataclasses.asdict(c)) for c in specs]
-            return [ChunkResult(**f.result()) for f in futs]
-
-        summ = prepare(s, map_chunks=map_chunks)
-    finally:
-        pool.close()
+    summ = prepare_dataset(PrepareConfig(source=[str(z) for z in zips], out=str(out), dataset="bench", scheme="etc",
+                                         block_size=16, codec="jpeg:q=85,sub=420", key_ref=str(key),
+                                         shard_size=shard_size, resize=resize))
     return time.perf_counter() - t, sum(m.num_samples for m in summ.manifests.values())
 
 

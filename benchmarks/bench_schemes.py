@@ -36,7 +36,7 @@ def batches():
         cifar = rng.integers(0, 256, (60000, 32, 32, 3), dtype=np.uint8)
     zp = SHARED / "imagenette-224-subset.zip"
     if zp.exists():
-        from etc_data.sources import decode_image
+        from etc_data.images import decode_image
 
         with zipfile.ZipFile(zp) as z:
             names = sorted(n for n in z.namelist() if n.endswith(".JPEG"))[:100]

@@ -33,38 +33,36 @@ SETUPS = {
 
 def prepare_shards(name: str, tmp: Path, limit: int) -> Path:
     from etc_data.keys import new_key_file
-    from etc_data.prepare import Settings, prepare
+    from etc_data.prepare import PrepareConfig, prepare_dataset
 
     key = tmp / f"{name}.key"
     if not key.exists():
         new_key_file(key, "bench")
     out = tmp / name
-    prepare(Settings(source=str(SETUPS[name]["source"]), out=str(out), dataset=f"bench-{name}", key_ref=str(key),
+    prepare_dataset(PrepareConfig(source=str(SETUPS[name]["source"]), out=str(out), dataset=f"bench-{name}", key_ref=str(key),
                      scheme="etc", block_size=16, codec="jpeg:q=85,sub=444", limit=limit, splits=["train"]))
     return out, key
 
 
 def streaming(name, root: Path, key: Path, args) -> float:
-    from etc_data.train import TrainConfig, train
+    from etc_data.train import TrainConfig, train_model
 
     with tempfile.TemporaryDirectory() as out:
         # epoch 0 warms up (compile/cudnn autotune, worker start); epoch 1 is measured
         cfg = TrainConfig(shards=str(root / "train"), test_shards=None, out=out, key_ref=str(key),
                           model=dict(SETUPS[name]["model"]), epochs=2, batch_size=args.batch_size,
                           workers=args.workers, device="cuda", max_steps=args.steps)
-        metrics = train(cfg, progress=False)
+        metrics = train_model(cfg, progress=False)
     return metrics[-1]["img_per_s"]
 
 
 def in_memory(name, root: Path, args) -> float:
     import numpy as np
     import torch
-    import torch.nn.functional as F
-    from timm.data import Mixup
 
     from etc_data.loader import make_loader, to_float_nchw
     from etc_data.manifest import read_manifest
-    from etc_data.models import create_model
+    from etc_data.train import BatchMixer, Dist, TrainConfig, build_model, lr_factor, train_step
 
     m = read_manifest(str(root / "train"))
     dl, _, _, _ = make_loader(str(root / "train"), args.batch_size, workers=2, train=True, manifest=m)
@@ -73,28 +71,19 @@ def in_memory(name, root: Path, args) -> float:
         batches.append((x.cuda(), y.cuda()))
         if len(batches) == 8:
             break
-    cfg = dict(SETUPS[name]["model"], num_classes=len(m.classes), img_size=m.image_size[0])
-    model = create_model(cfg).cuda()
-    if cfg["arch"] == "convmixer":
-        try:
-            from etc_data.dwconv import patch_convmixer
-
-            model = patch_convmixer(model)
-        except ImportError:
-            pass
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
-    mixer = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=len(m.classes))
+    # the trainer's own steps: model (Triton depthwise convs on CUDA), recipe, mixing, one train step
+    tc = TrainConfig(shards=str(root / "train"), out="", batch_size=args.batch_size)
+    mcfg = dict(SETUPS[name]["model"], num_classes=len(m.classes), img_size=m.image_size[0])
+    model, _ = build_model(mcfg, Dist(0, 1, 0, torch.device("cuda")), tc.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(tc.schedule, 10 + args.steps))
+    mixer = BatchMixer(tc, len(m.classes), m.block_size, np.random.default_rng(0))
 
     def run(n):
         for i in range(n):
             x, y = batches[i % len(batches)]
-            x, t = mixer(to_float_nchw(x, "cuda"), y)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(x)
-            loss = torch.sum(-t * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            x, t = mixer(to_float_nchw(x, torch.device("cuda")), y)
+            train_step(model, opt, sched, x, t, amp=True)
         torch.cuda.synchronize()
 
     run(10)

@@ -27,6 +27,7 @@ Batch helpers spread images over threads: simplejpeg and imagecodecs release the
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +81,7 @@ CODECS: dict[str, tuple[str, bool, dict]] = {
 ALIASES = {"jpg": "jpeg", "jls": "jpegls", "jpeg-ls": "jpegls", "jpeg2000": "j2k", "jp2": "j2k", "jpegxl": "jxl",
            "ppm": "raw", "none": "raw"}
 EXT_TO_CODEC = {v[0]: k for k, v in CODECS.items()}
+DEFAULT_CODEC = "jpeg:q=85,sub=420"  # what prepare writes unless told otherwise
 
 
 @dataclass(frozen=True)
@@ -180,18 +182,13 @@ def get_codec(spec: str | Codec) -> Codec:
     return Codec(name, params)
 
 
-_BY_EXT: dict[str, Codec] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def codec_for_ext(ext: str) -> Codec:
     """The default codec of a sample extension (readers call this per sample: parsed once per ext)."""
-    c = _BY_EXT.get(ext)
-    if c is None:
-        e = ext.lower().lstrip(".")
-        if e not in EXT_TO_CODEC and e != "jpeg":
-            raise CodecError(f"no codec for extension .{e}; known: {', '.join(EXT_TO_CODEC)}")
-        c = _BY_EXT[ext] = get_codec(EXT_TO_CODEC.get(e, "jpeg"))
-    return c
+    e = ext.lower().lstrip(".")
+    if e not in EXT_TO_CODEC and e != "jpeg":
+        raise CodecError(f"no codec for extension .{e}; known: {', '.join(EXT_TO_CODEC)}")
+    return get_codec(EXT_TO_CODEC.get(e, "jpeg"))
 
 
 def check_scheme_codec(scheme, codec: Codec | str) -> None:

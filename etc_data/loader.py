@@ -153,14 +153,6 @@ class ShardDataset(tud.IterableDataset):
                               raw_jpeg=self.raw_jpeg)
 
 
-def default_worker_start() -> str | None:
-    """fork (the platform default) is cheapest, but forked DataLoader workers die next to Prefect's
-    threads and event loops (seen in flows and in one pytest process after a flow ran): spawn there."""
-    import sys
-
-    return "spawn" if "prefect" in sys.modules else None
-
-
 class JpegBatch(NamedTuple):
     """A batch of JPEG files packed into one uint8 tensor: two tensors cross from a DataLoader worker
     to the trainer (and get pinned) instead of one shared-memory tensor per image, which capped this
@@ -212,9 +204,14 @@ def _cuda() -> bool:
 
 def make_loader(split_url: str, batch_size: int, *, rank=0, world=1, seed=0, train=True, workers=2,
                 storage_options=None, decode="cpu", manifest: Manifest | None = None, worker_start: str | None = None):
+    """(DataLoader, ShardDataset, manifest, train steps per epoch or None) for one split.
+
+    ``worker_start``: how DataLoader workers start: None for the platform default (fork on
+    Linux, the cheapest), or "spawn", which a caller running next to threads and event loops
+    (a Prefect flow) must choose: forked workers die there."""
     split_url = split_url_of(split_url)
     manifest = manifest or read_manifest(split_url, storage_options)
-    ctx = (worker_start or default_worker_start()) if workers else None
+    ctx = worker_start if workers else None
     ds = ShardDataset(split_url, manifest, rank, world, seed, train, storage_options, raw_jpeg=(decode == "cuda"),
                       mp_context=ctx)
     dl = tud.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,

@@ -4,9 +4,10 @@ Layout of a dataset root written by ``etc-data prepare --out ROOT``::
 
     ROOT/_info.json                       timm's wds reader format, all splits
     ROOT/<split>/manifest.json            this module's manifest (written last: the commit point)
-    ROOT/<split>/keys-<sha16>.json        sample keys per shard (for incremental ingest), named by
-                                          its content hash so that a run killed between writing it
-                                          and the manifest never breaks the committed manifest's copy
+    ROOT/<split>/samples-<sha16>.json     the sample index: sample keys per shard (for incremental
+                                          ingest), named by its content hash so that a run killed
+                                          between writing it and the manifest never breaks the
+                                          committed manifest's copy
     ROOT/<split>/<split>-NNNNNN.tar       WebDataset shards
 
 A shard that is not listed in ``manifest.json`` does not belong to the dataset (a leftover of a
@@ -24,14 +25,18 @@ from . import __version__
 from .errors import EtcError
 from .storage import StorageError, join, list_names, read_bytes, remove, write_bytes
 
-FORMAT = "etc-data-manifest/1"
+FORMAT = "etc-data-manifest/2"
 MANIFEST_NAME = "manifest.json"
-KEYS_NAME = "keys.json"
 INFO_NAME = "_info.json"
+SAMPLE_INDEX_PREFIX = "samples-"
 
 
 class ManifestError(EtcError):
-    """A manifest is missing, unparsable or inconsistent (the message names its URL)."""
+    """A manifest is unparsable or inconsistent (the message names its URL)."""
+
+
+class ManifestMissing(ManifestError):
+    """No manifest at the URL: the split has not been committed (or the URL is not a split)."""
 
 
 @dataclass
@@ -49,8 +54,8 @@ class Manifest:
     pad: str = "error"
     source: str = ""
     resize: dict | None = None
-    keys_sha256: str | None = None
-    keys_file: str | None = None
+    sample_index_sha256: str | None = None
+    sample_index_file: str | None = None
     tool_version: str = __version__
     created: str = ""
     format: str = FORMAT
@@ -79,7 +84,7 @@ class Manifest:
         d["filenames"] = self.filenames
         order = ["format", "dataset", "split", "num_samples", "shard_lengths", "filenames", "shards", "scheme",
                  "block_size", "scheme_options", "pad", "codec", "key_fingerprint", "classes", "image_size",
-                 "source", "resize", "keys_sha256", "keys_file", "tool_version", "created"]
+                 "source", "resize", "sample_index_file", "sample_index_sha256", "tool_version", "created"]
         return {k: d[k] for k in order}
 
     @classmethod
@@ -87,6 +92,9 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: manifest must be a JSON object")
         if d.get("format") != FORMAT:
+            if 0 < _format_version(d.get("format")) < _format_version(FORMAT):
+                raise ManifestError(f"{where}: manifest format {d.get('format')!r} was written by an earlier version "
+                                    f"of etc-data (this one reads {FORMAT!r}); run etc-data prepare again")
             raise ManifestError(f"{where}: unknown manifest format {d.get('format')!r} (expected {FORMAT!r})")
         names = {f.name for f in fields(cls)}
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
@@ -100,6 +108,13 @@ class Manifest:
         if "num_samples" in d and d["num_samples"] != m.num_samples:
             raise ManifestError(f"{where}: num_samples {d['num_samples']} != sum of shard samples {m.num_samples}")
         return m
+
+
+def _format_version(fmt) -> int:
+    """The N of ``etc-data-manifest/N`` (0 for anything else)."""
+    prefix = FORMAT.rsplit("/", 1)[0] + "/"
+    tail = str(fmt)[len(prefix):] if str(fmt).startswith(prefix) else ""
+    return int(tail) if tail.isdigit() else 0
 
 
 def manifest_url(split_url: str) -> str:
@@ -118,8 +133,8 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     try:
         raw = read_bytes(murl, storage_options)
     except StorageError as e:
-        raise ManifestError(f"no readable manifest at {murl} ({e}); is this a split folder written by "
-                            f"etc-data prepare, e.g. ROOT/train?") from None
+        raise ManifestMissing(f"no readable manifest at {murl} ({e}); is this a split folder written by "
+                              f"etc-data prepare, e.g. ROOT/train?") from None
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -130,14 +145,16 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
         raise ManifestError(f"{murl}: {e}") from None
 
 
-def read_keys(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> dict[str, list[str]]:
+def read_sample_index(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> dict[str, list[str]]:
     """Sample keys per shard name, checked against the manifest's recorded hash."""
-    url = join(split_url_of(split_url), manifest.keys_file or KEYS_NAME)
+    if not manifest.sample_index_file:
+        raise ManifestError(f"{manifest_url(split_url)}: the manifest names no sample index")
+    url = join(split_url_of(split_url), manifest.sample_index_file)
     try:
         raw = read_bytes(url, storage_options)
     except StorageError as e:
-        raise ManifestError(f"{url}: the sample-key index the manifest refers to is unreadable ({e})") from None
-    if manifest.keys_sha256 and hashlib.sha256(raw).hexdigest() != manifest.keys_sha256:
+        raise ManifestError(f"{url}: the sample index the manifest refers to is unreadable ({e})") from None
+    if manifest.sample_index_sha256 and hashlib.sha256(raw).hexdigest() != manifest.sample_index_sha256:
         raise ManifestError(f"{url}: sha256 does not match the manifest (file changed after commit)")
     try:
         keys = json.loads(raw)
@@ -152,30 +169,31 @@ def _dumps(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
 
 
-def write_manifest(split_url: str, manifest: Manifest, keys: dict[str, list[str]] | None = None,
+def write_manifest(split_url: str, manifest: Manifest, sample_index: dict[str, list[str]] | None = None,
                    storage_options: dict | None = None) -> None:
-    """Commit a split: the key index, then manifest.json (the commit point), then the root _info.json.
+    """Commit a split: the sample index, then manifest.json (the commit point), then the root _info.json.
 
-    The key index is content-addressed (``keys-<sha16>.json``): a run killed after writing it and
-    before the manifest leaves the committed manifest's own index intact. Older indexes are
+    The sample index is content-addressed (``samples-<sha16>.json``): a run killed after writing it
+    and before the manifest leaves the committed manifest's own index intact. Older indexes are
     removed after the commit.
     """
     split_url = split_url_of(split_url)
-    if keys is not None:
-        missing = [n for n in manifest.filenames if n not in keys]
-        if missing or set(keys) - set(manifest.filenames):
-            raise ManifestError(f"{manifest_url(split_url)}: the key index must list exactly the manifest's "
-                                f"shards (missing {missing[:3]}, extra {sorted(set(keys) - set(manifest.filenames))[:3]})")
-        raw = json.dumps(keys, separators=(",", ":"), sort_keys=True).encode()
-        manifest.keys_sha256 = hashlib.sha256(raw).hexdigest()
-        manifest.keys_file = f"keys-{manifest.keys_sha256[:16]}.json"
-        write_bytes(join(split_url, manifest.keys_file), raw, storage_options)
+    if sample_index is not None:
+        missing = [n for n in manifest.filenames if n not in sample_index]
+        extra = sorted(set(sample_index) - set(manifest.filenames))
+        if missing or extra:
+            raise ManifestError(f"{manifest_url(split_url)}: the sample index must list exactly the manifest's "
+                                f"shards (missing {missing[:3]}, extra {extra[:3]})")
+        raw = json.dumps(sample_index, separators=(",", ":"), sort_keys=True).encode()
+        manifest.sample_index_sha256 = hashlib.sha256(raw).hexdigest()
+        manifest.sample_index_file = f"{SAMPLE_INDEX_PREFIX}{manifest.sample_index_sha256[:16]}.json"
+        write_bytes(join(split_url, manifest.sample_index_file), raw, storage_options)
     manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_bytes(manifest_url(split_url), _dumps(manifest.to_dict()), storage_options)
     update_info(split_url, manifest, storage_options)
     try:
         for name in list_names(split_url, storage_options):
-            if name != manifest.keys_file and (name == KEYS_NAME or (name.startswith("keys-") and name.endswith(".json"))):
+            if name != manifest.sample_index_file and name.startswith(SAMPLE_INDEX_PREFIX) and name.endswith(".json"):
                 remove(join(split_url, name), storage_options)
     except StorageError:
         pass  # a stale index is harmless: only the one the manifest names is ever read

@@ -1,5 +1,9 @@
-"""Model encryption (Iijima & Kiya; MaungMaung & Kiya): turn a model trained on plain images into
-one that gives exactly the same outputs on images encrypted with the ``blockwise`` scheme.
+"""The encrypt-model job (Iijima & Kiya; MaungMaung & Kiya): turn a model trained on plain images
+into one that gives exactly the same outputs on images encrypted with the ``blockwise`` scheme.
+
+    from etc_data import ModelCryptConfig, encrypt_model
+    encrypt_model(ModelCryptConfig(in_ckpt="runs/plain/best.pt", out_ckpt="runs/enc.pt",
+                                   key_ref="owner.key", dataset="cifar10"))
 
 The ``blockwise`` scheme (block size P = the model's patch size) maps every P x P x 3 block ``q``
 (values in (row, col, channel) order) to ``e[k] = q[inner[k]]`` or ``255 - q[inner[k]]`` where
@@ -26,6 +30,8 @@ Library code: torch is imported inside the functions that need it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -146,7 +152,7 @@ def _img_size(config: dict) -> tuple[int, int]:
     return (int(s), int(s)) if isinstance(s, (int, float)) else (int(s[0]), int(s[1]))
 
 
-def encrypt_model(ck: dict, key, dataset: str, scheme_spec: str = "blockwise") -> tuple[dict, str]:
+def encrypt_checkpoint(ck: dict, key, dataset: str, scheme_spec: str = "blockwise") -> tuple[dict, str]:
     """Encrypt a plain checkpoint (``etc-data train`` format) for ``key`` and ``dataset``.
 
     Returns (new checkpoint, key-space note). The new checkpoint records the scheme parameters
@@ -183,5 +189,35 @@ def encrypt_model(ck: dict, key, dataset: str, scheme_spec: str = "blockwise") -
     return out, key_space_note(scheme, h, w)
 
 
-__all__ = ["ModelCryptError", "encrypt_model", "encrypt_timm_model", "transform_patch_weights", "key_space_note"
-           ]
+@dataclass
+class ModelCryptConfig:
+    in_ckpt: str                   # a checkpoint trained on plain images (file or URL)
+    out_ckpt: str                  # where the encrypted checkpoint goes (never overwritten)
+    dataset: str                   # the dataset id the shards were prepared with
+    key_ref: str | None = None     # the owner key the images are encrypted with
+    scheme: str = "blockwise"      # blockwise[:negpos=0|1,scramble=0|1]; scramble=1 only for ViT
+    storage_options: dict = field(default_factory=dict)
+
+
+def encrypt_model(cfg: ModelCryptConfig) -> dict:
+    """Encrypt ``cfg.in_ckpt`` into ``cfg.out_ckpt``; returns the new scheme parameters, the key
+    fingerprint and a key-space note (no key material)."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .keys import load_key
+    from .storage import exists
+
+    if exists(cfg.out_ckpt, cfg.storage_options):
+        raise ModelCryptError(f"{cfg.out_ckpt} exists; not overwritten")
+    key = load_key(cfg.key_ref)
+    ck = load_checkpoint(cfg.in_ckpt, storage_options=cfg.storage_options)
+    try:
+        out, note = encrypt_checkpoint(ck, key, cfg.dataset, cfg.scheme)
+    except ModelCryptError as e:
+        raise ModelCryptError(f"{cfg.in_ckpt}: {e}") from None
+    save_checkpoint(cfg.out_ckpt, out, cfg.storage_options)
+    return {"out": cfg.out_ckpt, "scheme": out["scheme"], "dataset": cfg.dataset,
+            "key_fingerprint": out["key_fingerprint"], "key_space": note}
+
+
+__all__ = ["ModelCryptConfig", "ModelCryptError", "encrypt_checkpoint", "encrypt_model", "encrypt_timm_model",
+           "transform_patch_weights", "key_space_note"]

@@ -4,7 +4,9 @@ A model is described by a small JSON-able config stored in every checkpoint, e.g
 ``{"arch": "convmixer", "dim": 256, "depth": 8, "kernel": 9, "patch": 1, "num_classes": 10, "img_size": 32}``
 or ``{"arch": "vit", "variant": "vit_base_patch16_224", "patch": 16, "img_size": 224, "num_classes": 10,
 "pretrained_file": null}`` (``variant`` may also be ``custom`` with ``dim``/``depth``/``heads``).
-Pretrained weights only ever come from a local file: nothing can be downloaded.
+``convmixer_config`` and ``vit_config`` build the architecture part; the trainer adds
+``num_classes`` and ``img_size`` from the manifest. Pretrained weights only ever come from a local
+file: nothing can be downloaded.
 """
 
 from __future__ import annotations
@@ -18,13 +20,23 @@ VIT_VARIANTS = {
 }
 
 
+DEFAULT_VIT_VARIANT = "vit_base_patch16_224"
+
+
 class ModelError(EtcError):
     pass
 
 
-def convmixer_config(dim=256, depth=8, kernel=9, patch=1, num_classes=10, img_size=32) -> dict:
-    return {"arch": "convmixer", "dim": dim, "depth": depth, "kernel": kernel, "patch": patch,
-            "num_classes": num_classes, "img_size": img_size}
+def convmixer_config(dim: int = 256, depth: int = 8, kernel: int = 9, patch: int = 1) -> dict:
+    """ConvMixer-dim/depth (the paper's CIFAR-10 model is the default: 256/8, kernel 9, patch 1)."""
+    return {"arch": "convmixer", "dim": dim, "depth": depth, "kernel": kernel, "patch": patch}
+
+
+def vit_config(variant: str = DEFAULT_VIT_VARIANT, dim: int = 192, depth: int = 6, heads: int = 4, patch: int = 16,
+               pretrained_file: str | None = None) -> dict:
+    """A named timm ViT variant, or ``custom`` with ``dim``/``depth``/``heads``/``patch``."""
+    return {"arch": "vit", "variant": variant, "dim": dim, "depth": depth, "heads": heads, "patch": patch,
+            "pretrained_file": pretrained_file}
 
 
 def create_model(config: dict):
@@ -43,7 +55,7 @@ def create_model(config: dict):
     elif arch == "vit":
         from timm.models.vision_transformer import VisionTransformer
 
-        variant = config.get("variant", "vit_base_patch16_224")
+        variant = config.get("variant", DEFAULT_VIT_VARIANT)
         if variant == "custom":
             kw = dict(embed_dim=int(config["dim"]), depth=int(config["depth"]), num_heads=int(config["heads"]),
                       patch_size=int(config["patch"]))
@@ -70,6 +82,6 @@ def create_model(config: dict):
 
 
 def patch_size(config: dict) -> int:
-    if config.get("arch") == "vit" and config.get("variant", "custom") in VIT_VARIANTS:
+    if config.get("arch") == "vit" and config.get("variant", DEFAULT_VIT_VARIANT) in VIT_VARIANTS:
         return VIT_VARIANTS[config["variant"]]["patch_size"]
     return int(config["patch"])

@@ -1,11 +1,20 @@
-"""The prepare pipeline (no Prefect here): source -> chunks -> encrypt -> encode -> shards -> manifest.
+"""The prepare job (no Prefect here): source -> chunks -> encrypt -> encode -> shards -> manifest.
 
-``plan_split`` decides, per split, which source items still need sharding (incremental ingest:
-items whose stable sample key is already in the committed dataset are skipped) and cuts them
-into chunks, one shard each. ``run_chunk`` does one chunk end to end (load, encrypt with the
-owner's key, encode, write the shard atomically) and returns only public metadata.
-``commit_split`` writes the manifest last; it is the commit point, after which shards that the
-manifest does not list (leftovers of a killed run) are removed.
+    from etc_data import PrepareConfig, prepare_dataset
+    summary = prepare_dataset(PrepareConfig(source=["train.zip"], out="s3://b/ds", dataset="c10",
+                                            key_ref="owner.key", scheme="etc", block_size=16))
+
+Plan -> run -> commit:
+
+- ``plan_split`` decides, per split, which source items still need sharding (incremental ingest:
+  items whose stable sample key is already in the committed dataset are skipped) and cuts them
+  into chunks, one shard each;
+- ``run_chunk`` does one chunk end to end (load, encrypt with the owner's key, encode, write the
+  shard atomically) and returns only public metadata. Chunks run in this process, in a
+  ``WorkerPool`` of local processes, or wherever ``map_chunks`` sends them (the Prefect flow: one
+  task per chunk, on threads or a Dask cluster);
+- ``commit_split`` writes the manifest last; it is the commit point, after which shards that the
+  manifest does not list (leftovers of a killed run) are removed.
 
 A chunk receives a *key reference* (a path or ``env:NAME``), never the key: the key is loaded
 where the encryption happens, so no key material travels through task parameters or results.
@@ -15,20 +24,23 @@ layout and codecs), which is what makes a rerun after SIGKILL end with the same 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 from . import __version__
-from .codecs import check_scheme_codec, encode_batch, get_codec
+from .codecs import DEFAULT_CODEC, check_scheme_codec, encode_batch, get_codec
 from .errors import EtcError
-from .manifest import Manifest, ManifestError, read_keys, read_manifest, write_manifest
-from .schemes import WeakKeyWarning, make_scheme, parse_scheme_spec
+from .manifest import Manifest, ManifestMissing, read_manifest, read_sample_index, write_manifest
+from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spec, weak_key_message
 from .shards import write_chunk
-from .sources import Source, open_source
+from .sources import BAD_IMAGE_POLICIES, Source, open_source
 from .storage import StorageError, join, list_names, remove
 
 DEFAULT_SHARD_SIZE = 10000
+POOL_MIN_IMAGES = 4000  # with workers=None, fewer images than this run in-process (a pool's start costs ~1 s)
 
 
 class PrepareError(EtcError):
@@ -36,15 +48,16 @@ class PrepareError(EtcError):
 
 
 @dataclass
-class Settings:
-    """Everything that defines a prepared dataset. Public: safe for logs and Prefect parameters."""
+class PrepareConfig:
+    """Everything a prepare run needs. Public: safe for logs and Prefect parameters (the key is a
+    *reference*: a path, ``env:NAME`` or, in flows, ``prefect-secret:BLOCK``)."""
 
     source: str | list[str]
     out: str
-    dataset: str
+    dataset: str = ""            # dataset id (selects the per-dataset subkey); "" = from the source name
     scheme: str = "etc"
     block_size: int | None = None
-    codec: str = "jpeg:q=85,sub=420"
+    codec: str = DEFAULT_CODEC
     key_ref: str | None = None
     owner: str | None = None
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -55,12 +68,28 @@ class Settings:
     pad: str = "error"
     on_bad_image: str = "stop"
     storage_options: dict = field(default_factory=dict)
+    workers: int | None = None   # local worker processes: None = one per core for large runs, 1 = in this process
+    verify: bool = True          # check every written split against its manifest after the commit
+
+    def check(self) -> None:
+        """Refuse settings no run can use, naming the field."""
+        for name in ("shard_size", "max_shard_bytes", "limit", "resize", "workers"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise PrepareError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise PrepareError(f"on-bad-image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {self.on_bad_image!r}")
+        if not self.out:
+            raise PrepareError("out (the dataset root URL) is required")
 
     def open_source(self) -> Source:
         return open_source(self.source, resize=self.resize)
 
     def scheme_name(self) -> str:
         return parse_scheme_spec(self.scheme)[0]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -88,20 +117,17 @@ class SplitPlan:
     total_items: int
     chunks: list[ChunkSpec]
     existing: Manifest | None
-    existing_keys: dict[str, list[str]]
+    existing_index: dict[str, list[str]]
 
 
-def load_owner_key(key_ref: str | None):
-    from .keys import load_key
-
-    return load_key(key_ref)
-
-
-def build_scheme(s: Settings, key=None, key_loader=None):
-    name = s.scheme_name()
+def build_scheme(cfg: PrepareConfig, key=None, key_loader=None):
+    """The keyed scheme of a config, and the owner key it was built with (None for plain)."""
+    name = cfg.scheme_name()
     if name != "plain" and key is None:
-        key = (key_loader or load_owner_key)(s.key_ref)
-    return make_scheme(s.scheme, key=key, dataset=s.dataset, block_size=s.block_size, pad=s.pad), key
+        from .keys import load_key
+
+        key = (key_loader or load_key)(cfg.key_ref)
+    return make_scheme(cfg.scheme, key=key, dataset=cfg.dataset, block_size=cfg.block_size, pad=cfg.pad), key
 
 
 def dataset_id(source: Source, given: str | None) -> str:
@@ -111,26 +137,19 @@ def dataset_id(source: Source, given: str | None) -> str:
     return ds
 
 
-def _item_positions(source: Source, split: str, limit: int | None, done: set[str]) -> tuple[int, list[int]]:
-    items = source.items(split)
-    if limit is not None:
-        items = items[:limit]
-    return len(items), [i for i, it in enumerate(items) if it.key not in done]
-
-
 def _next_index(m: Manifest | None) -> int:
     if not m or not m.shards:
         return 0
     return max(int(re.match(r".*-(\d{6})(?:-\d+)?\.tar$", e["name"]).group(1)) for e in m.shards) + 1
 
 
-def check_compatible(m: Manifest, s: Settings, fingerprint: str | None, codec_spec: str, where: str) -> None:
+def check_compatible(m: Manifest, cfg: PrepareConfig, fingerprint: str | None, codec_spec: str, where: str) -> None:
     """An append must use the dataset's own settings; anything else would mix two datasets."""
-    name = s.scheme_name()
-    scheme = make_scheme(s.scheme, subkey=b"\0" * 32, block_size=s.block_size, pad=s.pad) if name != "plain" \
+    name = cfg.scheme_name()
+    scheme = make_scheme(cfg.scheme, subkey=b"\0" * 32, block_size=cfg.block_size, pad=cfg.pad) if name != "plain" \
         else make_scheme("plain")
     want = {"scheme": name, "block_size": scheme.block_size, "codec": codec_spec, "key_fingerprint": fingerprint,
-            "dataset": s.dataset, "scheme_options": scheme.params()["options"]}
+            "dataset": cfg.dataset, "scheme_options": scheme.params()["options"]}
     have = {"scheme": m.scheme, "block_size": m.block_size, "codec": m.codec, "key_fingerprint": m.key_fingerprint,
             "dataset": m.dataset, "scheme_options": m.scheme_options}
     diff = [k for k in want if want[k] != have[k]]
@@ -140,38 +159,37 @@ def check_compatible(m: Manifest, s: Settings, fingerprint: str | None, codec_sp
                            f"write to another --out or use the same settings")
 
 
-def plan_split(s: Settings, source: Source, split: str, fingerprint: str | None, codec_spec: str) -> SplitPlan:
-    split_url = join(s.out, split)
-    existing, keys = None, {}
+def plan_split(cfg: PrepareConfig, source: Source, split: str, fingerprint: str | None, codec_spec: str) -> SplitPlan:
+    split_url = join(cfg.out, split)
+    existing, index = None, {}
     try:
-        existing = read_manifest(split_url, s.storage_options)
-    except ManifestError as e:
-        if "no readable manifest" not in str(e):
-            raise
+        existing = read_manifest(split_url, cfg.storage_options)
+    except ManifestMissing:
+        pass  # a new split
     if existing is not None:
-        check_compatible(existing, s, fingerprint, codec_spec, split_url)
-        keys = read_keys(split_url, existing, s.storage_options)
-    done = {k for v in keys.values() for k in v}
-    total, todo = _item_positions(source, split, s.limit, done)
+        check_compatible(existing, cfg, fingerprint, codec_spec, split_url)
+        index = read_sample_index(split_url, existing, cfg.storage_options)
+    done = {k for v in index.values() for k in v}
+    items = source.items(split)
+    if cfg.limit is not None:
+        items = items[:cfg.limit]
+    todo = [i for i, it in enumerate(items) if it.key not in done]
     start = _next_index(existing)
     token = source.split_token(split)
-    chunks = [ChunkSpec(split, start + n, todo[i:i + s.shard_size], token, fingerprint)
-              for n, i in enumerate(range(0, len(todo), s.shard_size))]
-    return SplitPlan(split, total, chunks, existing, keys)
+    chunks = [ChunkSpec(split, start + n, todo[i:i + cfg.shard_size], token, fingerprint)
+              for n, i in enumerate(range(0, len(todo), cfg.shard_size))]
+    return SplitPlan(split, len(items), chunks, existing, index)
 
 
-def run_chunk(s: Settings, spec: ChunkSpec, source: Source | None = None, scheme=None) -> ChunkResult:
+def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme) -> ChunkResult:
     """Load, encrypt, encode and write one chunk as one shard (or parts past the byte limit)."""
-    source = source or s.open_source()
-    codec = get_codec(s.codec)
-    if scheme is None:
-        scheme, _ = build_scheme(s)
+    codec = get_codec(cfg.codec)
     if spec.token and source.split_token(spec.split) != spec.token:
         raise PrepareError(f"source {source.name}, split {spec.split}: changed since this run was planned "
                            f"(chunk {spec.index}); run prepare again")
     all_items = source.items(spec.split)
     items = [all_items[i] for i in spec.items]
-    batch = source.load(items, on_bad_image=s.on_bad_image)
+    batch = source.load(items, on_bad_image=cfg.on_bad_image)
     if len(batch.keys) == 0:
         return ChunkResult(spec.split, spec.index, [], batch.skipped, [], 0)
     with warnings.catch_warnings():
@@ -180,16 +198,68 @@ def run_chunk(s: Settings, spec: ChunkSpec, source: Source | None = None, scheme
     blobs = encode_batch(codec, enc)
     samples = [{"__key__": k, codec.ext: b, "cls": int(y), "json": {"cls": int(y), "source_id": k, "split": spec.split}}
                for k, b, y in zip(batch.keys, blobs, batch.labels)]
-    shards = write_chunk(join(s.out, spec.split), spec.split, spec.index, samples, max_samples=None,
-                         max_bytes=s.max_shard_bytes, storage_options=s.storage_options)
+    shards = write_chunk(join(cfg.out, spec.split), spec.split, spec.index, samples, max_samples=None,
+                         max_bytes=cfg.max_shard_bytes, storage_options=cfg.storage_options)
     return ChunkResult(spec.split, spec.index, [dict(x.entry(), keys=x.keys) for x in shards], batch.skipped,
                        list(enc.shape[1:3]), sum(len(b) for b in blobs))
 
 
-def commit_split(s: Settings, source: Source, plan: SplitPlan, results: list[ChunkResult], fingerprint: str | None,
-                 codec_spec: str, scheme_params: dict) -> Manifest:
-    """Write keys.json and manifest.json (the commit point), then remove unlisted shards."""
-    split_url = join(s.out, plan.split)
+class ChunkRunner:
+    """Runs planned chunks in one process or thread, keeping the opened source and the key
+    schedule between chunks. Before trusting them it checks the chunk's split token (a source that
+    grew since it was opened is reopened) and the planner's key fingerprint (a key rotated behind
+    the same reference, in a long-lived process, is loaded again)."""
+
+    def __init__(self, key_loader: Callable | None = None):
+        self.key_loader = key_loader
+        self._source: Source | None = None
+        self._source_id = None
+        self._scheme = None
+        self._scheme_id = None
+        self._fingerprint: str | None = None
+
+    def adopt(self, cfg: PrepareConfig, source: Source, scheme, fingerprint: str | None) -> "ChunkRunner":
+        """Start from what the planner already opened (chunks run in the planner's process)."""
+        self._source, self._source_id = source, (repr(cfg.source), cfg.resize)
+        self._scheme, self._scheme_id, self._fingerprint = scheme, self._scheme_key(cfg), fingerprint
+        return self
+
+    @staticmethod
+    def _scheme_key(cfg: PrepareConfig):
+        return cfg.scheme, cfg.block_size, cfg.pad, cfg.dataset, cfg.key_ref
+
+    def source(self, cfg: PrepareConfig, token: str = "", split: str = "") -> Source:
+        sid = (repr(cfg.source), cfg.resize)
+        if self._source is None or self._source_id != sid or (token and self._source.split_token(split) != token):
+            self._source, self._source_id = None, None
+            self._source, self._source_id = cfg.open_source(), sid
+        return self._source
+
+    def scheme(self, cfg: PrepareConfig, fingerprint: str | None = None):
+        sid = self._scheme_key(cfg)
+        if self._scheme is None or self._scheme_id != sid or (fingerprint and self._fingerprint != fingerprint):
+            self._scheme, key = build_scheme(cfg, key_loader=self.key_loader)
+            self._scheme_id, self._fingerprint = sid, (key.fingerprint if key is not None else None)
+        if fingerprint and self._fingerprint != fingerprint:
+            raise PrepareError(f"the key given with --key changed while this run was going on (fingerprint "
+                               f"{self._fingerprint}, planned with {fingerprint}); run prepare again")
+        return self._scheme
+
+    def warm(self, cfg: PrepareConfig) -> None:
+        """Open the source and build its sorted listings and split tokens (no key is loaded)."""
+        source = self.source(cfg)
+        for split in source.splits:
+            source.split_token(split)
+
+    def run(self, cfg: PrepareConfig, spec: ChunkSpec) -> ChunkResult:
+        source = self.source(cfg, spec.token, spec.split)
+        return run_chunk(cfg, spec, source, self.scheme(cfg, spec.fingerprint))
+
+
+def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: list[ChunkResult],
+                 fingerprint: str | None, codec_spec: str, scheme_params: dict) -> Manifest:
+    """Write the sample index and manifest.json (the commit point), then remove unlisted shards."""
+    split_url = join(cfg.out, plan.split)
     results = sorted(results, key=lambda r: r.index)
     old = plan.existing
     sizes = {tuple(r.image_size) for r in results if r.image_size}
@@ -198,24 +268,24 @@ def commit_split(s: Settings, source: Source, plan: SplitPlan, results: list[Chu
     if len(sizes) > 1:
         raise PrepareError(f"split {plan.split}: images of different sizes {sorted(sizes)}; choose --resize")
     shards = list(old.shards) if old else []
-    keys = dict(plan.existing_keys)
+    index = dict(plan.existing_index)
     for r in results:
         for e in r.shards:
             shards.append({k: e[k] for k in ("name", "sha256", "bytes", "samples")})
-            keys[e["name"]] = e["keys"]
+            index[e["name"]] = e["keys"]
     if not shards:
         raise PrepareError(f"split {plan.split}: no images were written (all unreadable or the split is empty)")
-    m = Manifest(split=plan.split, dataset=s.dataset, scheme=scheme_params["scheme"],
+    m = Manifest(split=plan.split, dataset=cfg.dataset, scheme=scheme_params["scheme"],
                  block_size=scheme_params["block_size"], scheme_options=scheme_params["options"],
                  pad=scheme_params["pad"], codec=codec_spec, key_fingerprint=fingerprint,
                  classes=list(source.classes), image_size=list(next(iter(sizes))), shards=shards,
                  source=source.description, resize=source.resize_policy(), tool_version=__version__)
-    write_manifest(split_url, m, keys=keys, storage_options=s.storage_options)
+    write_manifest(split_url, m, sample_index=index, storage_options=cfg.storage_options)
     listed = {e["name"] for e in shards}
-    for name in list_names(split_url, s.storage_options):
+    for name in list_names(split_url, cfg.storage_options):
         if (name.endswith(".tar") and name not in listed) or name.endswith(".part"):
             try:
-                remove(join(split_url, name), s.storage_options)
+                remove(join(split_url, name), cfg.storage_options)
             except StorageError:
                 pass  # verify reports it as extra; nothing counts it
     return m
@@ -223,137 +293,170 @@ def commit_split(s: Settings, source: Source, plan: SplitPlan, results: list[Chu
 
 @dataclass
 class PrepareSummary:
+    dataset: str
+    out: str
     manifests: dict[str, Manifest]
     written: dict[str, int]        # samples written by this run, per split
     skipped: dict[str, list[str]]  # unreadable images skipped, per split
-    payload_bytes: dict[str, int]
+    payload_bytes: dict[str, int]  # encoded image bytes written by this run, per split
     key_bits: float | None
     image_size: list[int] | None
+    verified: dict[str, int] = field(default_factory=dict)  # samples checked per split (verify=True)
+
+    def rows(self) -> list[dict]:
+        """One public row per split: what a table artifact, a log line or a report shows."""
+        out = []
+        for split, m in self.manifests.items():
+            on_disk = sum(e["bytes"] for e in m.shards)
+            out.append({"split": split, "samples": m.num_samples, "new": self.written[split], "shards": len(m.shards),
+                        "bytes": on_disk, "bytes_per_image": round(on_disk / max(1, m.num_samples), 1),
+                        "new_payload_bytes": self.payload_bytes[split],
+                        "payload_per_image": round(self.payload_bytes[split] / max(1, self.written[split]), 1),
+                        "skipped": len(self.skipped[split])})
+        return out
+
+    def weak_key_message(self) -> str | None:
+        """The loud key-space warning, when the configuration is below MIN_KEY_BITS."""
+        m0 = next(iter(self.manifests.values()))
+        if self.key_bits is None or self.key_bits >= MIN_KEY_BITS:
+            return None
+        return weak_key_message(m0.scheme, self.key_bits, *m0.image_size, m0.block_size)
 
     def lines(self) -> list[str]:
         out = []
-        for split, m in self.manifests.items():
-            mb = sum(e["bytes"] for e in m.shards) / 1e6
-            out.append(f"{split}: {m.num_samples} samples in {len(m.shards)} shards ({mb:.1f} MB), "
-                       f"{self.written[split]} new; scheme {m.scheme} block {m.block_size}, codec {m.codec}, "
+        for r in self.rows():
+            m = self.manifests[r["split"]]
+            out.append(f"{r['split']}: {r['samples']} samples in {r['shards']} shards ({r['bytes'] / 1e6:.1f} MB), "
+                       f"{r['new']} new; scheme {m.scheme} block {m.block_size}, codec {m.codec}, "
                        f"key {m.key_fingerprint or '-'}")
-            if self.skipped.get(split):
-                out.append(f"{split}: skipped {len(self.skipped[split])} unreadable images: "
-                           + ", ".join(self.skipped[split][:10]) + (" ..." if len(self.skipped[split]) > 10 else ""))
+            skipped = self.skipped.get(r["split"])
+            if skipped:
+                out.append(f"{r['split']}: skipped {len(skipped)} unreadable images: " + ", ".join(skipped[:10])
+                           + (" ..." if len(skipped) > 10 else ""))
         return out
 
+    def markdown(self) -> str:
+        rows = ["| split | samples | new | shards | MB on disk | bytes/img on disk | image bytes/img (new) |",
+                "|---|---|---|---|---|---|---|"]
+        for r in self.rows():
+            rows.append(f"| {r['split']} | {r['samples']} | {r['new']} | {r['shards']} | {r['bytes'] / 1e6:.2f} | "
+                        f"{r['bytes_per_image']:.0f} | {r['payload_per_image']:.0f} |")
+        m0 = next(iter(self.manifests.values()))
+        head = (f"# etc-data prepare: {self.dataset}\n\nOutput `{self.out}`; scheme `{m0.scheme}` block "
+                f"{m0.block_size}; codec `{m0.codec}`; key fingerprint `{m0.key_fingerprint or '-'}`; image size "
+                f"{m0.image_size}.\n\nOn-disk bytes include the tar headers and each sample's `.cls` and `.json` "
+                f"members (about 3 KB per sample); image bytes are the encoded images alone.\n\n")
+        warn = self.weak_key_message()
+        return head + "\n".join(rows) + (f"\n\n**{warn}**\n" if warn else "")
 
-def prepare(s: Settings, map_chunks=None, progress=None, key_loader=None) -> PrepareSummary:
-    """Run the whole pipeline: in this process, or with ``map_chunks(specs) -> iterable of
-    ChunkResult`` (how the Prefect flow fans chunks out to tasks). ``key_loader(ref)`` resolves
-    the key reference (default: a path or env:NAME)."""
-    source = s.open_source()
-    s.dataset = dataset_id(source, s.dataset)
-    codec = get_codec(s.codec)
-    scheme, key = build_scheme(s, key_loader=key_loader)
+    def to_public(self) -> dict:
+        """A JSON-able summary with no key material (what a flow returns)."""
+        m0 = next(iter(self.manifests.values()))
+        return {"dataset": self.dataset, "out": self.out, "lines": self.lines(), "rows": self.rows(),
+                "scheme": m0.scheme, "block_size": m0.block_size, "key_bits": self.key_bits,
+                "image_size": self.image_size, "weak_key_message": self.weak_key_message(),
+                "splits": {k: v.num_samples for k, v in self.manifests.items()}, "verified": self.verified}
+
+
+MapChunks = Callable[[PrepareConfig, list[ChunkSpec]], Iterable[ChunkResult]]
+
+
+def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], None] | None = None,
+                    pool: "WorkerPool | None" = None, map_chunks: MapChunks | None = None,
+                    key_loader: Callable | None = None) -> PrepareSummary:
+    """Encrypt, compress and shard a dataset; commit a manifest per split; verify what was written.
+
+    Chunks run in ``pool`` when given, else in a ``WorkerPool`` of ``cfg.workers`` processes (one
+    per core by default; ``workers=1`` or a single chunk: in this process), or wherever
+    ``map_chunks(cfg, specs) -> iterable of ChunkResult`` sends them (the Prefect flow's tasks).
+    ``progress(result)`` is called as each chunk finishes; ``key_loader(ref)`` resolves the key
+    reference (default: a path or env:NAME)."""
+    cfg.check()
+    source = cfg.open_source()
+    cfg = dataclasses.replace(cfg, dataset=dataset_id(source, cfg.dataset))
+    codec = get_codec(cfg.codec)
+    scheme, key = build_scheme(cfg, key_loader=key_loader)
     check_scheme_codec(scheme, codec)
     fingerprint = key.fingerprint if key is not None else None
-    splits = s.splits or source.splits
+    splits = cfg.splits or source.splits
     for sp in splits:
         if sp not in source.splits:
             raise PrepareError(f"source {source.name} has no split {sp!r}; it has: {', '.join(source.splits)}")
-    plans = [plan_split(s, source, sp, fingerprint, codec.spec) for sp in splits]
+    plans = [plan_split(cfg, source, sp, fingerprint, codec.spec) for sp in splits]
     specs = [c for p in plans for c in p.chunks]
-    if map_chunks is None:
+
+    if map_chunks is not None:
         results = []
-        for c in specs:
-            results.append(run_chunk(s, c, source, scheme))
+        for r in map_chunks(cfg, specs):
+            results.append(r)
             if progress:
-                progress(results[-1])
+                progress(r)
     else:
-        results = list(map_chunks(specs))
+        results = _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_loader)
+
     manifests, written, skipped, payload = {}, {}, {}, {}
     for p in plans:
         rs = [r for r in results if r.split == p.split]
-        manifests[p.split] = commit_split(s, source, p, rs, fingerprint, codec.spec, scheme.params())
+        manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params())
         written[p.split] = sum(e["samples"] for r in rs for e in r.shards)
         skipped[p.split] = [x for r in rs for x in r.skipped]
         payload[p.split] = sum(r.payload_bytes for r in rs)
     size = next(iter(manifests.values())).image_size if manifests else None
     bits = scheme.key_space_bits(*size) if (size and scheme.keyed) else None
-    return PrepareSummary(manifests, written, skipped, payload, bits, size)
+    summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size)
+    if cfg.verify:
+        from .verify import VerifyConfig, verify_dataset
+
+        result = verify_dataset(VerifyConfig(url=cfg.out, splits=list(manifests), storage_options=cfg.storage_options))
+        if not result.ok:
+            raise PrepareError(f"verification of {cfg.out} failed after the commit:\n" + "\n".join(result.lines()))
+        summary.verified = {r.split: r.samples for r in result.reports}
+    return summary
 
 
-# ----------------------------------------------------------------------------- local process pool
+def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
+    """How many worker processes these chunks deserve: ``cfg.workers`` when given (1 = none), else
+    one per core once the run is large enough to pay for starting them (0 = run in-process)."""
+    from .codecs import default_workers
 
-_SOURCES: dict = {}   # per process (a pool worker, or the thread runner's process): the last source opened
-_SCHEMES: dict = {}   # and the last key schedule built
-
-
-def cached_source(s: Settings, token: str = "", split: str = "") -> Source:
-    """The source of these settings, opened once per process and reopened when it no longer
-    matches the planner's ``token`` for ``split`` (a source that grew between two runs of a
-    long-lived process)."""
-    ck = (repr(s.source), s.resize)
-    source = _SOURCES.get(ck)
-    if source is None or (token and source.split_token(split) != token):
-        _SOURCES.clear()
-        source = _SOURCES[ck] = s.open_source()
-    return source
+    if len(specs) < 2:
+        return 0
+    if cfg.workers is not None:
+        return min(cfg.workers, len(specs)) if cfg.workers > 1 else 0
+    n = min(default_workers(), len(specs))
+    return n if n > 1 and sum(len(s.items) for s in specs) >= POOL_MIN_IMAGES else 0
 
 
-def run_chunk_cached(settings: dict, spec: dict, key_loader=None) -> dict:
-    """Run one chunk from public settings; the source and scheme are kept open per process (a
-    pool worker, or a Prefect task thread) and the key is loaded here from its reference with
-    ``key_loader`` (default: a path or env:NAME)."""
-    import dataclasses
+def _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_loader) -> list[ChunkResult]:
+    """Chunks in the given pool, in a pool of our own, or in this process."""
+    workers = pool_size(cfg, specs) if pool is None and key_loader is None else 0
+    own = workers > 0
+    if pool is None and not own:
+        runner = ChunkRunner(key_loader).adopt(cfg, source, scheme, fingerprint)
+        results = []
+        for spec in specs:
+            results.append(runner.run(cfg, spec))
+            if progress:
+                progress(results[-1])
+        return results
+    from concurrent.futures import as_completed
 
-    s, c = Settings(**settings), ChunkSpec(**spec)
-    source = cached_source(s, c.token, c.split)
-    sk = (s.scheme, s.block_size, s.pad, s.dataset, s.key_ref)
-    scheme, fp = _SCHEMES.get(sk, (None, None))
-    if scheme is None or (c.fingerprint and fp != c.fingerprint):
-        # first chunk here, or the key behind the reference changed since it was loaded (a rotated
-        # key file or Prefect Secret in a long-lived process): load it again
-        _SCHEMES.clear()
-        scheme, key = build_scheme(s, key_loader=key_loader)
-        fp = key.fingerprint if key is not None else None
-        _SCHEMES[sk] = (scheme, fp)
-    if c.fingerprint and fp != c.fingerprint:
-        raise PrepareError(f"the key behind {s.key_ref} changed while this run was going on (fingerprint "
-                           f"{fp}, planned with {c.fingerprint}); run prepare again")
-    return dataclasses.asdict(run_chunk(s, c, source=source, scheme=scheme))
+    from .workers import WorkerPool
 
-
-class ChunkPool:
-    """A pool of worker processes (spawned, so it is safe next to threads) that run chunks.
-
-    Started once per run, ideally while other start-up work goes on (e.g. Prefect's API server),
-    it keeps each worker's opened source and key schedule warm across chunks."""
-
-    def __init__(self, workers: int | None = None, settings: dict | None = None):
-        """``settings``: open their source in each worker while it waits (no key is loaded)."""
-        import multiprocessing as mp
-        import os
-        from concurrent.futures import ProcessPoolExecutor
-
-        n = workers or len(os.sched_getaffinity(0))
-        self.ex = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"))
-        for _ in range(n):
-            self.ex.submit(_warm_up, settings)
-
-    def run(self, settings: dict, spec: dict) -> dict:
-        return self.ex.submit(run_chunk_cached, settings, spec).result()
-
-    def close(self, wait: bool = True):
-        """Stop the workers; ``wait=False`` lets them exit while the caller goes on (they are
-        joined at interpreter exit)."""
-        self.ex.shutdown(wait=wait, cancel_futures=True)
-
-
-def _warm_up(settings: dict | None) -> None:
-    from . import codecs, schemes, shards, sources  # noqa: F401 - import cost paid once per worker
-    import simplejpeg  # noqa: F401
-
-    if settings:
-        try:
-            source = cached_source(Settings(**settings))
-            for split in source.splits:  # sorted listings and their tokens, checked by every chunk
-                source.split_token(split)
-        except Exception:  # noqa: BLE001 - a bad source is reported by the run itself, with its name
-            pass
+    pool = pool or WorkerPool(workers)
+    futures = [pool.submit(cfg, spec) for spec in specs]
+    try:
+        results = []
+        for f in as_completed(futures):
+            results.append(f.result())
+            if progress:
+                progress(results[-1])
+    except BaseException:
+        if own:
+            pool.terminate()  # nothing of a failed run keeps writing
+        else:
+            pool.drain()  # chunks no worker has started never start; the run fails with the first error
+        raise
+    if own:
+        pool.close()
+    return results

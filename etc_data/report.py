@@ -1,4 +1,8 @@
-"""The compression-size report: what encryption costs in bytes, per scheme and codec.
+"""The size-report job: what encryption costs in bytes, per scheme and codec.
+
+    from etc_data import ReportConfig, size_report
+    rep = size_report(ReportConfig(source="cifar10-lossless-subset.npz", schemes=["plain", "etc"],
+                                   codecs=["jpeg:q=85,sub=444", "jpegls"], out="out/sizes"))
 
 Every image of the source is encrypted once per scheme and encoded once per codec. For lossy
 codecs the decoded image is decrypted and compared with the plain image (PSNR). Outputs:
@@ -15,16 +19,17 @@ import json
 import secrets
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .codecs import check_scheme_codec, get_codec
 from .errors import EtcError
 from .schemes import SCHEMES, WeakKeyWarning, make_scheme, parse_scheme_spec
-from .sources import Source
+from .sources import BAD_IMAGE_POLICIES, Source, open_source
 
 PSNR_CAP = 100.0  # dB, for images decoded without error
+DEFAULT_SCHEMES = ["plain", "etc", "ele", "pe"]
+DEFAULT_CODECS = ["jpeg:q=85,sub=444", "jpeg:q=80,sub=444", "jpegls", "j2k", "raw"]
 
 
 class ReportError(EtcError):
@@ -98,6 +103,34 @@ def _code_batch(codec, scheme, enc: np.ndarray, plain: np.ndarray, workers: int 
 
 
 @dataclass
+class ReportConfig:
+    """A size report: every image of ``source`` encoded once per scheme and codec."""
+
+    source: str | list[str]
+    out: str | None = None                 # folder for sizes.json/.md/.png (None: not written)
+    schemes: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEMES))
+    codecs: list[str] = field(default_factory=lambda: list(DEFAULT_CODECS))
+    block_size: int | None = 16            # of the block-wise schemes (etc, blockwise)
+    key_ref: str | None = None             # None: an ephemeral random key that is never stored
+    dataset: str | None = None             # dataset id for the subkey (default: the source name)
+    splits: list[str] | None = None
+    limit: int | None = None               # at most N images per split
+    resize: int | None = None
+    workers: int | None = None             # encoder threads (default: one per core)
+    on_bad_image: str = "stop"
+
+    def check(self) -> None:
+        if not self.schemes or not self.codecs:
+            raise ReportError("give at least one scheme and one codec")
+        for name in ("limit", "resize", "workers", "block_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ReportError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ReportError(f"on-bad-image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {self.on_bad_image!r}")
+
+
+@dataclass
 class SizeReport:
     source: str
     block_size: int | None
@@ -106,6 +139,27 @@ class SizeReport:
     schemes: list[str] = field(default_factory=list)
     codecs: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+
+    def to_state(self) -> dict:
+        """Every figure, JSON-able (what a per-split Prefect task returns; no key, no pixels)."""
+        return {"source": self.source, "block_size": self.block_size, "key": self.key, "schemes": self.schemes,
+                "codecs": self.codecs, "skipped": self.skipped,
+                "cells": [[c.scheme, c.codec, c.images, c.total_bytes, c.psnr_sum, c.lossy] for c in self.cells.values()]}
+
+    @classmethod
+    def merge(cls, states: list[dict]) -> "SizeReport":
+        """Add per-split figures (``to_state`` of reports with the same schemes and codecs) into one report."""
+        first = states[0]
+        rep = cls(first["source"], first["block_size"], first["key"], schemes=list(first["schemes"]),
+                  codecs=list(first["codecs"]))
+        for st in states:
+            rep.skipped += st["skipped"]
+            for s, c, n, nbytes, psnr_sum, lossy in st["cells"]:
+                cell = rep.cells.setdefault((s, c), Cell(s, c, lossy=lossy))
+                cell.images += n
+                cell.total_bytes += nbytes
+                cell.psnr_sum += psnr_sum
+        return rep
 
     def to_json(self) -> dict:
         rows = [self.cells[(s, c)].row() for c in self.codecs for s in self.schemes]
@@ -158,23 +212,41 @@ class SizeReport:
         fig.savefig(path, dpi=120, format="png")
         plt.close(fig)
 
-    def write(self, out: str | Path) -> Path:
-        """sizes.json, sizes.md and sizes.png in ``out``, each written atomically."""
-        from .storage import atomic_open, write_bytes
+    def write(self, out: str, storage_options: dict | None = None) -> str:
+        """sizes.json, sizes.md and sizes.png in ``out`` (a folder or URL), each written atomically."""
+        from .storage import atomic_open, join, write_bytes
 
-        out = Path(out)
-        write_bytes(str(out / "sizes.json"), (json.dumps(self.to_json(), indent=1) + "\n").encode())
-        write_bytes(str(out / "sizes.md"), self.markdown().encode())
-        with atomic_open(str(out / "sizes.png")) as f:
+        write_bytes(join(out, "sizes.json"), (json.dumps(self.to_json(), indent=1) + "\n").encode(), storage_options)
+        write_bytes(join(out, "sizes.md"), self.markdown().encode(), storage_options)
+        with atomic_open(join(out, "sizes.png"), storage_options) as f:
             self.plot(f)
         return out
 
 
-def size_report(source: Source, schemes: list[str], codecs: list[str], block_size: int | None = 16, key=None,
-                dataset: str | None = None, splits: list[str] | None = None, limit: int | None = None,
-                batch_size: int = 1000, workers: int | None = None, on_bad_image: str = "stop",
-                progress=None) -> SizeReport:
-    """Encode every image once per scheme and codec; ``key`` None means an ephemeral random key."""
+def size_report(cfg: ReportConfig, progress=None, key_loader=None) -> SizeReport:
+    """The size-report job: open the source, measure, write ``cfg.out`` when given.
+    ``progress(n)`` is called with the number of images done after each batch; ``key_loader(ref)``
+    resolves ``cfg.key_ref`` (default: a path or env:NAME)."""
+    cfg.check()
+    src = open_source(cfg.source, resize=cfg.resize)
+    key = None
+    if cfg.key_ref:
+        from .keys import load_key
+
+        key = (key_loader or load_key)(cfg.key_ref)
+    rep = measure_sizes(src, cfg.schemes, cfg.codecs, cfg.block_size, key, cfg.dataset, cfg.splits, cfg.limit,
+                        workers=cfg.workers, on_bad_image=cfg.on_bad_image, progress=progress)
+    if cfg.out:
+        rep.write(cfg.out)
+    return rep
+
+
+def measure_sizes(source: Source, schemes: list[str], codecs: list[str], block_size: int | None = 16, key=None,
+                  dataset: str | None = None, splits: list[str] | None = None, limit: int | None = None,
+                  batch_size: int = 1000, workers: int | None = None, on_bad_image: str = "stop",
+                  progress=None) -> SizeReport:
+    """Encode every image of an open source once per scheme and codec; ``key`` None means an
+    ephemeral random key."""
     if not schemes or not codecs:
         raise ReportError("give at least one scheme and one codec")
     names = [parse_scheme_spec(s)[0] for s in schemes]

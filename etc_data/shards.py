@@ -16,7 +16,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from .codecs import EXT_TO_CODEC, codec_for_ext
+from .codecs import EXT_TO_CODEC
 from .errors import EtcError
 from .storage import StorageError, join, list_names, read_bytes, write_bytes
 
@@ -294,7 +294,7 @@ def _tarfile_members(data: bytes, name: str):
         raise ShardError(f"shard {name} is not a readable tar: {e}") from None
 
 
-def _sample_index(data: bytes, name: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+def sample_offsets(data: bytes, name: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
     """(key, {ext: (offset, size)}) per sample, in tar order, without copying any payload."""
     members = _tar_members(data, name)
     if members is None:
@@ -320,7 +320,7 @@ def iter_tar(data: bytes, name: str) -> Iterator[dict]:
     the key is the path up to the first dot of the last path component). Plain ustar archives
     (what ``build_tar`` writes) are parsed directly, about 20x faster than tarfile; anything else
     goes through tarfile."""
-    for key, files in _sample_index(data, name):
+    for key, files in sample_offsets(data, name):
         sample = {"__key__": key}
         for ext, (off, size) in files.items():
             sample[ext] = data[off:off + size]
@@ -346,84 +346,3 @@ def iter_samples(split_url: str, storage_options: dict | None = None) -> Iterato
             if "json" in s:
                 s["json"] = json.loads(s["json"])
             yield s
-
-
-@dataclass
-class VerifyReport:
-    url: str
-    checked: int = 0
-    samples: int = 0
-    missing: list[str] = field(default_factory=list)
-    extra: list[str] = field(default_factory=list)
-    corrupt: list[str] = field(default_factory=list)  # "name: reason"
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.extra or self.corrupt)
-
-    def lines(self) -> list[str]:
-        out = [f"{self.url}: {self.checked} shards, {self.samples} samples checked"]
-        out += [f"MISSING {n}" for n in self.missing]
-        out += [f"EXTRA {n} (not in the manifest)" for n in self.extra]
-        out += [f"CORRUPT {n}" for n in self.corrupt]
-        out.append("OK" if self.ok else "FAILED")
-        return out
-
-
-def verify(split_url: str, deep: bool = False, storage_options: dict | None = None) -> VerifyReport:
-    """Check every shard the manifest lists: exists, size, sha256, sample count, decodable
-    (first sample, or every sample with ``deep``); also report extra shards not listed."""
-    from .manifest import read_manifest, split_url_of
-
-    split_url = split_url_of(split_url)
-    m = read_manifest(split_url, storage_options)
-    rep = VerifyReport(split_url)
-    present = set(list_names(split_url, storage_options))
-    listed = {e["name"] for e in m.shards}
-    rep.extra = sorted(n for n in present if n.endswith(".tar") and n not in listed)
-
-    def check(e: dict) -> tuple[str | None, int]:
-        """(problem or None, samples) for one listed shard."""
-        name = e["name"]
-        try:
-            data = read_shard(split_url, name, storage_options)
-        except ShardError as err:
-            return f"{name}: {err}", 0
-        if len(data) != e["bytes"]:
-            return f"{name}: {len(data)} bytes, manifest says {e['bytes']}", 0
-        if hashlib.sha256(data).hexdigest() != e["sha256"]:
-            return f"{name}: sha256 mismatch", 0
-        n = 0
-        try:
-            for key, files in _sample_index(data, name):  # payloads are only sliced to be decoded
-                exts = [x for x in files if x in SAMPLE_EXTS]
-                if len(exts) != 1 or "cls" not in files:
-                    raise ShardError(f"sample {key} lacks an image or cls field")
-                if deep or n == 0:
-                    off, size = files[exts[0]]
-                    try:
-                        img = codec_for_ext(exts[0]).decode(data[off:off + size])
-                    except Exception as err:  # noqa: BLE001 - any decoder failure is corruption
-                        raise ShardError(f"sample {key} does not decode: {err}") from None
-                    if list(img.shape[:2]) != list(m.image_size):
-                        raise ShardError(f"sample {key} is {img.shape[0]}x{img.shape[1]}, "
-                                         f"manifest says {m.image_size[0]}x{m.image_size[1]}")
-                n += 1
-        except ShardError as err:
-            return f"{name}: {err}", 0
-        if n != e["samples"]:
-            return f"{name}: {n} samples, manifest says {e['samples']}", 0
-        return None, n
-
-    todo = [e for e in m.shards if e["name"] in present]
-    rep.missing = [e["name"] for e in m.shards if e["name"] not in present]
-    rep.checked = len(todo)
-    # a few shards at a time (reads, sha256 and decoding release the GIL), reported in order
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, min(4, len(todo)))) as ex:
-        for problem, n in ex.map(check, todo):
-            if problem:
-                rep.corrupt.append(problem)
-            rep.samples += n
-    return rep

@@ -1,20 +1,23 @@
 """Image sources: where plain images come from, as numpy batches with stable sample keys.
 
 A source has splits (``train``/``test`` or ``train``/``val``), a label map (class names in label
-order) and, per split, a sorted list of items. Each item has a stable sample key derived from
-where it comes from (path or index), never from its pixels, so re-running over a source that
-gained images finds the ones already done.
+order) and, per split, a sorted list of items. Each item knows its split and has a stable sample
+key derived from where it comes from (path or index), never from its pixels, so re-running over
+a source that gained images finds the ones already done.
 
-Supported here:
+Supported here (``open_source`` picks one from the path):
 - ``.npz`` with ``x_<split>`` (N, H, W, 3 or N, H, W) uint8 and ``y_<split>`` arrays (e.g. the
   exact-pixel CIFAR-10 subset);
-- an image folder or ``.zip`` laid out ``<split>/<class>/<file>`` (or ``<class>/<file>`` for a
-  single split named ``train``).
+- an image folder, ``.zip`` or ``.tar``/``.tgz`` laid out ``<split>/<class>/<file>`` (or
+  ``<class>/<file>`` for a single split named ``train``), e.g. Imagenette;
+- CIFAR-10's official python folder or ``.tar.gz`` (batches read with a restricted unpickler);
+- several of those merged into one source.
+
+Decoding and resizing live in ``images``, zip and tar reading in ``archives``.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import zipfile
@@ -24,20 +27,21 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import EtcError
+from .archives import ZipArchive, extract_archive
+from .errors import SourceError
+from .images import IMAGE_EXTS, decode_image, resize_shorter_center_crop
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+__all__ = ["Batch", "CifarSource", "FolderSource", "Item", "MultiSource", "NpzSource", "Source", "SourceError",
+           "open_source", "sample_key", "CIFAR10_CLASSES"]
+
 SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 BAD_IMAGE_POLICIES = ("stop", "skip")
 
 
-class SourceError(EtcError):
-    """A source or one of its images cannot be read (message names the file)."""
-
-
 @dataclass(frozen=True)
 class Item:
+    split: str    # the split the item belongs to, e.g. "train"
     key: str      # stable sample key, e.g. "train/airplane/0001"
     label: int
     ref: object   # where the pixels are: a path, a name inside a zip, or an array index
@@ -51,12 +55,6 @@ class Batch:
     skipped: list[str] = field(default_factory=list)  # names of unreadable images skipped
 
 
-def zlib_error():
-    import zlib
-
-    return zlib.error
-
-
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 _SAFE = re.compile(r"[A-Za-z0-9_\-]+\Z").match
 
@@ -68,44 +66,6 @@ def _key_part(p: str) -> str:
 def sample_key(*parts: str) -> str:
     """A WebDataset-safe key: '/'-joined parts with dots and odd characters replaced."""
     return "/".join(_key_part(p) for p in parts if p != "")
-
-
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Decode image bytes to (H, W, 3) uint8; grayscale/palette/alpha become RGB explicitly.
-
-    JPEGs go through libjpeg-turbo (simplejpeg, several times faster than Pillow on small
-    images), everything else and any JPEG it rejects through Pillow."""
-    if data[:2] == b"\xff\xd8":
-        try:
-            import simplejpeg
-
-            return simplejpeg.decode_jpeg(data, colorspace="rgb")
-        except (ImportError, ValueError):
-            pass  # CMYK, progressive oddities, truncated data: Pillow decides (and names the file)
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise SourceError(f"cannot decode image {name}: {e}") from None
-
-
-def resize_shorter_center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize so the shorter side is ``size`` (bicubic, Pillow), then centre-crop to size x size."""
-    h, w = img.shape[:2]
-    if (h, w) == (size, size):
-        return img
-    from PIL import Image
-
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    im = Image.fromarray(img).resize((nw, nh), Image.BICUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))
 
 
 class Source:
@@ -238,18 +198,16 @@ class NpzSource(Source):
         self._x(split)
         y = self._arrays[split][1].tolist()
         prefix = sample_key(split) + "/"
-        return [Item(f"{prefix}{i:06d}", int(lab), i) for i, lab in enumerate(y)]
+        return [Item(split, f"{prefix}{i:06d}", int(lab), i) for i, lab in enumerate(y)]
 
     def _read(self, item):
-        split = item.key.split("/", 1)[0]
-        img = self._x(split)[item.ref]
+        img = self._x(item.split)[item.ref]
         return np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img
 
     def load(self, items, on_bad_image="stop"):
         if not items or self.resize is not None:
             return super().load(items, on_bad_image)
-        split = items[0].key.split("/", 1)[0]
-        x = self._x(split)
+        x = self._x(items[0].split)
         idx = np.asarray([it.ref for it in items])
         imgs = x[idx]
         if imgs.ndim == 3:
@@ -258,63 +216,17 @@ class NpzSource(Source):
                      np.asarray([it.label for it in items], np.int64))
 
 
-def _zip_directory(path: Path) -> dict[str, tuple] | None:
-    """A zip's central directory as {member: (header offset, compressed size, method, crc, flags)},
-    read in one pass (zipfile builds a ZipInfo per member, ~4x slower on CIFAR's 60,000). None for
-    what it does not handle (zip64, multi-disk, data before the archive): zipfile then reads it."""
-    import struct
-
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-        tail_len = min(size, 65536 + 22)
-        f.seek(size - tail_len)
-        tail = f.read()
-        i = tail.rfind(b"PK\x05\x06")
-        if i < 0 or len(tail) - i < 22:
-            raise zipfile.BadZipFile("no end of central directory record")
-        _, disk, cd_disk, _, n_total, cd_size, cd_off, _ = struct.unpack_from("<4sHHHHIIH", tail, i)
-        eocd = size - tail_len + i
-        if (disk or cd_disk or n_total == 0xFFFF or 0xFFFFFFFF in (cd_size, cd_off)
-                or tail[max(0, i - 20):max(0, i - 16)] == b"PK\x06\x07" or eocd - cd_size != cd_off):
-            return None
-        f.seek(cd_off)
-        cd = f.read(cd_size)
-    rec = struct.Struct("<4s4B4HL2L5H2L")  # a central directory header (46 bytes)
-    out, pos = {}, 0
-    while pos + 46 <= len(cd):
-        (sig, _, _, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _,
-         hoff) = rec.unpack_from(cd, pos)
-        if sig != b"PK\x01\x02":
-            raise zipfile.BadZipFile(f"bad central directory entry at byte {cd_off + pos}")
-        raw = cd[pos + 46:pos + 46 + nlen].split(b"\0", 1)[0]
-        pos += 46 + nlen + xlen + clen
-        if 0xFFFFFFFF in (csize, usize, hoff):
-            return None
-        out[raw.decode("utf-8" if flags & 0x800 else "cp437")] = (hoff, csize, method, crc, flags)
-    return out if len(out) == n_total else None
-
-
 class FolderSource(Source):
     """``<split>/<class>/<file>`` or ``<class>/<file>`` in a directory or a .zip file."""
 
     def __init__(self, path: str | os.PathLike):
         super().__init__()
         self.path = Path(path)
-        self._zip: zipfile.ZipFile | None = None
-        self._raw = None  # mmap of the zip, opened on first read
-        self._infos: dict | None = None  # member -> (header offset, compressed size, method, crc, flags)
         self.is_zip = self.path.is_file()
+        self._zip: ZipArchive | None = None
         if self.is_zip:
-            try:
-                self._infos = _zip_directory(self.path)
-                if self._infos is None:  # zip64, prepended data, ...: zipfile's general reader
-                    self._zip = zipfile.ZipFile(self.path)
-                    self._infos = {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits)
-                                   for i in self._zip.infolist()}
-            except (zipfile.BadZipFile, OSError) as e:
-                raise SourceError(f"{self.path} is not a readable .zip file ({e})") from None
-            names = [n for n in self._infos if not n.endswith("/")]
+            self._zip = ZipArchive(self.path)
+            names = self._zip.names
         elif self.path.is_dir():
             names = [str(p.relative_to(self.path)).replace(os.sep, "/") for p in self.path.rglob("*") if p.is_file()]
         else:
@@ -341,7 +253,7 @@ class FolderSource(Source):
         cidx = {c: i for i, c in enumerate(self.classes)}
         prefix = {(s, c): sample_key(s, c) + "/" for s, v in by_split.items() for c in {c for c, _, _ in v}}
         self._by_split = {
-            s: [Item(prefix[s, c] + _key_part(os.path.splitext(r)[0]), cidx[c], name) for c, r, name in v]
+            s: [Item(s, prefix[s, c] + _key_part(os.path.splitext(r)[0]), cidx[c], name) for c, r, name in v]
             for s, v in by_split.items()}
         self.name = self.path.stem
         kind = "zip" if self.is_zip else "folder"
@@ -357,49 +269,41 @@ class FolderSource(Source):
     def item_name(self, item):
         return f"{self.path}/{item.ref}" if not self.is_zip else f"{self.path}:{item.ref}"
 
-    def _zip_fast(self, name: str) -> bytes | None:
-        """Read a member straight from the mapped archive (zipfile's per-member open costs ~50 us,
-        this ~3 us); None when the member needs zipfile's general path."""
-        import struct
-        import zlib
-
-        if self._raw is None:
-            import mmap
-
-            with open(self.path, "rb") as f:
-                self._raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        info = self._infos.get(name)
-        if info is None:
-            return None
-        off, csize, method, crc, flags = info
-        if flags & 0x1 or method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            return None
-        if self._raw[off:off + 4] != b"PK\x03\x04":
-            return None
-        nlen, xlen = struct.unpack("<HH", self._raw[off + 26:off + 30])
-        start = off + 30 + nlen + xlen
-        data = self._raw[start:start + csize]
-        if method == zipfile.ZIP_DEFLATED:
-            data = zlib.decompress(data, -15)
-        if zlib.crc32(data) != crc:
-            raise SourceError(f"cannot read {self.path}:{name}: CRC check failed (corrupt archive)")
-        return data
-
     def read_bytes(self, item: Item) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(item.ref)
         try:
-            if self.is_zip:
-                data = self._zip_fast(item.ref)
-                if data is None:
-                    if self._zip is None:
-                        self._zip = zipfile.ZipFile(self.path)
-                    data = self._zip.read(item.ref)
-                return data
             return (self.path / item.ref).read_bytes()
-        except (OSError, KeyError, zipfile.BadZipFile, zlib_error()) as e:
+        except OSError as e:
             raise SourceError(f"cannot read {self.item_name(item)}: {e}") from None
 
     def _read(self, item):
         return decode_image(self.read_bytes(item), self.item_name(item))
+
+
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+def load_cifar_batch(path: Path) -> dict:
+    """One CIFAR-10 python batch file, read with an unpickler that only builds dicts, lists,
+    strings, bytes, numbers and numpy arrays: a crafted archive cannot run code."""
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _CIFAR_PICKLE_GLOBALS:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only "
+                                         f"arrays, lists and strings")
+
+    with open(path, "rb") as f:
+        d = Restricted(f, encoding="latin1").load()
+    if not isinstance(d, dict):
+        raise ValueError(f"{path.name} is not a CIFAR-10 batch (a dict)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
 class CifarSource(Source):
@@ -414,16 +318,16 @@ class CifarSource(Source):
         files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
         self._x, self._y = {}, {}
         try:
-            meta = pickle.loads((folder / "batches.meta").read_bytes(), encoding="latin1")
-            self.classes = list(meta["label_names"])
+            meta = load_cifar_batch(folder / "batches.meta")
+            self.classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta["label_names"]]
             for split, names in files.items():
                 xs, ys = [], []
                 for n in names:
-                    d = pickle.loads((folder / n).read_bytes(), encoding="latin1")
+                    d = load_cifar_batch(folder / n)
                     xs.append(np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
                     ys.append(np.asarray(d["labels"], np.int64))
                 self._x[split], self._y[split] = np.concatenate(xs), np.concatenate(ys)
-        except (OSError, KeyError, pickle.UnpicklingError, ValueError) as e:
+        except (OSError, KeyError, TypeError, EOFError, pickle.UnpicklingError, ValueError) as e:
             raise SourceError(f"{folder}: not a readable CIFAR-10 python folder ({e})") from None
         self.name = "cifar10"
         self.description = f"CIFAR-10 python format at {folder} (train: {len(self._y['train'])}, test: {len(self._y['test'])})"
@@ -438,20 +342,18 @@ class CifarSource(Source):
         counts = [0] * len(self.classes)
         out = []
         for i, lab in enumerate(np.asarray(self._y[split]).tolist()):
-            out.append(Item(f"{prefix[lab]}{counts[lab]:04d}", lab, i))
+            out.append(Item(split, f"{prefix[lab]}{counts[lab]:04d}", lab, i))
             counts[lab] += 1
         return out
 
     def _read(self, item):
-        split = item.key.split("/", 1)[0]
-        return self._x[split][item.ref]
+        return self._x[item.split][item.ref]
 
     def load(self, items, on_bad_image="stop"):
         if not items or self.resize is not None:
             return super().load(items, on_bad_image)
-        split = items[0].key.split("/", 1)[0]
         idx = np.asarray([it.ref for it in items])
-        return Batch([it.key for it in items], np.ascontiguousarray(self._x[split][idx]),
+        return Batch([it.key for it in items], np.ascontiguousarray(self._x[items[0].split][idx]),
                      np.asarray([it.label for it in items], np.int64))
 
 
@@ -478,7 +380,7 @@ class MultiSource(Source):
         return sorted(self._owner, key=lambda s: (SPLIT_NAMES.index(s) if s in SPLIT_NAMES else 99, s))
 
     def _items(self, split):
-        items = [Item(it.key, it.label, (i, it)) for i, p in enumerate(self._owner[split]) for it in p.items(split)]
+        items = [Item(split, it.key, it.label, (i, it)) for i, p in enumerate(self._owner[split]) for it in p.items(split)]
         keys = [it.key for it in items]
         if len(set(keys)) != len(keys):
             raise SourceError(f"split {split}: the same sample key comes from more than one source")
@@ -486,80 +388,14 @@ class MultiSource(Source):
 
     def item_name(self, item):
         i, inner = item.ref
-        return self._owner[item.key.split("/", 1)[0]][i].item_name(inner)
+        return self._owner[item.split][i].item_name(inner)
 
     def stat_token(self) -> str:
         return ",".join(p.stat_token() for p in self.parts)
 
     def _read(self, item):
         i, inner = item.ref
-        return self._owner[item.key.split("/", 1)[0]][i]._read(inner)
-
-
-def extract_archive(path: Path) -> Path:
-    """Extract a .tar/.tgz/.tar.gz once into ~/.cache/etc-data/extracted (or $ETC_DATA_CACHE)."""
-    import hashlib
-    import tarfile
-
-    st = path.stat()
-    tag = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    base = Path(os.environ.get("ETC_DATA_CACHE", Path.home() / ".cache" / "etc-data")) / "extracted"
-    dest = base / f"{path.name.split('.')[0]}-{tag}"
-    if (dest / ".complete").exists():
-        return dest
-    import fcntl
-    import shutil
-
-    base.mkdir(parents=True, exist_ok=True)
-    # one extraction at a time: the planner and every pool worker open the source at once
-    with open(base / f"{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (dest / ".complete").exists():
-            tmp = dest.with_name(dest.name + ".part")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            try:
-                with tarfile.open(path) as t:
-                    t.extractall(tmp, filter="data")
-            except (tarfile.TarError, OSError, EOFError) as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise SourceError(f"{path}: cannot extract archive ({e})") from None
-            (tmp / ".complete").touch()
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-    return dest
-
-
-def download_cifar10(root: str | os.PathLike) -> Path:
-    """Download and extract the official CIFAR-10 python archive (torchvision's code; needs internet)."""
-    from torchvision.datasets import CIFAR10
-
-    try:
-        CIFAR10(str(root), train=True, download=True)
-    except Exception as e:  # noqa: BLE001 - no network here is the common case
-        raise SourceError(f"cannot download CIFAR-10 into {root}: {e}") from None
-    return Path(root) / "cifar-10-batches-py"
-
-
-IMAGENETTE_URLS = {
-    "full": "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz",
-    "320": "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz",
-    "160": "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",
-}
-
-
-def download_imagenette(root: str | os.PathLike, size: str = "160") -> Path:
-    """Download and extract the official Imagenette archive (torchvision's downloader; needs internet)."""
-    if size not in IMAGENETTE_URLS:
-        raise SourceError(f"imagenette size {size!r} unknown; valid: {', '.join(IMAGENETTE_URLS)}")
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    url = IMAGENETTE_URLS[size]
-    try:
-        download_and_extract_archive(url, download_root=str(root))
-    except Exception as e:  # noqa: BLE001
-        raise SourceError(f"cannot download Imagenette from {url}: {e}") from None
-    return Path(root) / url.rsplit("/", 1)[1].split(".")[0]
+        return self._owner[item.split][i]._read(inner)
 
 
 def _open_one(p: Path) -> Source:

@@ -1,20 +1,55 @@
-"""The ``prepare`` flow: source -> one task per shard (encrypt, encode, write) -> manifest last -> artifacts."""
+"""The ``prepare`` flow: ``etc_data.prepare.prepare_dataset`` with one Prefect task per shard.
+
+The flow body is the library's own job; only where chunks run changes: each chunk becomes a task
+(named ``<split>-shard-<index>``), on Prefect's thread runner (the CPU work then goes to a warm
+local ``WorkerPool``) or on a Dask cluster (``make_prepare_flow(dask_address=...)``). The summary
+becomes a table and a Markdown artifact keyed by the dataset, and one line in the flow log.
+
+Run-time resources that cannot be flow parameters (a worker pool started early by the CLI, a
+progress callback) are handed over with ``prepare_runtime(...)``, a context manager scoped to
+the call: nothing is stored at module level.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Callable
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from etc_data.prepare import ChunkResult, PrepareSummary, Settings, prepare, run_chunk_cached
-from etc_data.schemes import MIN_KEY_BITS, weak_key_message
+from etc_data.codecs import DEFAULT_CODEC, default_workers
+from etc_data.prepare import (DEFAULT_SHARD_SIZE, ChunkResult, ChunkRunner, ChunkSpec, PrepareConfig,
+                              PrepareSummary, pool_size, prepare_dataset)
 from etc_data.storage import StorageError
 
-from .keys import load_key_ref
+from .keys import SECRET_PREFIX, load_key_ref
+
+
+@dataclass
+class Runtime:
+    pool: object | None = None                       # an etc_data.workers.WorkerPool, started by the caller
+    progress: Callable[[ChunkResult], None] | None = None
+
+
+_RUNTIME: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar("etc_data_prepare_runtime", default=None)
+
+
+@contextlib.contextmanager
+def prepare_runtime(pool=None, progress: Callable[[ChunkResult], None] | None = None):
+    """Within this block, prepare flows called from this thread use ``pool`` and report to ``progress``."""
+    token = _RUNTIME.set(Runtime(pool, progress))
+    try:
+        yield
+    finally:
+        _RUNTIME.reset(token)
 
 
 def _storage_error(task, task_run, state) -> bool:
@@ -28,107 +63,126 @@ def _storage_error(task, task_run, state) -> bool:
     return False
 
 
-@task(name="shard-chunk", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_storage_error,
-      cache_policy=NO_CACHE, persist_result=False, log_prints=False)
-def shard_chunk(settings: dict, spec: dict) -> dict:
+class ThreadRunners:
+    """One ChunkRunner per task thread (a runner keeps an opened source, which is not shared)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def run(self, cfg: PrepareConfig, spec: ChunkSpec) -> ChunkResult:
+        runner = getattr(self._local, "runner", None)
+        if runner is None:
+            runner = self._local.runner = ChunkRunner(load_key_ref)
+        return runner.run(cfg, spec)
+
+
+def _dask_worker_runner() -> ChunkRunner:
+    """On a Dask worker: one ChunkRunner kept on the worker object, so its source stays open."""
+    from distributed import get_worker
+
+    w = get_worker()
+    runner = getattr(w, "etc_data_chunk_runner", None)
+    if runner is None:
+        runner = ChunkRunner(load_key_ref)
+        setattr(w, "etc_data_chunk_runner", runner)
+    return runner
+
+
+@task(name="shard", task_run_name="{spec[split]}-shard-{spec[index]:06d}", retries=3,
+      retry_delay_seconds=[1, 4, 10], retry_condition_fn=_storage_error, cache_policy=NO_CACHE,
+      persist_result=False, log_prints=False)
+def shard_chunk(cfg: dict, spec: dict, runner=None) -> dict:
     """One shard: the key is loaded from its reference where the chunk runs and never leaves it."""
-    if POOL is not None and not str(settings.get("key_ref") or "").startswith("prefect-secret:"):
-        return POOL.run(settings, spec)  # CPU work in a warm local worker process
-    return run_chunk_cached(settings, spec, key_loader=load_key_ref)
+    c, s = PrepareConfig(**cfg), ChunkSpec(**spec)
+    r = runner.run(c, s) if runner is not None else _dask_worker_runner().run(c, s)
+    return dataclasses.asdict(r)
 
 
-def _task_runner(workers: int | None, dask_address: str | None):
-    """Dask when given a scheduler; else threads that hand the CPU work to a local process pool
-    (``POOL``). Prefect's own ProcessPoolTaskRunner was measured here at ~2 s per worker start plus
-    ~0.5 s per task, more than the whole CIFAR-10 job, so it is only used on request
-    (ETC_DATA_TASK_RUNNER=processes)."""
-    if dask_address:
-        from prefect_dask import DaskTaskRunner
+def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
+    """``prepare_dataset`` with one task per chunk (call inside a flow run). The chunks' CPU work
+    goes to the caller's pool (``prepare_runtime``), to a pool of the flow's own when the run is
+    large enough (``prepare.pool_size``), or stays in the task threads; on Dask it runs on the
+    cluster's workers. A key in a Prefect Secret is always loaded in the task threads."""
+    rt = _RUNTIME.get() or Runtime()
+    secret_ref = str(cfg.key_ref or "").startswith(SECRET_PREFIX)
+    own: list = []  # the pool this run started, if any
 
-        return DaskTaskRunner(address=dask_address)
-    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    def map_chunks(c: PrepareConfig, specs: list[ChunkSpec]):
+        runner = None  # on Dask: a runner kept on each Dask worker
+        if not on_dask:
+            if secret_ref:
+                runner = ThreadRunners()
+            elif rt.pool is not None:
+                runner = rt.pool
+            elif pool_size(c, specs):
+                from etc_data.workers import WorkerPool
 
-    n = workers or len(os.sched_getaffinity(0))
-    if os.environ.get("ETC_DATA_TASK_RUNNER", "threads") == "processes":
-        return ProcessPoolTaskRunner(max_workers=n)
-    return ThreadPoolTaskRunner(max_workers=n)
-
-
-def summary_markdown(s: Settings, summ: PrepareSummary) -> str:
-    rows = ["| split | samples | new | shards | MB | bytes/img |", "|---|---|---|---|---|---|"]
-    for split, m in summ.manifests.items():
-        tot = sum(e["bytes"] for e in m.shards)
-        rows.append(f"| {split} | {m.num_samples} | {summ.written[split]} | {len(m.shards)} | {tot / 1e6:.2f} | "
-                    f"{tot / max(1, m.num_samples):.0f} |")
-    m0 = next(iter(summ.manifests.values()))
-    head = (f"# etc-data prepare: {s.dataset}\n\nOutput `{s.out}`; scheme `{m0.scheme}` block {m0.block_size}; "
-            f"codec `{m0.codec}`; key fingerprint `{m0.key_fingerprint or '-'}`; image size {m0.image_size}.\n\n")
-    warn = ""
-    if summ.key_bits is not None and summ.key_bits < MIN_KEY_BITS:
-        warn = "\n\n**" + weak_key_message(m0.scheme, summ.key_bits, *m0.image_size, m0.block_size) + "**\n"
-    return head + "\n".join(rows) + warn
-
-
-PROGRESS = None  # optional callback(ChunkResult), set by the CLI for its progress bar
-POOL = None      # optional etc_data.prepare.ChunkPool: local worker processes for the chunk tasks
-
-
-def run_prepare(s: Settings) -> PrepareSummary:
-    """The library pipeline with one Prefect task per chunk (call inside a flow)."""
-
-    def map_chunks(specs):
-        settings = dataclasses.asdict(s)  # public settings; the key stays a reference
-        futures = [shard_chunk.submit(settings, dataclasses.asdict(c)) for c in specs]
+                runner = WorkerPool(pool_size(c, specs))
+                own.append(runner)
+            else:
+                runner = ThreadRunners()
+        public = c.to_dict()  # public settings; the key stays a reference
+        futures = [shard_chunk.submit(public, dataclasses.asdict(s), runner) for s in specs]
         for f in as_completed(futures):
-            r = ChunkResult(**f.result())
-            if PROGRESS:
-                PROGRESS(r)
-            yield r
+            yield ChunkResult(**f.result())
 
-    return prepare(s, map_chunks=map_chunks, key_loader=load_key_ref)
+    try:
+        return prepare_dataset(cfg, map_chunks=map_chunks, progress=rt.progress, key_loader=load_key_ref)
+    except BaseException:
+        for p in own:
+            p.terminate()
+        own.clear()
+        raise
+    finally:
+        for p in own:
+            p.close()
+
+
+def _artifact_key(dataset: str, kind: str) -> str:
+    """Artifact keys are per dataset (lowercase letters, digits and dashes, as Prefect requires)."""
+    return f"prepare-{re.sub(r'[^a-z0-9-]+', '-', dataset.lower()).strip('-') or 'dataset'}-{kind}"
+
+
+def publish(summary: PrepareSummary) -> None:
+    """The summary as artifacts (a table and Markdown, keyed by dataset) and one log line."""
+    create_table_artifact(summary.rows(), key=_artifact_key(summary.dataset, "sizes"),
+                          description=f"etc-data prepare sizes: {summary.dataset}")
+    create_markdown_artifact(summary.markdown(), key=_artifact_key(summary.dataset, "summary"),
+                             description=f"etc-data prepare: {summary.dataset}")
+    parts = ", ".join(f"{r['split']} {r['samples']} ({r['new']} new, {r['shards']} shards)" for r in summary.rows())
+    get_run_logger().info(f"prepared {summary.dataset} at {summary.out}: {parts}")
 
 
 @flow(name="etc-prepare", log_prints=False, persist_result=False)
 def prepare_flow(source: list[str], out: str, dataset: str | None = None, owner: str | None = None,
                  key_ref: str | None = None, scheme: str = "etc", block_size: int | None = None,
-                 codec: str = "jpeg:q=85,sub=420", shard_size: int = 10000, max_shard_bytes: int | None = None,
-                 limit: int | None = None, splits: list[str] | None = None, resize: int | None = None,
-                 pad: str = "error", on_bad_image: str = "stop", storage_options: dict | None = None,
-                 workers: int | None = None) -> dict:
+                 codec: str = DEFAULT_CODEC, shard_size: int = DEFAULT_SHARD_SIZE,
+                 max_shard_bytes: int | None = None, limit: int | None = None, splits: list[str] | None = None,
+                 resize: int | None = None, pad: str = "error", on_bad_image: str = "stop",
+                 storage_options: dict | None = None, workers: int | None = None, verify: bool = True) -> dict:
     """Encrypt, compress and shard a dataset; ``key_ref`` is a reference (path, env:NAME,
     prefect-secret:BLOCK), never a key. ``workers``: local worker processes (when no Dask runner)."""
-    global POOL
-    s = Settings(source=source, out=out, dataset=dataset or "", scheme=scheme, block_size=block_size,
-                 codec=codec, key_ref=key_ref, owner=owner, shard_size=shard_size,
-                 max_shard_bytes=max_shard_bytes, limit=limit, splits=splits, resize=resize, pad=pad,
-                 on_bad_image=on_bad_image, storage_options=storage_options or {})
-    from etc_data.prepare import ChunkPool
     from prefect.context import get_run_context
 
+    cfg = PrepareConfig(source=source, out=out, dataset=dataset or "", scheme=scheme, block_size=block_size,
+                        codec=codec, key_ref=key_ref, owner=owner, shard_size=shard_size,
+                        max_shard_bytes=max_shard_bytes, limit=limit, splits=splits, resize=resize, pad=pad,
+                        on_bad_image=on_bad_image, storage_options=storage_options or {}, workers=workers,
+                        verify=verify)
     on_dask = type(get_run_context().task_runner).__name__ == "DaskTaskRunner"
-    own_pool = POOL is None and not on_dask and (workers or len(os.sched_getaffinity(0))) > 1
-    if own_pool:
-        POOL = ChunkPool(workers)
-    try:
-        summ = run_prepare(s)
-    finally:
-        if own_pool:
-            POOL.close()
-            POOL = None
-    table = []
-    for split, m in summ.manifests.items():
-        tot = sum(e["bytes"] for e in m.shards)
-        table.append({"split": split, "samples": m.num_samples, "new": summ.written[split], "shards": len(m.shards),
-                      "bytes": tot, "bytes_per_image": round(tot / max(1, m.num_samples), 1),
-                      "skipped": len(summ.skipped[split])})
-    create_table_artifact(table, key="prepare-sizes", description=f"etc-data prepare sizes: {s.dataset}")
-    create_markdown_artifact(summary_markdown(s, summ), key="prepare-summary")
-    m0 = next(iter(summ.manifests.values()))
-    return {"dataset": s.dataset, "lines": summ.lines(), "scheme": m0.scheme, "block_size": m0.block_size,
-            "key_bits": summ.key_bits, "image_size": summ.image_size,
-            "splits": {k: v.num_samples for k, v in summ.manifests.items()}}
+    summary = run_prepare(cfg, on_dask=on_dask)
+    publish(summary)
+    return summary.to_public()
 
 
 def make_prepare_flow(workers: int | None = None, dask_address: str | None = None):
-    """The prepare flow with the task runner for these settings (threads + local pool, or Dask)."""
-    return prepare_flow.with_options(task_runner=_task_runner(workers, dask_address))
+    """The prepare flow with the task runner for these settings: Dask when given a scheduler, else
+    threads that hand the CPU work to a local WorkerPool. (Prefect's ProcessPoolTaskRunner was
+    measured here at ~2 s per worker start plus ~0.5 s per task, more than the whole CIFAR-10 job.)"""
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return prepare_flow.with_options(task_runner=DaskTaskRunner(address=dask_address))
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return prepare_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers or default_workers()))

@@ -1,11 +1,12 @@
-"""A thin Prefect flow around the trainer. The key is a reference (checked inside); metrics become artifacts."""
+"""A thin Prefect flow around ``etc_data.train.train_model``; the metrics become a table artifact."""
 
 from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from etc_data.train import TrainConfig, train
+from etc_data.models import convmixer_config
+from etc_data.train import TrainConfig, train_model
 
 
 @flow(name="etc-train", log_prints=False, persist_result=False)
@@ -14,11 +15,11 @@ def train_flow(shards: str, out: str, test_shards: str | None = None, key_ref: s
                cutmix_mode: str = "timm", device: str = "auto", workers: int = 2, resume: bool = False,
                storage_options: dict | None = None) -> dict:
     cfg = TrainConfig(shards=shards, test_shards=test_shards, out=out, key_ref=key_ref,
-                      model=model or {"arch": "convmixer", "dim": 256, "depth": 8, "kernel": 9, "patch": 1},
-                      epochs=epochs, batch_size=batch_size, lr=lr, cutmix_mode=cutmix_mode, device=device,
-                      workers=workers, resume=resume, storage_options=storage_options or {},
-                      worker_start="spawn")  # forked DataLoader workers die inside a flow run
-    metrics = train(cfg, progress=False)
+                      model=model or convmixer_config(), epochs=epochs, batch_size=batch_size, lr=lr,
+                      cutmix_mode=cutmix_mode, device=device, workers=workers, resume=resume,
+                      storage_options=storage_options or {},
+                      worker_start="spawn")  # forked DataLoader workers die next to Prefect's threads
+    metrics = train_model(cfg, progress=False)
     create_table_artifact([{k: m[k] for k in ("epoch", "train_loss", "test_acc", "img_per_s")} for m in metrics],
                           key="train-metrics", description=f"etc-data train: {out}")
     return {"epochs": len(metrics), "test_acc": metrics[-1]["test_acc"] if metrics else None, "out": out}

@@ -42,7 +42,7 @@ def imagenette_batch(shared_dir):
     """32 real Imagenette images at 224x224 (decoded from the shared zip)."""
     import zipfile
 
-    from etc_data.sources import decode_image
+    from etc_data.images import decode_image
 
     with zipfile.ZipFile(shared_dir / "imagenette-224-subset.zip") as z:
         names = sorted(n for n in z.namelist() if n.endswith(".JPEG"))[::120][:32]

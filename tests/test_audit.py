@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from etc_data.audit import (AuditConfig, AuditError, best_global, fr_attack, jigsaw_attack, run_audit,
+from etc_data.audit import (AuditConfig, AuditError, best_global, fr_attack, jigsaw_attack, audit_schemes,
                             ssim_psnr)
 from etc_data.cli import main
 from etc_data.schemes import make_scheme
@@ -99,4 +99,5 @@ def test_audit_bad_inputs(shared_dir, tmp_path, capsys):
     assert main(["audit", "--source", src, "--split", "nope", "--sample", "1", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
     with pytest.raises(AuditError, match="lpips"):
-        run_audit(AuditConfig(src, ["etc"], [16], sample=1, lpips_weights=str(tmp_path / "none.pth")), tmp_path)
+        audit_schemes(AuditConfig(src, ["etc"], [16], out=str(tmp_path), sample=1,
+                                  lpips_weights=str(tmp_path / "none.pth")))

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from etc_data.keys import new_key_file
-from etc_data.prepare import Settings, prepare
+from etc_data.prepare import PrepareConfig, prepare_dataset
 
 SCRIPT = r"""
 import json, os, sys
 import torch.distributed as dist
 from etc_data.loader import make_loader
-from etc_data.train import TrainConfig, train
+from etc_data.train import TrainConfig, train_model
 
 url, key, out = sys.argv[1:4]
-metrics = train(TrainConfig(shards=url + "/train", test_shards=url + "/test", out=out, key_ref=key,
+metrics = train_model(TrainConfig(shards=url + "/train", test_shards=url + "/test", out=out, key_ref=key,
                 model={"arch": "convmixer", "dim": 16, "depth": 1, "kernel": 3, "patch": 4}, epochs=1,
                 batch_size=16, workers=2, device="cpu", mixup=0, cutmix=0), progress=False)
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -40,7 +40,7 @@ def test_two_ranks_gloo(tmp_path, cifar_exact):
              x_test=cifar_exact["x_test"][:50], y_test=cifar_exact["y_test"][:50])
     key = tmp_path / "k.key"
     new_key_file(key, "a")
-    prepare(Settings(source=str(npz), out=str(tmp_path / "ds"), dataset="d", key_ref=str(key),
+    prepare_dataset(PrepareConfig(source=str(npz), out=str(tmp_path / "ds"), dataset="d", key_ref=str(key),
                      codec="jpeg:q=90,sub=444", shard_size=40))
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)

@@ -35,7 +35,7 @@ def test_cli_prepare_runs_the_flow_and_keeps_the_key_out_of_prefect(tmp_path, mi
     async def inspect():
         async with get_client() as c:
             runs = await c.read_flow_runs()
-            arts = await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["prepare-sizes", "prepare-summary"])))
+            arts = await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["prepare-c10-sizes", "prepare-c10-summary"])))
             return runs, arts
 
     runs, arts = anyio.run(inspect)
@@ -44,8 +44,8 @@ def test_cli_prepare_runs_the_flow_and_keeps_the_key_out_of_prefect(tmp_path, mi
     assert secret not in json.dumps(ours[0].parameters, default=str)
     assert ours[0].parameters["key_ref"] == str(key_file)
     kinds = {a.key: a for a in arts}
-    assert {"prepare-sizes", "prepare-summary"} <= set(kinds)
-    assert "c10" in kinds["prepare-summary"].data and secret not in kinds["prepare-summary"].data
+    assert {"prepare-c10-sizes", "prepare-c10-summary"} <= set(kinds)
+    assert "c10" in kinds["prepare-c10-summary"].data and secret not in kinds["prepare-c10-summary"].data
 
 
 def test_cli_prepare_error_is_named_and_nonzero(tmp_path, mini_npz, capsys):
@@ -57,7 +57,7 @@ def test_cli_prepare_error_is_named_and_nonzero(tmp_path, mini_npz, capsys):
 def test_prepare_flow_on_a_local_dask_cluster(tmp_path, mini_npz, key_file):
     from distributed import LocalCluster
 
-    import flows.prepare as fp
+    from etc_data.flows import prepare as fp
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         flow_fn = fp.make_prepare_flow(dask_address=cluster.scheduler_address)
@@ -68,10 +68,10 @@ def test_prepare_flow_on_a_local_dask_cluster(tmp_path, mini_npz, key_file):
 
 
 def test_train_flow_wraps_the_trainer(tmp_path, mini_npz, key_file):
-    from etc_data.prepare import Settings, prepare
-    from flows.train import train_flow
+    from etc_data.prepare import PrepareConfig, prepare_dataset
+    from etc_data.flows.train import train_flow
 
-    prepare(Settings(source=str(mini_npz), out=str(tmp_path / "ds"), dataset="c10", key_ref=str(key_file),
+    prepare_dataset(PrepareConfig(source=str(mini_npz), out=str(tmp_path / "ds"), dataset="c10", key_ref=str(key_file),
                      codec="jpeg:q=90,sub=444", shard_size=50))
     res = train_flow(shards=str(tmp_path / "ds" / "train"), test_shards=str(tmp_path / "ds" / "test"),
                      out=str(tmp_path / "run"), key_ref=str(key_file), epochs=1, batch_size=16, device="cpu",
@@ -81,9 +81,9 @@ def test_train_flow_wraps_the_trainer(tmp_path, mini_npz, key_file):
 
 def test_report_flow_merges_per_split_tasks_into_the_library_report(tmp_path, mini_npz, key_file):
     from etc_data.keys import load_key
-    from etc_data.report import size_report
+    from etc_data.report import measure_sizes as size_report
     from etc_data.sources import open_source
-    from flows.report import report_flow
+    from etc_data.flows.report import report_flow
 
     res = report_flow(source=[str(mini_npz)], out=str(tmp_path / "rep"), schemes=["plain", "etc"],
                       codecs=["png", "jpeg:q=85,sub=444"], block_size=8, key_ref=str(key_file), dataset="c10")
@@ -131,7 +131,7 @@ def test_ephemeral_api_server_never_sees_the_key_variable(tmp_path, monkeypatch)
     import os
     import urllib.request
 
-    from flows.ephemeral import EphemeralAPI
+    from etc_data.cli.ephemeral import EphemeralAPI
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "ph"))
     monkeypatch.setenv("ETC_TEST_HIDDEN", "owner-key-material")
@@ -162,7 +162,7 @@ def test_ephemeral_api_server_dies_with_a_killed_cli(tmp_path):
 
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "ph"))
     env.pop("PREFECT_API_URL", None)
-    parent = subprocess.Popen([sys.executable, "-c", "from flows.ephemeral import EphemeralAPI\n"
+    parent = subprocess.Popen([sys.executable, "-c", "from etc_data.cli.ephemeral import EphemeralAPI\n"
                                "import time\na = EphemeralAPI()\nprint(a.proc.pid, flush=True)\ntime.sleep(600)"],
                               env=env, stdout=subprocess.PIPE, text=True)
     server = int(parent.stdout.readline())

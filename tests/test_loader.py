@@ -6,7 +6,7 @@ import pytest
 from etc_data.keys import new_key_file
 from etc_data.loader import iter_split, train_steps
 from etc_data.manifest import read_manifest
-from etc_data.prepare import Settings, prepare
+from etc_data.prepare import PrepareConfig, prepare_dataset
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def split(tmp_path_factory, cifar_exact):
     np.savez(npz, x_train=cifar_exact["x_train"][:230], y_train=cifar_exact["y_train"][:230])
     key = root / "k.key"
     new_key_file(key, "a")
-    prepare(Settings(source=str(npz), out=str(root / "ds"), dataset="d", key_ref=str(key), codec="png", shard_size=30))
+    prepare_dataset(PrepareConfig(source=str(npz), out=str(root / "ds"), dataset="d", key_ref=str(key), codec="png", shard_size=30))
     url = str(root / "ds" / "train")
     return url, read_manifest(url)
 
@@ -66,12 +66,12 @@ def test_jpeg_bytes_batches_cross_as_two_tensors_and_decode_like_the_cpu_path(tm
     np.savez(npz, x_train=cifar_exact["x_train"][:100], y_train=cifar_exact["y_train"][:100])
     key = tmp_path / "k.key"
     new_key_file(key, "a")
-    prepare(Settings(source=str(npz), out=str(tmp_path / "ds"), dataset="d", key_ref=str(key),
+    prepare_dataset(PrepareConfig(source=str(npz), out=str(tmp_path / "ds"), dataset="d", key_ref=str(key),
                      codec="jpeg:q=90,sub=444", shard_size=40))
     url = str(tmp_path / "ds" / "train")
     got = {}
     for mode in ("cpu", "cuda"):
-        dl, _, _, _ = make_loader(url, 32, train=False, workers=2, decode=mode)
+        dl, _, _, _ = make_loader(url, 32, train=False, workers=2, decode=mode, worker_start="spawn")
         xs, ys = [], []
         for x, y in dl:
             if mode == "cuda":

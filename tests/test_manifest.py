@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from etc_data.manifest import FORMAT, Manifest, ManifestError, read_keys, read_manifest, write_manifest
+from etc_data.manifest import FORMAT, Manifest, ManifestError, read_sample_index, read_manifest, write_manifest
 from etc_data.shards import write_chunk
 
 
@@ -32,7 +32,7 @@ def _write(root, split, imgs, labels, start=0, max_samples=8, old=None, old_keys
     keys.update({s.name: s.keys for s in shards})
     m = _manifest([], split=split, created=created)
     m.shards = entries
-    write_manifest(str(root / split), m, keys=keys)
+    write_manifest(str(root / split), m, sample_index=keys)
     return m, keys
 
 
@@ -72,32 +72,32 @@ def test_append_and_a_kill_between_index_and_manifest(cifar_exact, tmp_path):
     import hashlib
 
     raw = json.dumps(keys, separators=(",", ":"), sort_keys=True).encode()
-    (tmp_path / "train" / f"keys-{hashlib.sha256(raw).hexdigest()[:16]}.json").write_bytes(raw)
+    (tmp_path / "train" / f"samples-{hashlib.sha256(raw).hexdigest()[:16]}.json").write_bytes(raw)
     r = read_manifest(str(tmp_path / "train"))
-    assert read_keys(str(tmp_path / "train"), r) == k1 and r.num_samples == 10
+    assert read_sample_index(str(tmp_path / "train"), r) == k1 and r.num_samples == 10
     # the real append: old + new shards, one index listing all sample keys, stale indexes removed
     m2, k2 = _write(tmp_path, "train", x[10:25], y[10:25], start=5, old=r, old_keys=k1)
     r2 = read_manifest(str(tmp_path / "train"))
     assert r2.num_samples == 25 and r2.filenames[:2] == m1.filenames and len(r2.filenames) == 4
-    got = read_keys(str(tmp_path / "train"), r2)
+    got = read_sample_index(str(tmp_path / "train"), r2)
     assert sum(len(v) for v in got.values()) == 25 and got == k2
-    assert [p.name for p in (tmp_path / "train").glob("keys*.json")] == [r2.keys_file]
+    assert [p.name for p in (tmp_path / "train").glob("samples-*.json")] == [r2.sample_index_file]
 
 
 def test_tampered_or_missing_key_index_is_refused(cifar_exact, tmp_path):
     _write(tmp_path, "train", cifar_exact["x_train"][:9], cifar_exact["y_train"][:9])
     r = read_manifest(str(tmp_path / "train"))
-    idx = tmp_path / "train" / r.keys_file
+    idx = tmp_path / "train" / r.sample_index_file
     idx.write_text(idx.read_text().replace("00001", "99999"))
-    with pytest.raises(ManifestError, match=rf"{r.keys_file}.*sha256 does not match"):
-        read_keys(str(tmp_path / "train"), r)
+    with pytest.raises(ManifestError, match=rf"{r.sample_index_file}.*sha256 does not match"):
+        read_sample_index(str(tmp_path / "train"), r)
     idx.unlink()
-    with pytest.raises(ManifestError, match=rf"{r.keys_file}.*unreadable"):
-        read_keys(str(tmp_path / "train"), r)
+    with pytest.raises(ManifestError, match=rf"{r.sample_index_file}.*unreadable"):
+        read_sample_index(str(tmp_path / "train"), r)
     m = _manifest([])
     m.shards = list(r.shards)
-    with pytest.raises(ManifestError, match="key index must list exactly"):
-        write_manifest(str(tmp_path / "train"), m, keys={r.shards[0]["name"]: ["train/c0/00000"]})
+    with pytest.raises(ManifestError, match="sample index must list exactly"):
+        write_manifest(str(tmp_path / "train"), m, sample_index={r.shards[0]["name"]: ["train/c0/00000"]})
 
 
 @pytest.mark.parametrize("doc,msg", [

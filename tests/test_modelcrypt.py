@@ -10,7 +10,7 @@ import torch
 
 from etc_data.cli import main
 from etc_data.keys import load_key, new_key_file
-from etc_data.modelcrypt import ModelCryptError, encrypt_model, encrypt_timm_model, key_space_note
+from etc_data.modelcrypt import ModelCryptError, encrypt_checkpoint, encrypt_timm_model, key_space_note
 from etc_data.schemes import make_scheme
 
 HALF = ((0.5,) * 3, (0.5,) * 3)
@@ -120,12 +120,12 @@ def _plain_ckpt(config, norm=HALF):
 
 
 def test_checkpoint_records_scheme_and_key(tmp_path, key, cifar_exact):
-    from etc_data.train import TrainError, load_checkpoint, model_from_checkpoint, save_checkpoint
+    from etc_data.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 
     cfg = {"arch": "vit", "variant": "custom", "dim": 32, "depth": 1, "heads": 2, "patch": 4, "img_size": 32,
            "num_classes": 10}
     ck = _plain_ckpt(cfg, IMAGENET)
-    out, note = encrypt_model(ck, key, "c10", "blockwise:scramble=1")
+    out, note = encrypt_checkpoint(ck, key, "c10", "blockwise:scramble=1")
     assert out["scheme"] == {"scheme": "blockwise", "block_size": 4, "pad": "error",
                              "options": {"negpos": True, "scramble": True}}
     assert out["key_fingerprint"] == key.fingerprint and out["dataset"] == "c10" and out["optimizer"] is None
@@ -133,7 +133,7 @@ def test_checkpoint_records_scheme_and_key(tmp_path, key, cifar_exact):
     save_checkpoint(tmp_path / "enc.pt", out)
     other = tmp_path / "other.key"
     new_key_file(other, "bob")
-    with pytest.raises(TrainError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused"):
         load_checkpoint(tmp_path / "enc.pt", key=load_key(str(other)))
     back = load_checkpoint(tmp_path / "enc.pt", key=key)
     x = cifar_exact["x_test"][:8]
@@ -143,17 +143,19 @@ def test_checkpoint_records_scheme_and_key(tmp_path, key, cifar_exact):
         b = model_from_checkpoint(back).eval()(_x(s.encrypt(x), *IMAGENET))
     assert float((a - b).abs().max()) <= 1e-4
     with pytest.raises(ModelCryptError, match="already for scheme blockwise"):
-        encrypt_model(out, key, "c10")
+        encrypt_checkpoint(out, key, "c10")
     with pytest.raises(ModelCryptError, match="convmixer cannot absorb"):
-        encrypt_model(_plain_ckpt({"arch": "convmixer", "dim": 8, "depth": 1, "kernel": 3, "patch": 2,
+        encrypt_checkpoint(_plain_ckpt({"arch": "convmixer", "dim": 8, "depth": 1, "kernel": 3, "patch": 2,
                                    "num_classes": 10, "img_size": 32}), key, "c10", "blockwise:scramble=1")
 
 
 def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
     """Train a tiny ConvMixer (patch 2) on plain real CIFAR shards, encrypt it with the CLI, evaluate."""
-    from etc_data.manifest import read_manifest
-    from etc_data.prepare import Settings, prepare
-    from etc_data.train import TrainConfig, evaluate_model, load_checkpoint, model_from_checkpoint, train
+    from etc_data.prepare import PrepareConfig, prepare_dataset
+    from etc_data.checkpoint import load_checkpoint, model_from_checkpoint
+    from etc_data.evaluate import evaluate_model
+    from etc_data.loader import make_loader
+    from etc_data.train import TrainConfig, train_model
 
     npz = tmp_path / "c10.npz"
     np.savez(npz, x_train=cifar_exact["x_train"][:1000], y_train=cifar_exact["y_train"][:1000],
@@ -163,12 +165,12 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
     new_key_file(kb, "bob")
     for name, scheme, k, splits in [("plain", "plain", None, None), ("enc", "blockwise", ka, ["test"]),
                                     ("other", "blockwise", kb, ["test"])]:
-        prepare(Settings(source=str(npz), out=str(tmp_path / name), dataset="c10", scheme=scheme, block_size=2,
+        prepare_dataset(PrepareConfig(source=str(npz), out=str(tmp_path / name), dataset="c10", scheme=scheme, block_size=2,
                          key_ref=None if k is None else str(k), codec="png", shard_size=400, splits=splits))
     cfg = TrainConfig(shards=str(tmp_path / "plain" / "train"), test_shards=None, out=str(tmp_path / "run"),
                       key_ref=None, model={"arch": "convmixer", "dim": 32, "depth": 2, "kernel": 5, "patch": 2},
                       epochs=5, batch_size=64, lr=0.01, workers=0, device="cpu", mixup=0.0, cutmix=0.0)
-    train(cfg, progress=False)
+    train_model(cfg, progress=False)
     plain_ck = tmp_path / "run" / "last.pt"
     enc_ck = tmp_path / "enc.pt"
     rc = main(["encrypt-model", "--key", str(ka), "--dataset", "c10", str(plain_ck), str(enc_ck)])
@@ -197,10 +199,8 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
     # the encrypted model forced onto plain images / images under another key (bypassing the checks)
     model = model_from_checkpoint(load_checkpoint(enc_ck)).eval()
     dev = torch.device("cpu")
-    on_plain = evaluate_model(model, str(tmp_path / "plain" / "test"), read_manifest(str(tmp_path / "plain" / "test")),
-                              dev, workers=0)
-    on_other = evaluate_model(model, str(tmp_path / "other" / "test"), read_manifest(str(tmp_path / "other" / "test")),
-                              dev, workers=0)
+    on_plain = evaluate_model(model, make_loader(str(tmp_path / "plain" / "test"), 256, train=False, workers=0)[0], dev)
+    on_other = evaluate_model(model, make_loader(str(tmp_path / "other" / "test"), 256, train=False, workers=0)[0], dev)
     print(f"\nplain model/plain images {plain}, encrypted model/encrypted images {enc}, "
           f"encrypted model/plain images {on_plain}, encrypted model/other key {on_other}")
     assert plain["samples"] == enc["samples"] == 300
@@ -210,7 +210,7 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
 
 
 def test_cli_prints_key_space_and_refuses_bad_inputs(tmp_path, capsys):
-    from etc_data.train import load_checkpoint, save_checkpoint
+    from etc_data.checkpoint import load_checkpoint, save_checkpoint
 
     kp = tmp_path / "owner.key"
     new_key_file(kp, "alice")

@@ -13,9 +13,10 @@ import pytest
 from etc_data.codecs import get_codec
 from etc_data.keys import load_key
 from etc_data.manifest import read_manifest
-from etc_data.prepare import PrepareError, Settings, prepare
+from etc_data.prepare import PrepareConfig, PrepareError, prepare_dataset
 from etc_data.schemes import make_scheme
-from etc_data.shards import iter_samples, verify
+from etc_data.shards import iter_samples
+from etc_data.verify import verify_split as verify
 from etc_data.sources import SourceError
 
 from .conftest import make_image_zip, make_mini_npz
@@ -32,9 +33,9 @@ def _hashes(root):
 def test_prepare_lossless_round_trip_and_manifest(tmp_path, cifar_exact, key_file):
     src = _npz(tmp_path, cifar_exact)
     out = tmp_path / "out"
-    s = Settings(source=str(src), out=str(out), dataset="cifar10", scheme="etc", block_size=8, codec="png",
+    s = PrepareConfig(source=str(src), out=str(out), dataset="cifar10", scheme="etc", block_size=8, codec="png",
                  key_ref=str(key_file), shard_size=50)
-    summ = prepare(s)
+    summ = prepare_dataset(s)
     m = read_manifest(str(out / "train"))
     assert m.num_samples == 120 and m.shard_lengths == [50, 50, 20] and m.image_size == [32, 32]
     assert m.key_fingerprint == load_key(key_file).fingerprint and m.codec == "png:level=6"
@@ -54,7 +55,7 @@ def test_prepare_lossless_round_trip_and_manifest(tmp_path, cifar_exact, key_fil
 def test_same_input_and_key_give_same_shards(tmp_path, cifar_exact, key_file):
     src = _npz(tmp_path, cifar_exact, 80, 10)
     for name in ("a", "b"):
-        prepare(Settings(source=str(src), out=str(tmp_path / name), dataset="d", key_ref=str(key_file),
+        prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / name), dataset="d", key_ref=str(key_file),
                          codec="jpeg:q=85,sub=420", shard_size=30))
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b") and len(_hashes(tmp_path / "a")) == 4
 
@@ -64,9 +65,9 @@ def test_incremental_ingest_appends_without_reencrypting(tmp_path, cifar_exact, 
     out = tmp_path / "out"
     base = dict(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="jpeg:q=85,sub=444",
                 shard_size=60, splits=["train"])
-    prepare(Settings(**base, limit=100))
+    prepare_dataset(PrepareConfig(**base, limit=100))
     before = _hashes(out)
-    summ = prepare(Settings(**base, limit=170))
+    summ = prepare_dataset(PrepareConfig(**base, limit=170))
     after = _hashes(out)
     assert summ.written["train"] == 70
     assert all(after[k] == v for k, v in before.items())  # old shards untouched
@@ -74,7 +75,7 @@ def test_incremental_ingest_appends_without_reencrypting(tmp_path, cifar_exact, 
     assert m.num_samples == 170 and len(m.shards) == len(before) + 2
     keys = [x["__key__"] for x in iter_samples(str(out / "train"))]
     assert len(keys) == len(set(keys)) == 170
-    assert prepare(Settings(**base, limit=170)).written["train"] == 0  # nothing new: nothing written
+    assert prepare_dataset(PrepareConfig(**base, limit=170)).written["train"] == 0  # nothing new: nothing written
 
 
 def test_append_with_other_key_or_codec_is_refused(tmp_path, cifar_exact, key_file):
@@ -82,23 +83,23 @@ def test_append_with_other_key_or_codec_is_refused(tmp_path, cifar_exact, key_fi
 
     src = _npz(tmp_path, cifar_exact, 30, 5)
     out = tmp_path / "out"
-    prepare(Settings(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="png", limit=10))
+    prepare_dataset(PrepareConfig(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="png", limit=10))
     other = tmp_path / "other.key"
     new_key_file(other, "mallory")
     with pytest.raises(PrepareError, match=r"key_fingerprint"):
-        prepare(Settings(source=str(src), out=str(out), dataset="d", key_ref=str(other), codec="png"))
+        prepare_dataset(PrepareConfig(source=str(src), out=str(out), dataset="d", key_ref=str(other), codec="png"))
     with pytest.raises(PrepareError, match=r"codec: dataset has 'png:level=6'"):
-        prepare(Settings(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="jpegls"))
+        prepare_dataset(PrepareConfig(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="jpegls"))
 
 
 def test_plain_scheme_needs_no_key_and_bad_codec_combo_refused(tmp_path, cifar_exact, key_file):
     src = _npz(tmp_path, cifar_exact, 20, 5)
-    summ = prepare(Settings(source=str(src), out=str(tmp_path / "p"), dataset="d", scheme="plain", codec="png"))
+    summ = prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / "p"), dataset="d", scheme="plain", codec="png"))
     assert summ.manifests["train"].key_fingerprint is None and summ.key_bits is None
     from etc_data.schemes import SchemeError
 
     with pytest.raises(SchemeError, match="not JPEG-compliant"):
-        prepare(Settings(source=str(src), out=str(tmp_path / "q"), dataset="d", key_ref=str(key_file),
+        prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / "q"), dataset="d", key_ref=str(key_file),
                          block_size=8, codec="jpeg:q=85,sub=420"))
     assert not (tmp_path / "q").exists()
 
@@ -113,9 +114,9 @@ def test_bad_image_stops_with_name_or_is_skipped_and_listed(tmp_path, cifar_exac
         zout.writestr("train/3/9999.png", b"\x89PNG\r\n\x1a\nbroken")
     s = dict(source=str(bad), dataset="d", key_ref=str(key_file), codec="png", block_size=8)
     with pytest.raises(SourceError, match="9999.png"):
-        prepare(Settings(out=str(tmp_path / "o1"), **s))
+        prepare_dataset(PrepareConfig(out=str(tmp_path / "o1"), **s))
     assert not (tmp_path / "o1" / "train" / "manifest.json").exists()
-    summ = prepare(Settings(out=str(tmp_path / "o2"), on_bad_image="skip", **s))
+    summ = prepare_dataset(PrepareConfig(out=str(tmp_path / "o2"), on_bad_image="skip", **s))
     assert summ.manifests["train"].num_samples == 12
     assert len(summ.skipped["train"]) == 1 and "9999.png" in summ.skipped["train"][0]
     assert any("skipped 1" in line for line in summ.lines())
@@ -123,8 +124,8 @@ def test_bad_image_stops_with_name_or_is_skipped_and_listed(tmp_path, cifar_exac
 
 KILL_SCRIPT = """
 import sys
-from etc_data.prepare import Settings, prepare
-prepare(Settings(source=sys.argv[1], out=sys.argv[2], dataset="d", key_ref=sys.argv[3], codec="jpeg:q=90,sub=444",
+from etc_data.prepare import PrepareConfig, prepare_dataset
+prepare_dataset(PrepareConfig(source=sys.argv[1], out=sys.argv[2], dataset="d", key_ref=sys.argv[3], codec="jpeg:q=90,sub=444",
                  shard_size=40))
 """
 
@@ -155,11 +156,10 @@ def test_kept_open_sources_are_reopened_when_the_source_grew(tmp_path, cifar_exa
     """A long-lived process (Prefect task threads, a served deployment) keeps its source open
     across runs; a folder that gained images between two runs must not be read through the stale
     listing (positions would point at the wrong images)."""
-    import dataclasses
-
-    from etc_data.prepare import ChunkResult, run_chunk_cached
-
     from etc_data.codecs import get_codec as gc
+    from etc_data.prepare import ChunkRunner
+
+    runner = ChunkRunner()  # one long-lived runner for both runs, as in a served deployment
 
     x, y = cifar_exact["x_train"][:30], cifar_exact["y_train"][:30]
     folder = tmp_path / "imgs" / "train"
@@ -174,11 +174,9 @@ def test_kept_open_sources_are_reopened_when_the_source_grew(tmp_path, cifar_exa
             Image.fromarray(x[i]).save(d / f"{(i * 7) % 30:04d}_{i}.png")
 
     def run():
-        s = Settings(source=str(tmp_path / "imgs"), out=str(tmp_path / "out"), dataset="d", key_ref=str(key_file),
+        s = PrepareConfig(source=str(tmp_path / "imgs"), out=str(tmp_path / "out"), dataset="d", key_ref=str(key_file),
                      codec="png", shard_size=8)
-        return prepare(s, map_chunks=lambda specs: [ChunkResult(**run_chunk_cached(dataclasses.asdict(s),
-                                                                                   dataclasses.asdict(c)))
-                                                    for c in specs])
+        return prepare_dataset(s, map_chunks=lambda c, specs: [runner.run(c, spec) for spec in specs])
 
     add(0, 20)
     run()
@@ -196,20 +194,18 @@ def test_kept_schemes_follow_a_rotated_key(tmp_path, cifar_exact):
     """A long-lived process keeps its key schedule across runs; when the key behind the same
     reference changes (a rotated key file or Prefect Secret), the next run must encrypt with the
     new key that its manifest names, not the cached old one."""
-    import dataclasses
-
     from etc_data.keys import new_key_file
-    from etc_data.prepare import ChunkResult, run_chunk_cached
+    from etc_data.prepare import ChunkRunner
+
+    runner = ChunkRunner()  # one long-lived runner for both runs, as in a served deployment
 
     src = _npz(tmp_path, cifar_exact, 40, 0)
     ref = tmp_path / "owner.key"
 
     def run(out):
-        s = Settings(source=str(src), out=str(tmp_path / out), dataset="d", key_ref=str(ref), codec="png",
+        s = PrepareConfig(source=str(src), out=str(tmp_path / out), dataset="d", key_ref=str(ref), codec="png",
                      shard_size=20)
-        return prepare(s, map_chunks=lambda specs: [ChunkResult(**run_chunk_cached(dataclasses.asdict(s),
-                                                                                   dataclasses.asdict(c)))
-                                                    for c in specs])
+        return prepare_dataset(s, map_chunks=lambda c, specs: [runner.run(c, spec) for spec in specs])
 
     new_key_file(ref, "alice")
     run("a")

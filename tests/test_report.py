@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from etc_data.cli import main
-from etc_data.report import psnr, size_report
+from etc_data.report import measure_sizes as size_report, psnr
 from etc_data.sources import SourceError, open_source
 
 from .conftest import make_image_zip

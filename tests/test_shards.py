@@ -4,10 +4,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from etc_data.manifest import Manifest, ManifestError, read_manifest, read_keys, write_manifest
-from etc_data.shards import (
-    ShardError, ShardWriter, build_tar, iter_samples, verify, write_chunk,
-)
+from etc_data.manifest import Manifest, ManifestError, read_manifest, read_sample_index, write_manifest
+from etc_data.shards import ShardError, ShardWriter, build_tar, iter_samples, write_chunk
+from etc_data.verify import verify_split as verify
 from etc_data.storage import StorageError, check_no_secrets, load_storage_config
 
 
@@ -54,14 +53,14 @@ def test_manifest_round_trip_info_and_verify(cifar_exact, tmp_path):
     s = _samples(cifar_exact["x_test"][:25], cifar_exact["y_test"][:25])
     shards = write_chunk(str(root / "train"), "train", 0, s, max_samples=10)
     m = _manifest(shards)
-    write_manifest(str(root / "train"), m, keys={x.name: x.keys for x in shards})
+    write_manifest(str(root / "train"), m, sample_index={x.name: x.keys for x in shards})
     r = read_manifest(str(root / "train"))
     assert r.num_samples == 25 and r.shard_lengths == [10, 10, 5] and r.filenames == [x.name for x in shards]
     d = json.loads((root / "train" / "manifest.json").read_text())
     for f in ("format", "num_samples", "shard_lengths", "filenames", "shards", "split", "scheme", "block_size",
               "codec", "key_fingerprint", "classes", "image_size"):
         assert f in d
-    assert sum(len(v) for v in read_keys(str(root / "train"), r).values()) == 25
+    assert sum(len(v) for v in read_sample_index(str(root / "train"), r).values()) == 25
     info = json.loads((root / "_info.json").read_text())
     assert info["splits"]["train"]["filenames"][0] == "train/train-000000.tar"
     rep = verify(str(root / "train"), deep=True)
@@ -98,7 +97,7 @@ def test_bad_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "train" / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         read_manifest(str(tmp_path / "train"))
-    (tmp_path / "train" / "manifest.json").write_text('{"format": "etc-data-manifest/1", "split": "train"}')
+    (tmp_path / "train" / "manifest.json").write_text('{"format": "etc-data-manifest/2", "split": "train"}')
     with pytest.raises(ManifestError, match="lacks field"):
         read_manifest(str(tmp_path / "train"))
 
@@ -212,13 +211,13 @@ def test_every_codec_extension_is_an_image_for_verify_and_the_loader(tmp_path, c
     from etc_data.codecs import EXT_TO_CODEC
     from etc_data.keys import new_key_file
     from etc_data.loader import iter_split
-    from etc_data.prepare import Settings, prepare
+    from etc_data.prepare import PrepareConfig, prepare_dataset
     from etc_data.shards import SAMPLE_EXTS
 
     assert set(SAMPLE_EXTS) == set(EXT_TO_CODEC)
     np.savez(tmp_path / "m.npz", x_train=cifar_exact["x_train"][:20], y_train=cifar_exact["y_train"][:20])
     new_key_file(tmp_path / "k.key", "a")
-    prepare(Settings(source=str(tmp_path / "m.npz"), out=str(tmp_path / "ds"), dataset="d",
+    prepare_dataset(PrepareConfig(source=str(tmp_path / "m.npz"), out=str(tmp_path / "ds"), dataset="d",
                      key_ref=str(tmp_path / "k.key"), codec="raw", shard_size=8))
     url = str(tmp_path / "ds" / "train")
     rep = verify(url, deep=True)

@@ -9,8 +9,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from etc_data.sources import (CIFAR10_CLASSES, CifarSource, FolderSource, MultiSource, SourceError,
-                              download_imagenette, open_source, resize_shorter_center_crop)
+from etc_data.downloads import download_imagenette
+from etc_data.images import resize_shorter_center_crop
+from etc_data.sources import CIFAR10_CLASSES, CifarSource, FolderSource, MultiSource, SourceError, open_source
 
 from .conftest import make_image_zip
 
@@ -174,11 +175,12 @@ def test_missing_or_empty_sources_are_named(tmp_path):
 
 def _zip_records(path):
     with zipfile.ZipFile(path) as z:
-        return {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits) for i in z.infolist()}
+        return {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits, i.file_size)
+                for i in z.infolist()}
 
 
 def test_fast_zip_directory_matches_zipfile_and_falls_back(tmp_path, shared_dir, cifar_exact):
-    from etc_data.sources import _zip_directory
+    from etc_data.archives import read_zip_directory as _zip_directory
 
     for name in ("cifar10-test-jpeg.zip", "imagenette-224-subset.zip"):
         assert _zip_directory(shared_dir / name) == _zip_records(shared_dir / name)

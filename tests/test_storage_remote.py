@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from etc_data.prepare import Settings, prepare
-from etc_data.shards import iter_samples, verify
+from etc_data.prepare import PrepareConfig, prepare_dataset
+from etc_data.shards import iter_samples
+from etc_data.verify import verify_split as verify
 from etc_data.storage import StorageError, atomic_open, exists, read_bytes, write_bytes
 
 from .conftest import make_mini_npz
@@ -38,15 +39,15 @@ def test_prepare_verify_and_append_on_object_storage(store, request, mini_npz, k
     opts = srv.storage_options()
     base = dict(source=str(mini_npz), out=url, dataset="c10", key_ref=str(key_file), codec="jpeg:q=85,sub=444",
                 shard_size=30, storage_options=opts)
-    prepare(Settings(**base, limit=50))
-    summ = prepare(Settings(**base))  # append the remaining 20 train images
+    prepare_dataset(PrepareConfig(**base, limit=50))
+    summ = prepare_dataset(PrepareConfig(**base))  # append the remaining 20 train images
     assert summ.written == {"train": 20, "test": 0} and summ.manifests["train"].num_samples == 70
     rep = verify(f"{url}/train", deep=True, storage_options=opts)
     assert rep.ok and rep.samples == 70, rep.lines()
     keys = [s["__key__"] for s in iter_samples(f"{url}/train", opts)]
     assert len(set(keys)) == 70
     local = tmp_path / "local"
-    prepare(Settings(**dict(base, out=str(local), storage_options={})))
+    prepare_dataset(PrepareConfig(**dict(base, out=str(local), storage_options={})))
     # the same input and key give the same shard bytes wherever they are stored
     remote_m = json.loads(read_bytes(f"{url}/test/manifest.json", opts))
     assert remote_m["shards"] == json.loads((local / "test" / "manifest.json").read_text())["shards"]

@@ -33,10 +33,11 @@ def register(cli: click.Group) -> None:
         """Measure leakage: SSIM/PSNR of encrypted vs plain, jigsaw and FR attacks, key space.
 
         Ciphertexts are made with an ephemeral random key: the attacks never see a key."""
-        from ..audit import AuditConfig, run_audit
+        from ..audit import AuditConfig, audit_schemes
+
         cfg = AuditConfig(source=source, schemes=_split_list(schemes), block_sizes=_split_list(block_sizes, int),
-                          sample=sample, split=split, seed=seed, lpips_weights=lpips_weights)
-        rep = run_audit(cfg, out)
+                          out=out, sample=sample, split=split, seed=seed, lpips_weights=lpips_weights)
+        rep = audit_schemes(cfg)
         for w in rep["weak_key_warnings"]:
             click.echo(w if w.lower().startswith("warning") else f"warning: {w}", err=True)
         for r in rep["results"]:

@@ -11,11 +11,6 @@ from ..keys import load_key, new_key_file
 from ..schemes import MIN_KEY_BITS, key_space, parse_scheme_spec, weak_key_message
 
 
-def key_option(required: bool = False, help_extra: str = ""):
-    return click.option("--key", "key_ref", required=required, metavar="PATH|env:NAME",
-                        help="owner key file (mode 0600) or env:NAME; default $ETC_DATA_KEY. " + help_extra)
-
-
 def register(cli: click.Group) -> None:
     @cli.group()
     def keys():

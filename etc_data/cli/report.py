@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import click
 
-from .keys import key_option
+from .options import key_option
 
 
 def register(cli: click.Group) -> None:
+    from ..report import DEFAULT_CODECS, DEFAULT_SCHEMES
+
     @cli.group()
     def report():
         """Reports on what encryption costs."""
 
     @report.command("sizes")
     @click.option("--source", "sources", multiple=True, required=True, help="any source etc-data prepare reads")
-    @click.option("--schemes", default="plain,etc,ele,pe", show_default=True, help="comma-separated scheme names")
+    @click.option("--schemes", default=",".join(DEFAULT_SCHEMES), show_default=True, help="comma-separated scheme names")
     @click.option("--codec", "codecs", multiple=True, help="codec spec; repeat (parameters contain commas). "
-                  "Default: jpeg:q=85,sub=444, jpeg:q=80,sub=444, jpegls, j2k, raw")
+                  f"Default: {', '.join(DEFAULT_CODECS)}")
     @click.option("--block-size", type=int, default=16, show_default=True, help="block size of etc / blockwise")
     @key_option(help_extra="Default: an ephemeral random key, never stored.")
     @click.option("--dataset", default=None, help="dataset id for the subkey (with --key)")
@@ -25,25 +27,24 @@ def register(cli: click.Group) -> None:
     @click.option("--resize", type=int, default=None, help="shorter side to N then centre crop")
     @click.option("--workers", type=int, default=None, help="encoder threads (default: all cores)")
     @click.option("--on-bad-image", type=click.Choice(["stop", "skip"]), default="stop", show_default=True)
-    @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for sizes.json/.md/.png")
+    @click.option("--out", required=True, help="folder (or URL) for sizes.json/.md/.png")
     def sizes(sources, schemes, codecs, block_size, key_ref, dataset, splits, limit, resize, workers, on_bad_image, out):
         """Encode every image once per scheme and codec; write sizes.json, sizes.md, sizes.png."""
         from tqdm import tqdm
 
-        from ..keys import load_key
-        from ..report import size_report
+        from ..report import ReportConfig, size_report
         from ..sources import open_source
 
-        src = open_source(list(sources), resize=resize)
-        key = load_key(key_ref) if key_ref else None
-        codecs = list(codecs) or ["jpeg:q=85,sub=444", "jpeg:q=80,sub=444", "jpegls", "j2k", "raw"]
-        total = sum(min(len(src.items(s)), limit or 10**12) for s in (splits or src.splits))
+        cfg = ReportConfig(source=list(sources), out=out, schemes=[s.strip() for s in schemes.split(",") if s.strip()],
+                           codecs=list(codecs) or list(DEFAULT_CODECS), block_size=block_size, key_ref=key_ref,
+                           dataset=dataset, splits=list(splits) or None, limit=limit, resize=resize, workers=workers,
+                           on_bad_image=on_bad_image)
+        cfg.check()
+        src = open_source(cfg.source, resize=resize)
+        total = sum(min(len(src.items(s)), limit or 10**12) for s in (cfg.splits or src.splits))
         with tqdm(total=total, unit="img", desc="report") as bar:
-            rep = size_report(src, [s.strip() for s in schemes.split(",") if s.strip()], codecs, block_size, key,
-                              dataset, list(splits) or None, limit, workers=workers, on_bad_image=on_bad_image,
-                              progress=bar.update)
-        rep.write(out)
+            rep = size_report(cfg, progress=bar.update)
         click.echo(rep.markdown())
-        if key is None:
+        if key_ref is None:
             click.echo("(an ephemeral random key was used and discarded)")
         click.echo(f"wrote {out}/sizes.json, sizes.md, sizes.png")

@@ -6,10 +6,12 @@ import json
 
 import click
 
-from .keys import key_option
+from .options import key_option, storage_config_option, storage_options
 
 
 def register(cli: click.Group) -> None:
+    from ..models import DEFAULT_VIT_VARIANT, VIT_VARIANTS
+
     @cli.command("train")
     @click.option("--shards", required=True, help="train split URL (ROOT/train), any fsspec URL")
     @click.option("--test-shards", default=None, help="test split URL, evaluated every epoch")
@@ -19,9 +21,9 @@ def register(cli: click.Group) -> None:
     @click.option("--depth", type=int, default=8, show_default=True)
     @click.option("--kernel", type=int, default=9, show_default=True, help="ConvMixer depthwise kernel")
     @click.option("--patch", type=int, default=1, show_default=True)
-    @click.option("--heads", type=int, default=None, help="ViT heads (custom ViT)")
-    @click.option("--vit-variant", default="vit_base_patch16_224", show_default=True,
-                  help="vit_base_patch16_224, vit_small_patch16_224, vit_tiny_patch16_224 or custom")
+    @click.option("--heads", type=int, default=4, show_default=True, help="ViT heads (custom ViT)")
+    @click.option("--vit-variant", default=DEFAULT_VIT_VARIANT, show_default=True,
+                  help=f"{', '.join(VIT_VARIANTS)} or custom (--dim/--depth/--heads/--patch)")
     @click.option("--pretrained-file", default=None, type=click.Path(exists=True, dir_okay=False),
                   help="local ViT weights (nothing is downloaded)")
     @click.option("--epochs", type=int, default=10, show_default=True)
@@ -39,42 +41,40 @@ def register(cli: click.Group) -> None:
     @click.option("--resume", is_flag=True, help="continue from OUT/last.pt")
     @click.option("--max-steps", type=int, default=None, help="cap batches per epoch (quick runs)")
     @click.option("--stop-after", type=int, default=None, help="stop after N epochs of this run (resume later)")
-    @click.option("--storage-config", type=click.Path(exists=True, dir_okay=False), default=None)
-    @click.option("--out", required=True, type=click.Path(file_okay=False))
+    @storage_config_option()
+    @click.option("--out", required=True, help="output folder or URL (checkpoints, metrics.jsonl, curves.png)")
     def train_cmd(shards, test_shards, key_ref, arch, dim, depth, kernel, patch, heads, vit_variant, pretrained_file,
                   epochs, batch_size, lr, weight_decay, schedule, mixup, cutmix, cutmix_mode, workers, device, seed,
                   resume, max_steps, stop_after, storage_config, out):
         """Train a classifier on (encrypted) WebDataset shards, streamed."""
-        from ..train import TrainConfig, train
-        from .prepare import _storage
+        from ..models import convmixer_config, vit_config
+        from ..train import TrainConfig, train_model
 
-        if arch == "convmixer":
-            model = {"arch": "convmixer", "dim": dim, "depth": depth, "kernel": kernel, "patch": patch}
-        else:
-            model = {"arch": "vit", "variant": vit_variant, "dim": dim, "depth": depth, "heads": heads or 4,
-                     "patch": patch, "pretrained_file": pretrained_file}
+        model = convmixer_config(dim, depth, kernel, patch) if arch == "convmixer" else \
+            vit_config(vit_variant, dim, depth, heads, patch, pretrained_file)
         cfg = TrainConfig(shards=shards, test_shards=test_shards, out=out, key_ref=key_ref, model=model,
                           epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                           mixup=mixup, cutmix=cutmix, cutmix_mode=cutmix_mode, workers=workers, device=device,
                           seed=seed, resume=resume, max_steps=max_steps, stop_after=stop_after,
-                          storage_options=_storage(storage_config))
-        metrics = train(cfg)
+                          storage_options=storage_options(storage_config))
+        metrics = train_model(cfg)
         if metrics:
             click.echo(f"done: {len(metrics)} epochs, last test accuracy {metrics[-1]['test_acc']}, "
                        f"checkpoints in {out}")
 
     @cli.command("evaluate")
-    @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--checkpoint", required=True, help="checkpoint file or URL")
     @click.option("--shards", required=True, help="split URL (ROOT/test)")
     @key_option(help_extra="Must match the shards' and the checkpoint's fingerprint.")
     @click.option("--batch-size", type=int, default=256, show_default=True)
     @click.option("--workers", type=int, default=2, show_default=True)
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-    @click.option("--storage-config", type=click.Path(exists=True, dir_okay=False), default=None)
+    @storage_config_option()
     def evaluate_cmd(checkpoint, shards, key_ref, batch_size, workers, device, storage_config):
         """Print one JSON line: {"accuracy": ..., "samples": ...}."""
-        from ..train import evaluate
-        from .prepare import _storage
+        from ..evaluate import EvalConfig, evaluate_checkpoint
 
-        res = evaluate(checkpoint, shards, key_ref, device, batch_size, workers, _storage(storage_config))
+        res = evaluate_checkpoint(EvalConfig(checkpoint=checkpoint, shards=shards, key_ref=key_ref, device=device,
+                                             batch_size=batch_size, workers=workers,
+                                             storage_options=storage_options(storage_config)))
         click.echo(json.dumps(res))

@@ -1,0 +1,163 @@
+"""Archives that hold plain images: reading zip members by name, and extracting tar archives once.
+
+``ZipArchive`` parses a zip's central directory in one pass (zipfile builds a ``ZipInfo`` per
+member, about 4x slower on CIFAR-10's 60,000) and reads members with ``os.pread`` at their
+offsets: no memory map, so an archive truncated while it is read gives an error naming the
+member instead of killing the process with SIGBUS. Archives it does not handle (zip64,
+multi-disk, data before the archive) go through ``zipfile``.
+
+``extract_archive`` unpacks a ``.tar``/``.tgz``/``.tar.gz`` once into a cache folder, under a
+file lock, because the planner and every pool worker may open the same source at once.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+from .errors import SourceError
+
+_CD_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # a central directory header (46 bytes)
+
+
+def read_zip_directory(path: Path) -> dict[str, tuple] | None:
+    """A zip's central directory as {member: (header offset, compressed size, method, crc, flags,
+    uncompressed size)}, or None for what this reader does not handle (zipfile then reads it)."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        tail_len = min(size, 65536 + 22)
+        f.seek(size - tail_len)
+        tail = f.read()
+        i = tail.rfind(b"PK\x05\x06")
+        if i < 0 or len(tail) - i < 22:
+            raise zipfile.BadZipFile("no end of central directory record")
+        _, disk, cd_disk, _, n_total, cd_size, cd_off, _ = struct.unpack_from("<4sHHHHIIH", tail, i)
+        eocd = size - tail_len + i
+        if (disk or cd_disk or n_total == 0xFFFF or 0xFFFFFFFF in (cd_size, cd_off)
+                or tail[max(0, i - 20):max(0, i - 16)] == b"PK\x06\x07" or eocd - cd_size != cd_off):
+            return None
+        f.seek(cd_off)
+        cd = f.read(cd_size)
+    out, pos = {}, 0
+    while pos + 46 <= len(cd):
+        (sig, _, _, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _,
+         hoff) = _CD_ENTRY.unpack_from(cd, pos)
+        if sig != b"PK\x01\x02":
+            raise zipfile.BadZipFile(f"bad central directory entry at byte {cd_off + pos}")
+        raw = cd[pos + 46:pos + 46 + nlen].split(b"\0", 1)[0]
+        pos += 46 + nlen + xlen + clen
+        if 0xFFFFFFFF in (csize, usize, hoff):
+            return None
+        out[raw.decode("utf-8" if flags & 0x800 else "cp437")] = (hoff, csize, method, crc, flags, usize)
+    return out if len(out) == n_total else None
+
+
+class ZipArchive:
+    """Members of one zip file, read by name (thread-safe: ``pread`` keeps no file position)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._zip: zipfile.ZipFile | None = None
+        self._fd: int | None = None
+        try:
+            self._infos = read_zip_directory(self.path)
+            if self._infos is None:  # zip64, prepended data, ...: zipfile's general reader
+                self._zip = zipfile.ZipFile(self.path)
+                self._infos = {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits,
+                                            i.file_size) for i in self._zip.infolist()}
+        except (zipfile.BadZipFile, OSError) as e:
+            raise SourceError(f"{self.path} is not a readable .zip file ({e})") from None
+
+    @property
+    def names(self) -> list[str]:
+        """Member names of files (not folders)."""
+        return [n for n in self._infos if not n.endswith("/")]
+
+    def _pread(self, n: int, off: int) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        data = os.pread(self._fd, n, off)
+        if len(data) != n:
+            raise OSError(f"archive ends {n - len(data)} bytes early (truncated or changed while being read)")
+        return data
+
+    def _read_fast(self, name: str) -> bytes | None:
+        """A stored or deflated member straight from its offset (zipfile's per-member open costs
+        ~50 us, this ~5 us); None when the member needs zipfile's general path."""
+        info = self._infos.get(name)
+        if info is None or self._zip is not None:
+            return None
+        off, csize, method, crc, flags, _ = info
+        if flags & 0x1 or method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            return None
+        head = self._pread(30, off)
+        if head[:4] != b"PK\x03\x04":
+            return None
+        nlen, xlen = struct.unpack("<HH", head[26:30])
+        data = self._pread(csize, off + 30 + nlen + xlen)
+        if method == zipfile.ZIP_DEFLATED:
+            data = zlib.decompress(data, -15)
+        if zlib.crc32(data) != crc:
+            raise SourceError(f"cannot read {self.path}:{name}: CRC check failed (corrupt archive)")
+        return data
+
+    def read(self, name: str) -> bytes:
+        """The bytes of member ``name``; a SourceError naming ``path:name`` when it cannot be read."""
+        try:
+            data = self._read_fast(name)
+            if data is None:
+                if self._zip is None:
+                    self._zip = zipfile.ZipFile(self.path)
+                data = self._zip.read(name)
+            return data
+        except (OSError, KeyError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
+            raise SourceError(f"cannot read {self.path}:{name}: {e}") from None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._zip is not None:
+            self._zip.close()
+
+    def __getstate__(self):  # a process that receives this opens its own file
+        state = dict(self.__dict__)
+        state["_fd"], state["_zip"] = None, None
+        return state
+
+
+def extract_archive(path: Path) -> Path:
+    """Extract a .tar/.tgz/.tar.gz once into ~/.cache/etc-data/extracted (or $ETC_DATA_CACHE)."""
+    import fcntl
+    import hashlib
+    import shutil
+    import tarfile
+
+    st = path.stat()
+    tag = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    base = Path(os.environ.get("ETC_DATA_CACHE", Path.home() / ".cache" / "etc-data")) / "extracted"
+    dest = base / f"{path.name.split('.')[0]}-{tag}"
+    if (dest / ".complete").exists():
+        return dest
+    base.mkdir(parents=True, exist_ok=True)
+    # one extraction at a time: the planner and every pool worker open the source at once
+    with open(base / f"{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / ".complete").exists():
+            tmp = dest.with_name(dest.name + ".part")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                with tarfile.open(path) as t:
+                    t.extractall(tmp, filter="data")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise SourceError(f"{path}: cannot extract archive ({e})") from None
+            (tmp / ".complete").touch()
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+    return dest

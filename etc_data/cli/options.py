@@ -1,0 +1,24 @@
+"""Options and helpers shared by several commands (the key reference, the storage config)."""
+
+from __future__ import annotations
+
+import click
+
+
+def key_option(required: bool = False, help_extra: str = ""):
+    return click.option("--key", "key_ref", required=required, metavar="PATH|env:NAME",
+                        help="owner key file (mode 0600) or env:NAME; default $ETC_DATA_KEY. " + help_extra)
+
+
+def storage_config_option():
+    return click.option("--storage-config", type=click.Path(exists=True, dir_okay=False), default=None,
+                        help="YAML with storage_options (no secrets: credentials come from the environment)")
+
+
+def storage_options(storage_config: str | None) -> dict:
+    """The storage_options of a --storage-config file ({} without one)."""
+    if not storage_config:
+        return {}
+    from ..storage import load_storage_config
+
+    return load_storage_config(storage_config)["storage_options"]

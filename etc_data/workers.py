@@ -1,0 +1,223 @@
+"""Local worker processes for prepare chunks: spawned, warm, and gone when their parent is.
+
+``WorkerPool(n)`` starts ``n`` spawned processes (spawn, not fork: safe next to threads, event
+loops and Prefect). Each worker keeps one ``ChunkRunner`` for its whole life, so its opened source
+and key schedule stay warm across chunks; the key itself is loaded inside the worker from the
+chunk's key reference and never crosses a process boundary. ``submit(cfg, spec)`` returns a
+``concurrent.futures.Future`` of the chunk's ``ChunkResult``.
+
+Lifetime: a worker dies with the process that started it, even when that process is killed with
+SIGKILL (Linux ``PR_SET_PDEATHSIG``), so no orphan keeps writing shards; it ignores SIGINT (the
+parent decides). A worker that dies mid-chunk fails that chunk's future with an error naming the
+chunk and the exit code, and every chunk queued behind it (the pool is then broken, like
+``concurrent.futures``' ``BrokenProcessPool``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import queue
+import threading
+from concurrent.futures import Future
+
+from .errors import EtcError
+
+
+class WorkerError(EtcError):
+    """A worker process died, or a chunk failed with an error that could not cross processes."""
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (Linux); exit now if that already happened."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _portable(e: BaseException) -> BaseException:
+    """The exception itself when it survives pickling (every EtcError does), else a WorkerError
+    carrying its type and message."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return WorkerError(f"{type(e).__name__}: {e}")
+
+
+def _worker_main(tasks, results, parent_pid: int, warm: dict | None) -> None:
+    _die_with_parent(parent_pid)
+    from .prepare import ChunkRunner, ChunkSpec, PrepareConfig
+
+    runner = ChunkRunner()
+    if warm:
+        try:
+            runner.warm(PrepareConfig(**warm))
+        except Exception:  # noqa: BLE001 - a bad source is reported by the run itself, with its name
+            pass
+    while True:
+        job = tasks.get()
+        if job is None:
+            return
+        jid, cfg, spec = job
+        results.put(("start", jid, os.getpid()))
+        try:
+            r = runner.run(PrepareConfig(**cfg), ChunkSpec(**spec))
+            results.put(("ok", jid, dataclasses.asdict(r)))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
+            results.put(("err", jid, _portable(e)))
+
+
+class WorkerPool:
+    """``n`` spawned worker processes that run prepare chunks (see the module docstring).
+
+    ``warm``: a PrepareConfig whose source every worker opens while it waits for work (no key is
+    loaded), e.g. while Prefect's API server boots."""
+
+    def __init__(self, workers: int | None = None, warm=None):
+        import multiprocessing as mp
+
+        from .codecs import default_workers
+
+        self.size = max(1, workers or default_workers())
+        ctx = mp.get_context("spawn")
+        self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        warm_d = dataclasses.asdict(warm) if warm is not None else None
+        self._procs = [ctx.Process(target=_worker_main, args=(self._tasks, self._results, os.getpid(), warm_d),
+                                   daemon=True, name=f"etc-data-worker-{i}") for i in range(self.size)]
+        for p in self._procs:
+            p.start()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple[Future, str]] = {}  # job id -> (future, description)
+        self._running: dict[int, int] = {}                  # job id -> worker pid
+        self._broken: str | None = None
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_results, name="etc-data-pool-results", daemon=True)
+        self._reader.start()
+
+    # -- submitting
+    def submit(self, cfg, spec) -> Future:
+        """Run one chunk (PrepareConfig, ChunkSpec) in a worker; a Future of its ChunkResult."""
+        f: Future = Future()
+        with self._lock:
+            if self._broken or self._closed:
+                f.set_exception(WorkerError(self._broken or "the worker pool is closed"))
+                return f
+            jid = next(self._ids)
+            self._pending[jid] = (f, f"{spec.split} chunk {spec.index}")
+        self._tasks.put((jid, dataclasses.asdict(cfg), dataclasses.asdict(spec)))
+        return f
+
+    def run(self, cfg, spec):
+        return self.submit(cfg, spec).result()
+
+    # -- results
+    def _read_results(self) -> None:
+        from .prepare import ChunkResult
+
+        while True:
+            try:
+                kind, jid, value = self._results.get(timeout=0.5)
+            except queue.Empty:
+                if self._closed and not self._pending:
+                    return
+                self._check_workers()
+                continue
+            except (EOFError, OSError):
+                return
+            with self._lock:
+                if kind == "start":
+                    self._running[jid] = value
+                    fut = self._pending.get(jid, (None,))[0]
+                    if fut is not None and not fut.set_running_or_notify_cancel():
+                        pass  # cancelled after it was handed out: it runs, its result is dropped
+                    continue
+                fut, _ = self._pending.pop(jid, (None, None))
+                self._running.pop(jid, None)
+            if fut is None or fut.done():
+                continue
+            if kind == "ok":
+                fut.set_result(ChunkResult(**value))
+            else:
+                fut.set_exception(value)
+
+    def _check_workers(self) -> None:
+        dead = {p.pid: p.exitcode for p in self._procs if not p.is_alive()}
+        if not dead or self._closed:
+            return
+        with self._lock:
+            lost = [jid for jid, pid in self._running.items() if pid in dead]
+            pid, code = next(iter(dead.items()))
+            what = ", ".join(self._pending[j][1] for j in lost if j in self._pending) or "no chunk"
+            self._broken = (f"a prepare worker process (pid {pid}) died with exit code {code} while running {what}; "
+                            f"the shards already written are kept, run prepare again to finish")
+            pending, self._pending = self._pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerError(self._broken))
+
+    # -- stopping
+    def drain(self) -> int:
+        """Drop the chunks no worker has taken yet (their futures are cancelled); returns how many."""
+        n = 0
+        while True:
+            try:
+                job = self._tasks.get_nowait()
+            except (queue.Empty, OSError, EOFError):
+                return n
+            if job is None:
+                continue
+            with self._lock:
+                fut, _ = self._pending.pop(job[0], (None, None))
+            if fut is not None:
+                fut.cancel()
+            n += 1
+
+    def close(self, wait: bool = True) -> None:
+        """Let the workers finish their current chunk and exit (``wait``: join them)."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._procs:
+            self._tasks.put(None)
+        if wait:
+            for p in self._procs:
+                p.join()
+            self._reader.join()
+
+    def terminate(self) -> None:
+        """Stop now: workers are killed mid-chunk (a half-written shard never gets its final name)."""
+        self._closed = True
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join()
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerError("the worker pool was stopped"))
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.terminate()
