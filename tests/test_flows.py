@@ -15,6 +15,7 @@ def mini_npz(tmp_path, cifar_exact):
     return make_mini_npz(tmp_path / "cifar10-mini.npz", cifar_exact, 90, 30)
 
 
+@pytest.mark.usefixtures("prefect_in_process")
 def test_cli_prepare_runs_the_flow_and_keeps_the_key_out_of_prefect(tmp_path, mini_npz, key_file, capsys):
     out = tmp_path / "ds"
     rc = main(["prepare", "--source", str(mini_npz), "--key", str(key_file), "--out", str(out), "--dataset", "c10",
@@ -48,12 +49,14 @@ def test_cli_prepare_runs_the_flow_and_keeps_the_key_out_of_prefect(tmp_path, mi
     assert "c10" in kinds["prepare-c10-summary"].data and secret not in kinds["prepare-c10-summary"].data
 
 
+@pytest.mark.usefixtures("prefect_in_process")
 def test_cli_prepare_error_is_named_and_nonzero(tmp_path, mini_npz, capsys):
     rc = main(["prepare", "--source", str(mini_npz), "--key", str(tmp_path / "nope.key"), "--out", str(tmp_path / "o")])
     assert rc == 2 and "nope.key" in capsys.readouterr().err
     assert not (tmp_path / "o" / "train" / "manifest.json").exists()
 
 
+@pytest.mark.usefixtures("prefect_in_process")
 def test_prepare_flow_on_a_local_dask_cluster(tmp_path, mini_npz, key_file):
     from distributed import LocalCluster
 
@@ -67,6 +70,7 @@ def test_prepare_flow_on_a_local_dask_cluster(tmp_path, mini_npz, key_file):
     assert read_manifest(str(tmp_path / "dask" / "train")).shard_lengths == [25, 25, 25, 15]
 
 
+@pytest.mark.usefixtures("prefect_in_process")
 def test_train_flow_wraps_the_trainer(tmp_path, mini_npz, key_file):
     from etc_data.prepare import PrepareConfig, prepare_dataset
     from etc_data.flows.train import train_flow
@@ -75,10 +79,12 @@ def test_train_flow_wraps_the_trainer(tmp_path, mini_npz, key_file):
                      codec="jpeg:q=90,sub=444", shard_size=50))
     res = train_flow(shards=str(tmp_path / "ds" / "train"), test_shards=str(tmp_path / "ds" / "test"),
                      out=str(tmp_path / "run"), key_ref=str(key_file), epochs=1, batch_size=16, device="cpu",
+                     workers=1,  # one spawned DataLoader worker: the flow's start method is exercised
                      model={"arch": "convmixer", "dim": 8, "depth": 1, "kernel": 3, "patch": 4})
     assert res["epochs"] == 1 and 0 <= res["test_acc"] <= 1 and (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.usefixtures("prefect_in_process")
 def test_report_flow_merges_per_split_tasks_into_the_library_report(tmp_path, mini_npz, key_file):
     from etc_data.keys import load_key
     from etc_data.report import measure_sizes as size_report
@@ -95,14 +101,14 @@ def test_report_flow_merges_per_split_tasks_into_the_library_report(tmp_path, mi
     assert json.loads(key_file.read_text())["secret"] not in json.dumps(saved)
 
 
-def test_cli_prepare_in_a_fresh_process_boots_its_own_api_server(tmp_path, mini_npz, key_file):
+def test_cli_prepare_in_a_fresh_process_boots_its_own_api_server(tmp_path, mini_npz, key_file, fresh_prefect_home):
     """The main command as users run it: a new process, the key in an environment variable, the
     ephemeral API server started early by the CLI (flows/ephemeral.py) and gone afterwards."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, ETC_TEST_OWNER_KEY=key_file.read_text(), PREFECT_HOME=str(tmp_path / "ph"))
+    env = dict(os.environ, ETC_TEST_OWNER_KEY=key_file.read_text(), PREFECT_HOME=str(fresh_prefect_home))
     env.pop("PREFECT_API_URL", None)
     r = subprocess.run([sys.executable, "-m", "etc_data.cli", "prepare", "--source", str(mini_npz), "--key",
                         "env:ETC_TEST_OWNER_KEY", "--out", str(tmp_path / "ds"), "--dataset", "c10", "--shard-size", "50"],
@@ -124,16 +130,16 @@ def test_cli_prepare_in_a_fresh_process_boots_its_own_api_server(tmp_path, mini_
         except OSError:
             continue
         if b"prefect.server" in cmdline:
-            assert str(tmp_path / "ph").encode() not in environ, "the CLI left its API server running"
+            assert str(fresh_prefect_home).encode() not in environ, "the CLI left its API server running"
 
 
-def test_ephemeral_api_server_never_sees_the_key_variable(tmp_path, monkeypatch):
+def test_ephemeral_api_server_never_sees_the_key_variable(fresh_prefect_home, monkeypatch):
     import os
     import urllib.request
 
     from etc_data.cli.ephemeral import EphemeralAPI
 
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "ph"))
+    monkeypatch.setenv("PREFECT_HOME", str(fresh_prefect_home))
     monkeypatch.setenv("ETC_TEST_HIDDEN", "owner-key-material")
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     api = EphemeralAPI(hide_env=("ETC_TEST_HIDDEN",))
