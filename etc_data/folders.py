@@ -106,23 +106,19 @@ def _decrypt_scheme(cfg: FolderConfig, key):
 
 
 def _encrypt_scheme(cfg: FolderConfig, key):
-    """The scheme to encrypt with; its record is written into ``dst`` first (the same one only)."""
-    from .storage import write_bytes
-
+    """(scheme to encrypt with, its record to write into ``dst`` before the first image, or None
+    when ``dst`` already holds the same record); another record there is refused."""
     scheme = make_scheme(cfg.scheme or "etc", key=key, dataset=cfg.dataset, block_size=cfg.block_size,
                          pad=cfg.pad or "error")
     doc = _sidecar(scheme, cfg.dataset, key)
-    target = Path(cfg.dst) / SIDECAR
-    if target.exists():
-        old = read_sidecar(cfg.dst)
-        if old != doc:
-            diff = ", ".join(k for k in doc if doc[k] != old.get(k))
-            raise FolderError(f"{cfg.dst} already holds images encrypted with other settings ({diff}); "
-                              f"encrypt into another folder")
-    else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(str(target), (json.dumps(doc, indent=1) + "\n").encode())
-    return scheme
+    if not (Path(cfg.dst) / SIDECAR).exists():
+        return scheme, doc
+    old = read_sidecar(cfg.dst)
+    if old != doc:
+        diff = ", ".join(k for k in doc if doc[k] != old.get(k))
+        raise FolderError(f"{cfg.dst} already holds images encrypted with other settings ({diff}); "
+                          f"encrypt into another folder")
+    return scheme, None
 
 
 def _write_png(img: np.ndarray, path: Path) -> None:
@@ -145,6 +141,7 @@ def _run(direction: str, cfg: FolderConfig, progress: Callable[[int, int], None]
     from .keys import load_key
     from .schemes import WeakKeyWarning
     from .sources import FolderSource
+    from .storage import write_bytes
 
     key = load_key(cfg.key_ref)
     source = FolderSource(cfg.src)
@@ -152,7 +149,11 @@ def _run(direction: str, cfg: FolderConfig, progress: Callable[[int, int], None]
     for split in source.splits:  # before anything is written
         for it in source.items(split):
             _inside(dst, str(it.ref))
-    scheme = _encrypt_scheme(cfg, key) if direction == "encrypt" else _decrypt_scheme(cfg, key)
+    record = None
+    if direction == "encrypt":
+        scheme, record = _encrypt_scheme(cfg, key)
+    else:
+        scheme = _decrypt_scheme(cfg, key)
     total = sum(len(source.items(s)) for s in source.splits)
     if progress:
         progress(0, total)
@@ -161,7 +162,11 @@ def _run(direction: str, cfg: FolderConfig, progress: Callable[[int, int], None]
     done = 0
 
     def flush(shape):
-        nonlocal done
+        nonlocal done, record
+        if record is not None:  # the folder's parameters go in before its first image
+            dst.mkdir(parents=True, exist_ok=True)
+            write_bytes(str(dst / SIDECAR), (json.dumps(record, indent=1) + "\n").encode())
+            record = None
         group = groups.pop(shape)
         x = np.stack([g[1] for g in group])
         if direction == "encrypt" and shape not in warned:

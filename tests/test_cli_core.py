@@ -22,7 +22,11 @@ def test_keys_cli_new_fingerprint_space(tmp_path):
     secret = json.loads(p.read_text())["secret"]
     assert secret not in r.stdout + r.stderr and str(p) in r.stdout
     fp = run(["keys", "fingerprint", str(p)])
-    assert fp.stdout.strip() in r.stdout and len(fp.stdout.strip()) == 16
+    assert fp.stdout.strip() in r.stdout and len(fp.stdout.strip()) == 32
+    pub = run(["keys", "public", "--key", str(p), "--out", str(tmp_path / "a.pub")])
+    assert pub.returncode == 0 and pub.stdout.startswith("ed25519:") and len(pub.stdout.splitlines()) == 1
+    assert f"public key {pub.stdout.strip()}" in r.stdout and secret not in pub.stdout + pub.stderr
+    assert (tmp_path / "a.pub").read_text() == pub.stdout
     again = run(["keys", "new", "--owner", "alice", "--out", str(p)])
     assert again.returncode == 2 and "already exists" in again.stderr
     sp = run(["keys", "space", "--scheme", "etc", "--image-size", "32", "--block-size", "16"])
