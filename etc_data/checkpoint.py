@@ -60,7 +60,7 @@ def load_checkpoint(url: str | os.PathLike, key=None, key_ref: str | None = None
     try:
         ck = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([^\s]+)", str(e))
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it would build {found.group(1)}" if found else "it holds objects other than tensors and plain data"
         raise CheckpointError(f"{url} is not a safe etc-data checkpoint: {what}; refused without loading it "
                               f"(nothing of it was run)") from None
