@@ -244,3 +244,41 @@ def test_checkpoints_hold_plain_data_only(owners, tmp_path):
     restore_rng(back, aug)
     again = (np.random.random(3), torch.rand(2), aug.random(), random.random())
     assert np.array_equal(expect[0], again[0]) and torch.equal(expect[1], again[1]) and expect[2:] == again[2:]
+
+
+def test_encrypt_model_takes_dataset_and_scheme_from_a_signed_split(owners, tmp_path, capsys):
+    import torch
+
+    from etc_data.checkpoint import CKPT_FORMAT, load_checkpoint, save_checkpoint
+    from etc_data.models import create_model
+
+    root, alice, mallory = owners
+    for owner, name in ((alice, "bw"), (mallory, "other")):
+        prepare_dataset(PrepareConfig(source=str(root / "c10.npz"), out=str(tmp_path / name), dataset="c10-bw",
+                                      key_ref=str(owner), scheme="blockwise", block_size=2, codec="png",
+                                      splits=["test"]))
+    cfg = {"arch": "convmixer", "dim": 8, "depth": 1, "kernel": 3, "patch": 2, "num_classes": 10, "img_size": 32}
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "plain.pt", {
+        "format": CKPT_FORMAT, "model": create_model(cfg).state_dict(), "model_config": cfg,
+        "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3},
+        "scheme": {"scheme": "plain", "block_size": None, "pad": "error", "options": {}}, "dataset": "c10",
+        "key_fingerprint": None, "classes": [str(i) for i in range(10)], "epoch": 0})
+    base = ["encrypt-model", "--key", str(alice)]
+    assert main([*base, "--shards", str(tmp_path / "bw" / "test"), str(tmp_path / "plain.pt"),
+                 str(tmp_path / "enc.pt")]) == 0
+    ck = load_checkpoint(tmp_path / "enc.pt")
+    assert ck["dataset"] == "c10-bw" and ck["key_fingerprint"] == load_key(alice).fingerprint
+    assert ck["scheme"]["options"] == {"negpos": True, "scramble": False} and ck["scheme"]["block_size"] == 2
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "enc.pt"), "--shards", str(tmp_path / "bw" / "test"),
+                 "--workers", "0", "--device", "cpu", "--trust", load_key(alice).public_key]) == 0
+    capsys.readouterr()
+    refusals = [(["--shards", str(tmp_path / "other" / "test")], "unknown signer"),
+                (["--trust", load_key(mallory).public_key, "--dataset", "c10-bw"], "--trust pins who signed --shards"),
+                (["--shards", str(tmp_path / "bw" / "test"), "--scheme", "blockwise:negpos=0"],
+                 "the encrypted model would take blockwise"),
+                (["--shards", str(tmp_path / "bw" / "test"), "--dataset", "c10"], "--dataset c10 differs")]
+    for args, msg in refusals:
+        assert main([*base, *args, str(tmp_path / "plain.pt"), str(tmp_path / "x.pt")]) == 2
+        assert msg in capsys.readouterr().err, msg
+    assert not (tmp_path / "x.pt").exists()
