@@ -101,7 +101,8 @@ def _public_key_bytes(text: str, source: str) -> bytes:
         raw = bytes.fromhex(text[len(PUBLIC_KEY_PREFIX):])
         Ed25519PublicKey.from_public_bytes(raw)
     except ValueError:
-        raise KeyFileError(f"{source}: not an etc-data public key (expected {PUBLIC_KEY_PREFIX}<64 hex chars>)") from None
+        raise KeyFileError(f"{source}: not an etc-data public key (expected {PUBLIC_KEY_PREFIX}<64 hex chars>)") \
+            from None
     return raw
 
 

@@ -165,7 +165,7 @@ def read_splits(cfg: TrainConfig, world: int) -> Splits:
     out = Splits(train_url, m_train, fp)
     if cfg.test_shards:
         out.test_url = split_url_of(cfg.test_shards)
-        out.test = read_manifest(out.test_url, cfg.storage_options, trust)
+        out.test = read_manifest(out.test_url, cfg.storage_options, trust.after_first_use(m_train.public_key))
         matching_fingerprint(out.test, key, out.test_url)
         same = ("scheme", "block_size", "key_fingerprint", "dataset", "classes", "image_size")
         diff = [k for k in same if getattr(out.test, k) != getattr(m_train, k)]

@@ -8,7 +8,9 @@ whether that key is one the reader accepts:
   manifest signed by any other key is refused with ``UnknownSignerError``, naming both sides'
   fingerprints;
 - **trust on first use** (nothing pinned): the manifest is accepted, and a one-line
-  ``UnpinnedSignerWarning`` names the key so the reader can pin it next time.
+  ``UnpinnedSignerWarning`` names the key so the reader can pin it next time. A job that reads
+  several manifests pins the first one's signer for the others (``after_first_use``): the test
+  split of a training run, or the other splits of a dataset root, must come from the same owner.
 
 A policy is a set of keys, not one key: a job that reads splits of several owners (one model from
 several owners' data) trusts each of them.
@@ -48,6 +50,10 @@ class TrustPolicy:
     @property
     def pinned(self) -> bool:
         return bool(self.keys)
+
+    def after_first_use(self, public_key: str) -> "TrustPolicy":
+        """This policy, or, when nothing is pinned, one pinning the signer just accepted."""
+        return self if self.pinned else TrustPolicy(frozenset({public_key}))
 
     def check(self, public_key: str, where: str) -> None:
         """Refuse a signer the policy does not accept; warn once per key when nothing is pinned."""

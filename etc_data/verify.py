@@ -41,6 +41,7 @@ class VerifyReport:
     url: str
     split: str = ""
     signer: str = ""                  # the key fingerprint whose signature was checked
+    signer_key: str = ""              # and its public key
     checked: int = 0
     samples: int = 0
     missing: list[str] = field(default_factory=list)
@@ -120,7 +121,7 @@ def verify_split(split_url: str, deep: bool = False, storage_options: dict | Non
 
     split_url = split_url_of(split_url)
     m = read_manifest(split_url, storage_options, trust)
-    rep = VerifyReport(split_url, m.split, fingerprint(m.public_key))
+    rep = VerifyReport(split_url, m.split, fingerprint(m.public_key), m.public_key)
     present = set(list_names(split_url, storage_options))
     listed = {e["name"] for e in m.shards}
     rep.extra = sorted(n for n in present if n.endswith(".tar") and n not in listed)
@@ -157,5 +158,9 @@ def verify_dataset(cfg: VerifyConfig) -> DatasetVerification:
         return DatasetVerification(url, [verify_split(url, cfg.deep, cfg.storage_options, trust)])
     if cfg.splits:
         splits = [s for s in splits if s in cfg.splits] or list(cfg.splits)
-    return DatasetVerification(url, [verify_split(join(url, check_plain_name(s, "split", join(url, INFO_NAME))),
-                                                  cfg.deep, cfg.storage_options, trust) for s in splits])
+    reports = []
+    for s in splits:
+        split_url = join(url, check_plain_name(s, "split", join(url, INFO_NAME)))
+        reports.append(verify_split(split_url, cfg.deep, cfg.storage_options, trust))
+        trust = trust.after_first_use(reports[-1].signer_key)
+    return DatasetVerification(url, reports)

@@ -100,7 +100,8 @@ def test_plain_scheme_is_signed_too_and_bad_codec_combo_refused(tmp_path, cifar_
     src = _npz(tmp_path, cifar_exact, 20, 5)
     monkeypatch.delenv("ETC_DATA_KEY", raising=False)
     with pytest.raises(PrepareError, match="signs every manifest with the owner's key: give --key"):
-        prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / "p"), dataset="d", scheme="plain", codec="png"))
+        prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / "p"), dataset="d", scheme="plain",
+                                      codec="png"))
     assert not (tmp_path / "p").exists()
     summ = prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / "p"), dataset="d", scheme="plain",
                                          codec="png", key_ref=str(key_file)))

@@ -144,6 +144,22 @@ def test_without_trust_a_resigned_split_is_accepted_with_a_warning_naming_its_ke
     assert main(["verify", str(ds / "train"), "--trust", load_key(owners[2]).public_key]) == 0
 
 
+def test_trust_on_first_use_pins_the_first_signer_for_the_other_splits(owners, tmp_path, capsys):
+    """Without --trust, a training run (or verify of a dataset root) accepts the first manifest's
+    signer and refuses another one on the second split."""
+    ds = _copy(owners, tmp_path)
+    path = ds / "test" / "manifest.json"
+    m = Manifest.from_dict(json.loads(path.read_text()), "attacker")
+    m.key_fingerprint = load_key(owners[2]).fingerprint
+    path.write_text(json.dumps(sign_manifest(m, load_key(owners[2]))))
+    assert main(["verify", str(ds)]) == 2
+    assert "unknown signer" in capsys.readouterr().err
+    assert main(["train", "--shards", str(ds / "train"), "--test-shards", str(ds / "test"), *TINY, "--epochs", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"test/manifest.json: unknown signer: signed by key fingerprint {m.key_fingerprint}" in err, err
+
+
 def test_train_and_evaluate_run_with_no_key_anywhere(owners, tmp_path, capsys, monkeypatch):
     """The model developer holds ciphertexts and the owner's public key only."""
     root, alice, mallory = owners
@@ -218,7 +234,8 @@ def test_a_malicious_checkpoint_never_runs_under_evaluate_encrypt_model_or_resum
     commands = [["evaluate", "--checkpoint", str(evil), "--shards", str(root / "ds" / "test"), "--workers", "0",
                  "--device", "cpu"],
                 ["encrypt-model", "--key", str(alice), "--dataset", "c10", str(evil), str(tmp_path / "enc.pt")],
-                ["train", "--shards", str(root / "ds" / "train"), *TINY, "--epochs", "2", "--resume", "--out", str(run)]]
+                ["train", "--shards", str(root / "ds" / "train"), *TINY, "--epochs", "2", "--resume",
+                 "--out", str(run)]]
     for argv in commands:
         assert main(argv) == 2, argv[0]
         err = capsys.readouterr().err
