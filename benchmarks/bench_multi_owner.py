@@ -85,7 +85,7 @@ def run(work: Path, args, label: str, roots: list[Path], pubs: list[str], **kw) 
     """Train one configuration key-less; its test accuracy per owner."""
     cfg = TrainConfig(shards=[str(r / "train") for r in roots], test_shards=[str(r / "test") for r in roots],
                       out=str(work / "runs" / label), trust=pubs, model=dict(args.model), epochs=args.epochs,
-                      max_steps=args.steps, batch_size=args.batch_size, mixup=0.0, cutmix=0.0, workers=1,
+                      max_steps=args.steps, batch_size=args.batch_size, mixup=0.0, cutmix=0.0, workers=0,
                       device="cpu", **kw)
     t0 = time.time()
     last = train_model(cfg, progress=False)[-1]
@@ -104,8 +104,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--schemes", default="etc,blockwise")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (loading runs in the same process)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)  # on a shared CPU, 2 spinning threads ran 5x slower than 1
     args.model = {"arch": "convmixer", "dim": args.dim, "depth": args.depth, "kernel": 5, "patch": 2}
     results = {"setup": {k: v for k, v in vars(args).items()}, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:

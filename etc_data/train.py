@@ -211,8 +211,8 @@ def same_classes(classes: list[str], where: str, ref: list[str], ref_where: str)
     diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(classes, ref)) if a != b]
     if len(classes) != len(ref):
         diff.append(f"{len(classes)} classes vs {len(ref)}")
-    raise TrainError(f"{where} has classes {list(classes)}, {ref_where} has {list(ref)} (differing: {'; '.join(diff)}); "
-                     f"one model needs the same class names in the same order")
+    raise TrainError(f"{where} has classes {list(classes)}, {ref_where} has {list(ref)} "
+                     f"(differing: {'; '.join(diff)}); one model needs the same class names in the same order")
 
 
 def read_splits(cfg: TrainConfig, world: int) -> list[Splits]:
@@ -469,9 +469,10 @@ def checkpoints_of_epoch(core, owners: list[Splits], mcfg: dict, common: dict, r
                             fingerprint=owners[0].fingerprint, best_acc=bests[0], metrics=row, **common, **resumable)
         return {"last.pt": state, **({"best.pt": state} if improved[0] else {})}
     records = [dict(r, best_acc=b) for r, b in zip(owner_records(owners), bests)]
-    out = {"last.pt": train_state(model_state=core.state_dict(), model_config=dict(mcfg, owner_stems=core.stem_of_owner),
-                                  manifest=owners[0].train, fingerprint=None, best_acc=max(bests), metrics=row,
-                                  owners=records, **common, **resumable)}
+    joint_cfg = dict(mcfg, owner_stems=core.stem_of_owner)
+    out = {"last.pt": train_state(model_state=core.state_dict(), model_config=joint_cfg, manifest=owners[0].train,
+                                  fingerprint=None, best_acc=max(bests), metrics=row, owners=records, **common,
+                                  **resumable)}
     for k, o in enumerate(owners):
         state = train_state(model_state=core.owner_state_dict(k), model_config=mcfg, manifest=o.train,
                             fingerprint=o.fingerprint, best_acc=bests[k], metrics=row["owners"][k], optimizer=None,

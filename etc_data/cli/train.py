@@ -58,19 +58,20 @@ def register(cli: click.Group) -> None:
     @click.option("--stop-after", type=int, default=None, help="stop after N epochs of this run (resume later)")
     @storage_config_option()
     @click.option("--out", required=True, help="output folder or URL (checkpoints, metrics.jsonl, curves.png)")
-    def train_cmd(shards, test_shards, owner_weights, shared_stem, init, freeze_body, key_ref, trust, arch, dim, depth, kernel, patch, heads, vit_variant,
-                  pretrained_file, epochs, batch_size, lr, weight_decay, schedule, mixup, cutmix, cutmix_mode, workers, device, seed,
-                  resume, max_steps, stop_after, storage_config, out):
+    def train_cmd(shards, test_shards, owner_weights, shared_stem, init, freeze_body, key_ref, trust, arch, dim,
+                  depth, kernel, patch, heads, vit_variant, pretrained_file, epochs, batch_size, lr, weight_decay,
+                  schedule, mixup, cutmix, cutmix_mode, workers, device, seed, resume, max_steps, stop_after,
+                  storage_config, out):
         """Train a classifier on (encrypted) WebDataset shards, streamed."""
         from ..models import convmixer_config, vit_config
         from ..train import TrainConfig, train_model
 
         model = convmixer_config(dim, depth, kernel, patch) if arch == "convmixer" else \
             vit_config(vit_variant, dim, depth, heads, patch, pretrained_file)
-        cfg = TrainConfig(shards=_one_or_list(shards), test_shards=_one_or_list(test_shards) or None, out=out, key_ref=key_ref, trust=list(trust),
-                          model=model, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                          schedule=schedule, mixup=mixup, cutmix=cutmix, cutmix_mode=cutmix_mode, workers=workers, device=device,
-                          seed=seed, resume=resume, max_steps=max_steps, stop_after=stop_after,
+        cfg = TrainConfig(shards=_one_or_list(shards), test_shards=_one_or_list(test_shards) or None, out=out,
+                          key_ref=key_ref, trust=list(trust), model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, schedule=schedule, mixup=mixup, cutmix=cutmix,
+                          cutmix_mode=cutmix_mode, workers=workers, device=device, seed=seed, resume=resume, max_steps=max_steps, stop_after=stop_after,
                           storage_options=storage_options(storage_config), owner_weights=list(owner_weights) or None,
                           shared_stem=shared_stem, init=init, freeze_body=freeze_body)
         metrics = train_model(cfg)
