@@ -41,6 +41,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -321,8 +322,15 @@ def decode_mode(device, manifest: Manifest) -> str:
     return "cuda" if (device.type == "cuda" and manifest.codec.startswith("jpeg")) else "cpu"
 
 
-def owner_loaders(cfg: TrainConfig, dist: Dist, o: Splits, share: int):
-    """(train DataLoader, its dataset, train steps per epoch, test DataLoader or None) of one owner."""
+class OwnerLoaders(NamedTuple):
+    train: "torch.utils.data.DataLoader"
+    dataset: "ShardDataset"          # set its .epoch before each epoch
+    steps: int                       # train batches per epoch on every rank
+    test: "torch.utils.data.DataLoader | None"
+
+
+def owner_loaders(cfg: TrainConfig, dist: Dist, o: Splits, share: int) -> OwnerLoaders:
+    """One owner's streaming loaders: train (``share`` samples per batch) and test."""
     from .loader import make_loader
 
     common = dict(rank=dist.rank, world=dist.world, workers=cfg.workers, storage_options=cfg.storage_options,
@@ -333,7 +341,7 @@ def owner_loaders(cfg: TrainConfig, dist: Dist, o: Splits, share: int):
     if o.test is not None:
         test_dl = make_loader(o.test_url, max(cfg.batch_size, 128), train=False, manifest=o.test,
                               decode=decode_mode(dist.device, o.test), **common)[0]
-    return dl, ds, steps, test_dl
+    return OwnerLoaders(dl, ds, steps, test_dl)
 
 
 # ----------------------------------------------------------------------------- 5. recipe
@@ -452,6 +460,25 @@ def _write_outputs(out: str, metrics: list[dict], checkpoints: dict[str, dict], 
     _plot(metrics, join(out, "curves.png"), storage_options)
 
 
+def metrics_row(epoch: int, owners: list[Splits], shares: list[int], loss_sums, n_steps: int, train_time: float,
+                lr: float, world: int, evals: list[dict | None]) -> dict:
+    """One ``metrics.jsonl`` row: the run's figures (test accuracy over all owners' test samples),
+    and with several owners, each owner's (``owners``)."""
+    seen = n_steps * sum(shares)
+    row = {"epoch": epoch, "train_loss": float(loss_sums.sum()) / seen, "img_per_s": seen * world / train_time,
+           "lr": lr, "steps": n_steps, "time_s": round(train_time, 2), "test_acc": None, "test_samples": 0}
+    per_owner = [{"owner": k, "shards": o.train_url, "key_fingerprint": o.fingerprint,
+                  "train_loss": float(loss_sums[k]) / (n_steps * shares[k]),
+                  "test_acc": ev["accuracy"] if ev else None, "test_samples": ev["samples"] if ev else 0}
+                 for k, (o, ev) in enumerate(zip(owners, evals))]
+    if evals[0] is not None:
+        row["test_samples"] = sum(r["test_samples"] for r in per_owner)
+        row["test_acc"] = sum(r["test_acc"] * r["test_samples"] for r in per_owner) / max(1, row["test_samples"])
+    if len(owners) > 1:
+        row["owners"] = per_owner
+    return row
+
+
 def owner_records(owners: list[Splits]) -> list[dict]:
     """Who each owner is, as a joint checkpoint records it (and ``--resume`` checks it)."""
     return [{"shards": o.train_url, "dataset": o.train.dataset, "key_fingerprint": o.fingerprint,
@@ -527,7 +554,7 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     mixers = [BatchMixer(cfg, len(m0.classes), o.train.block_size or patch_size(mcfg), aug_rng) for o in owners]
     shares = batch_shares(cfg, owners, dist.world, 2 if mixers[0].timm is not None else 1)
     loaders = [owner_loaders(cfg, dist, o, share) for o, share in zip(owners, shares)]
-    steps = min(ld[2] for ld in loaders)
+    steps = min(ld.steps for ld in loaders)
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
     if steps < 1:
@@ -553,14 +580,14 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     for epoch in range(start_epoch, end_epoch):
         train_mode(core, mcfg["arch"], cfg.freeze_body)
         for ld in loaders:
-            ld[1].epoch = epoch
+            ld.dataset.epoch = epoch
         t0, loss_sums, n_steps = time.time(), torch.zeros(len(owners)), 0
         bar = None
         if progress and dist.main:
             from tqdm import tqdm
 
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
-        for i, parts in enumerate(zip(*(ld[0] for ld in loaders))):
+        for i, parts in enumerate(zip(*(ld.train for ld in loaders))):
             if i >= steps:
                 break
             mixed = [mix(to_float_nchw(x, dist.device, cfg.mean, cfg.std), y.to(dist.device))
@@ -578,26 +605,14 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> list[dict]:
         if n_steps < steps:
             raise TrainError(f"{owners[0].train_url}: epoch {epoch} gave {n_steps} batches, expected {steps}")
         train_time = time.time() - t0
-        seen = n_steps * sum(shares)
-        row = {"epoch": epoch, "train_loss": float(loss_sums.sum()) / seen, "img_per_s": seen * dist.world / train_time,
-               "lr": sched.get_last_lr()[0], "steps": n_steps, "time_s": round(train_time, 2),
-               "test_acc": None, "test_samples": 0}
-        per_owner = [{"owner": k, "shards": o.train_url, "key_fingerprint": o.fingerprint,
-                      "train_loss": float(loss_sums[k]) / (n_steps * shares[k]), "test_acc": None, "test_samples": 0}
-                     for k, o in enumerate(owners)]
-        for k, ld in enumerate(loaders):
-            if ld[3] is not None:
-                ev = evaluate_model(OwnerView(model, k) if joint else model, ld[3], dist.device, cfg.mean, cfg.std,
-                                    dist.world)
-                per_owner[k].update(test_acc=ev["accuracy"], test_samples=ev["samples"])
-        if loaders[0][3] is not None:
-            row["test_samples"] = sum(r["test_samples"] for r in per_owner)
-            row["test_acc"] = sum(r["test_acc"] * r["test_samples"] for r in per_owner) / max(1, row["test_samples"])
-        if joint:
-            row["owners"] = per_owner
+        evals = [evaluate_model(OwnerView(model, k) if joint else model, ld.test, dist.device, cfg.mean, cfg.std,
+                                dist.world) if ld.test is not None else None for k, ld in enumerate(loaders)]
+        row = metrics_row(epoch, owners, shares, loss_sums, n_steps, train_time, sched.get_last_lr()[0], dist.world,
+                          evals)
         metrics.append(row)
         if dist.main:
-            scores = [r["test_acc"] if r["test_acc"] is not None else -r["train_loss"] for r in per_owner]
+            scores = [r["test_acc"] if r["test_acc"] is not None else -r["train_loss"]
+                      for r in row.get("owners", [row])]
             improved = [a > b for a, b in zip(scores, bests)]
             bests = [max(a, b) for a, b in zip(scores, bests)]
             common = dict(normalize={"mean": list(cfg.mean), "std": list(cfg.std)}, epoch=epoch,

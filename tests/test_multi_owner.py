@@ -195,3 +195,30 @@ def test_a_joint_run_resumes_where_it_stopped(owners, tmp_path):
     assert [m["epoch"] for m in resumed] == [0, 1]
     for a, b in zip(resumed[1]["owners"], full[1]["owners"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [{"arch": "convmixer", "dim": 16, "depth": 1, "kernel": 3, "patch": 2},
+                                 {"arch": "vit", "variant": "custom", "dim": 32, "depth": 1, "heads": 2, "patch": 8}],
+                         ids=["convmixer", "vit"])
+def test_an_exported_owner_model_is_the_plain_timm_model_of_that_owner(cfg, cifar_exact):
+    """owner_state_dict(k) loads into an ordinary timm model that computes what owner k's view does."""
+    from etc_data.models import create_model
+    from etc_data.stems import OwnerView
+
+    cfg = dict(cfg, num_classes=10, img_size=32)
+    torch.manual_seed(0)
+    joint = OwnerStems(create_model(cfg), cfg["arch"], [0, 1]).eval()
+    with torch.no_grad():
+        for p in joint.stems[1].parameters():
+            p.add_(torch.randn_like(p))  # the two owners' stems differ
+    x = torch.from_numpy(cifar_exact["x_test"][:4]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    outs = []
+    for k in (0, 1):
+        plain = create_model(cfg).eval()
+        plain.load_state_dict(joint.owner_state_dict(k))  # strict: exactly the timm model's entries
+        with torch.no_grad():
+            assert torch.allclose(plain(x), OwnerView(joint, k)(x), atol=1e-5)
+            outs.append(plain(x))
+    assert not torch.allclose(outs[0], outs[1])
+    with torch.no_grad():  # a mixed batch gives each owner's rows what that owner's model gives
+        assert torch.allclose(joint([x[:2], x[2:]]), torch.cat([outs[0][:2], outs[1][2:]]), atol=1e-5)
