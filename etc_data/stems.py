@@ -127,10 +127,9 @@ def train_only_stems(model: nn.Module, arch: str) -> None:
         p.requires_grad_(is_stem(name, arch))
 
 
-def train_mode(model: nn.Module, arch: str, body_frozen: bool) -> None:
-    """``model.train()``; with a frozen body, the body stays in eval mode so that its BatchNorm
-    statistics do not move either."""
-    model.train()
+def keep_body_frozen(model: nn.Module, arch: str) -> None:
+    """After ``model.train()``: the body back in eval mode, so that its BatchNorm statistics do not
+    move either (``--freeze-body``)."""
     for name, child in model.named_children():
-        if body_frozen and not is_stem(name, arch):
+        if not is_stem(name, arch):
             child.eval()

@@ -537,7 +537,7 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     from .evaluate import evaluate_model
     from .loader import to_float_nchw
     from .models import patch_size
-    from .stems import OwnerView, train_mode
+    from .stems import OwnerView, keep_body_frozen
 
     cfg.check()
     dist = setup_distributed(cfg.device)
@@ -578,7 +578,9 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> list[dict]:
 
     end_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     for epoch in range(start_epoch, end_epoch):
-        train_mode(core, mcfg["arch"], cfg.freeze_body)
+        model.train()
+        if cfg.freeze_body:
+            keep_body_frozen(core, mcfg["arch"])
         for ld in loaders:
             ld.dataset.epoch = epoch
         t0, loss_sums, n_steps = time.time(), torch.zeros(len(owners)), 0
