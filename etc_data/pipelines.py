@@ -100,6 +100,7 @@ class Pipeline(BaseModel):
     resize: int | None = None
     shard_size: int = Field(default=10000, ge=1)
     on_bad_image: str = Field(default="stop", pattern="^(stop|skip)$")
+    workers: int | None = Field(default=None, ge=1)  # local worker processes per run (default: one per core)
     storage: Storage
     schedule: Schedule | None = None
     _file: str = PrivateAttr(default="")  # the YAML file it was loaded from (for messages)
@@ -137,7 +138,8 @@ class Pipeline(BaseModel):
         return {"source": self.source, "out": self.storage.url, "dataset": self.dataset, "owner": self.owner,
                 "key_ref": self.key_ref, "scheme": self.scheme, "block_size": self.block_size, "codec": self.codec,
                 "shard_size": self.shard_size, "splits": self.splits, "resize": self.resize,
-                "on_bad_image": self.on_bad_image, "storage_options": self.storage.storage_options}
+                "on_bad_image": self.on_bad_image, "storage_options": self.storage.storage_options,
+                "workers": self.workers}
 
 
 def load_pipeline(path: str | Path) -> Pipeline:

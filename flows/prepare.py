@@ -171,8 +171,9 @@ SIZE_COLUMNS = {"split": "split", "samples": "samples", "new": "new samples", "s
 def summary_line(summary: PrepareSummary) -> str:
     """The one log line of a run: per split, samples (new, shards) and bytes per image."""
     parts = ", ".join(f"{r['split']} {r['samples']} ({r['new']} new, {r['shards']} shards, "
-                      f"{r['bytes_per_image']:.0f} B/image on disk, {r['payload_per_image']:.0f} B/image "
-                      f"encoded images)" for r in summary.rows())
+                      f"{r['bytes_per_image']:.0f} B/image on disk"
+                      + (f", {r['payload_per_image']:.0f} B/image encoded images alone" if r["new"] else "") + ")"
+                      for r in summary.rows())
     return f"prepared {summary.dataset} at {summary.out}: {parts}"
 
 

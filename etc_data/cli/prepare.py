@@ -77,12 +77,19 @@ def register(cli: click.Group) -> None:
     @cli.command("verify")
     @click.argument("url")
     @click.option("--deep", is_flag=True, help="decode every sample, not only the first of each shard")
+    @click.option("--strict", is_flag=True, help="fail on shards the manifest does not list (default: a warning)")
+    @click.option("--clean", is_flag=True,
+                  help="remove shards the manifest does not list and .part temporaries (never a listed shard); "
+                       "not while a prepare writes to this dataset")
     @storage_config_option()
-    def verify_cmd(url, deep, storage_config):
-        """Check a split (URL = ROOT/<split>) or every split of a dataset root against its manifest."""
+    def verify_cmd(url, deep, strict, clean, storage_config):
+        """Check a split (URL = ROOT/<split>) or every split of a dataset root against its manifest.
+        Shards the manifest does not list (left by an interrupted run) are a warning; exit 2 on a missing
+        or corrupt shard."""
         from ..verify import VerifyConfig, verify_dataset
 
-        result = verify_dataset(VerifyConfig(url=url, deep=deep, storage_options=storage_options(storage_config)))
+        result = verify_dataset(VerifyConfig(url=url, deep=deep, strict=strict, clean=clean,
+                                             storage_options=storage_options(storage_config)))
         for line in result.lines():
             click.echo(line)
         if not result.ok:
