@@ -64,7 +64,7 @@ def _runner_class():
         _stop_task: asyncio.Task | None = None
 
         def handle_sigterm(self, *args) -> None:  # installed by Runner.start for SIGTERM
-            self._loop.call_soon_threadsafe(self.request_stop, "SIGTERM")
+            (self._loop or asyncio.get_running_loop()).call_soon_threadsafe(self.request_stop, "SIGTERM")
 
         def request_stop(self, name: str) -> None:
             if self._stop_task is not None:
@@ -74,12 +74,23 @@ def _runner_class():
             self._stop_task = asyncio.ensure_future(self._graceful_stop(name))
 
         async def _graceful_stop(self, name: str) -> None:
+            while not self.started:  # a signal while start() sets up: stop once it has
+                await asyncio.sleep(0.05)
             running = len(self._process_manager.flow_run_ids())
             self._logger.info(f"etc-data serve: {name} received; cancelling {running} running flow run(s), "
                               f"then pausing the schedules")
             self.stopping = True
-            self._scheduled_run_poller.stopping = True  # no new run starts from here on
-            await self._cancellation_manager.cancel_all(state_msg=STOP_MESSAGE.format(signal=name))
+            self._scheduled_run_poller.stopping = True  # no new run is submitted from here on
+            done: set = set()
+            for attempt in range(4):  # looked at again for a run whose process was starting at the signal
+                todo = self._process_manager.flow_run_ids() - done
+                for run_id in todo:
+                    await self._cancellation_manager.cancel(await self._client.read_flow_run(run_id),
+                                                            state_msg=STOP_MESSAGE.format(signal=name))
+                done |= todo
+                if attempt and not todo:
+                    break
+                await asyncio.sleep(0.5)
             await self.astop()
 
     return ServeRunner
@@ -164,4 +175,7 @@ def serve(folder: str) -> None:
     pipes = load_pipelines(folder)
     # the flow-run processes this one starts end with it, even when it is killed (prepare_flow)
     os.environ[SERVE_PID_ENV] = str(os.getpid())
-    asyncio.run(aserve(pipes, deployments(pipes)))
+    try:
+        asyncio.run(aserve(pipes, deployments(pipes)))
+    except KeyboardInterrupt:  # Ctrl-C while registering, before any run could start
+        print("etc-data serve: interrupted before serving; no run was started")

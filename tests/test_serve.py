@@ -196,8 +196,8 @@ def every_minute(prefect_server, tmp_path_factory, cifar_exact):
 @pytest.mark.slow
 def test_sigterm_mid_run_cancels_it_frees_its_slot_kills_its_workers_and_a_restart_resumes(
         prefect_server, every_minute, tmp_path, cifar_exact, key_file):
-    folder = _write_pipeline(tmp_path, _npz(tmp_path / "src.npz", cifar_exact, 600), key_file, name="ingest",
-                             shard_size=30, workers=2)
+    folder = _write_pipeline(tmp_path, _npz(tmp_path / "src.npz", cifar_exact, 300), key_file, name="ingest",
+                             shard_size=15, workers=2)
     out = tmp_path / "served"
     served = Served(folder, prefect_server.env(), tmp_path / "serve.log").start()
     dep = _wait("the deployment", lambda: _api(prefect_server, _deployment, "ingest"), 120)
@@ -249,7 +249,7 @@ def test_sigterm_mid_run_cancels_it_frees_its_slot_kills_its_workers_and_a_resta
     run = _wait("the latest missed run", lambda: _api(prefect_server, final), 180)
     assert run.state.is_completed(), run.state
     assert {r.id for r in _api(prefect_server, _runs_of, dep.id)}.isdisjoint(late[:2])  # the older two are gone
-    assert read_manifest(str(out / "train")).num_samples == 600
+    assert read_manifest(str(out / "train")).num_samples == 300
     # whatever the interrupted run left uncommitted was removed by this one
     assert verify_dataset(VerifyConfig(url=str(out), strict=True)).ok
     assert served.stop(signal.SIGINT) == 0
