@@ -102,6 +102,34 @@ def test_check_names_what_a_scheduled_run_would_fail_on(tmp_path, key_file, cifa
     assert "serve needs a running Prefect server" in err and "3 problem(s)" in err and secret not in err
 
 
+FLOW_RUN_PROCESS = """
+import time
+from etc_data.flows.prepare import _end_with_serve
+_end_with_serve()
+print("armed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_flow_run_process_of_serve_ends_when_serve_is_killed():
+    """What a served run does at its start: serve killed by SIGKILL (a crash, the OOM killer) must not
+    leave its flow-run processes working on as orphans (Prefect starts them as plain children)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, subprocess, sys\nos.environ['ETC_DATA_SERVE_PID'] = str(os.getpid())\n"
+         f"p = subprocess.Popen([sys.executable, '-c', {FLOW_RUN_PROCESS!r}])\nprint(p.pid, flush=True)\np.wait()"],
+        stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "armed"
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    if alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the flow-run process outlived the killed serve")
+
+
 # --- against a real Prefect server ------------------------------------------------------------
 
 class Served:
