@@ -11,7 +11,8 @@ Lifecycle, which Prefect's own ``serve`` leaves to chance (it marks nothing when
   running (state Late, after a crash) are collapsed into the latest one, which ingests everything
   new anyway;
 - SIGTERM / SIGINT (systemd, Docker, Kubernetes, Ctrl-C): no new run starts; each running flow run
-  is cancelled (its process gets SIGTERM, its worker pool is killed, 30 s later SIGKILL) and ends
+  is cancelled (its process gets SIGTERM and kills its worker pool; SIGKILL if it is still there 30 s
+  later) and ends
   *Cancelled* with a message saying serve stopped, which releases its deployment's concurrency
   slot; then the schedules are paused, so no run piles up while nothing serves them;
 - SIGKILL (a crash): the flow-run processes get SIGTERM from the kernel (parent-death signal, set

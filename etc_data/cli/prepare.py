@@ -158,9 +158,10 @@ def register_serve(cli: click.Group) -> None:
 
         pipes, problems = check_folder(folder, key_loader=load_key_ref)
         _list_pipelines(pipes)
-        problems += [p for p in [fs.server_problem()] if p]
-        for p in problems:
-            click.echo(f"error: {p}", err=True)
+        server = fs.server_problem()
+        problems += [server] if server else []
+        for problem in problems:
+            click.echo(f"error: {problem}", err=True)
         if problems:
             raise EtcError(f"{len(problems)} problem(s) in {folder}: a run would fail")
         click.echo(f"ready: {len(pipes)} pipeline(s) checked")
