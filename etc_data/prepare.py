@@ -40,8 +40,9 @@ from .manifest import Manifest, ManifestMissing, read_manifest, read_sample_inde
 from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spec, weak_key_message
 from .shards import write_chunk
 from .sources import BAD_IMAGE_POLICIES, Source, open_source
-from .storage import StorageError, join, list_names, remove
+from .storage import join
 from .trust import TrustPolicy
+from .verify import remove_leftovers
 
 DEFAULT_SHARD_SIZE = 10000
 POOL_MIN_IMAGES = 4000  # with workers=None, fewer images than this run in-process (a pool's start costs ~1 s)
@@ -299,13 +300,7 @@ def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: l
                  classes=list(source.classes), image_size=list(next(iter(sizes))), shards=shards,
                  source=source.description, resize=source.resize_policy(), tool_version=__version__)
     write_manifest(split_url, m, sample_index=index, storage_options=cfg.storage_options, key=key)
-    listed = {e["name"] for e in shards}
-    for name in list_names(split_url, cfg.storage_options):
-        if (name.endswith(".tar") and name not in listed) or name.endswith(".part"):
-            try:
-                remove(join(split_url, name), cfg.storage_options)
-            except StorageError:
-                pass  # verify reports it as extra; nothing counts it
+    remove_leftovers(split_url, {e["name"] for e in shards}, cfg.storage_options)  # also when nothing was new
     return m
 
 

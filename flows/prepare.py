@@ -3,7 +3,14 @@
 The flow body is the library's own job; only where chunks run changes: each chunk becomes a task
 (named ``<split>-shard-<index>``), on Prefect's thread runner (the CPU work then goes to a warm
 local ``WorkerPool``) or on a Dask cluster (``make_prepare_flow(dask_address=...)``). The summary
-becomes a table and a Markdown artifact keyed by the dataset, and one line in the flow log.
+becomes a table and a Markdown artifact, and one line in the flow log. Artifacts are keyed by the
+deployment (= the pipeline's name) when the run belongs to one, else by the dataset id: two
+pipelines may write the same dataset id to different places, and Prefect's latest-by-key view
+would mix them.
+
+A run that ``etc-data serve`` started (``flows/serve.py``) ends when serve ends, even when serve is
+killed: the flow asks the kernel for SIGTERM on its parent's death, which Prefect's engine turns
+into a Crashed run and which stops the run's worker pool.
 
 Run-time resources that cannot be flow parameters (a worker pool started early by the CLI, a
 progress callback) are handed over with ``prepare_runtime(...)``, a context manager scoped to
@@ -15,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import os
 import re
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -31,6 +40,8 @@ from etc_data.prepare import (DEFAULT_SHARD_SIZE, ChunkResult, ChunkRunner, Chun
 from etc_data.storage import StorageError
 
 from .keys import SECRET_PREFIX, load_key_ref
+
+SERVE_PID_ENV = "ETC_DATA_SERVE_PID"  # set by etc-data serve: the pid of the serving process
 
 
 @dataclass
@@ -138,19 +149,53 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
             p.close()
 
 
-def _artifact_key(dataset: str, kind: str) -> str:
-    """Artifact keys are per dataset (lowercase letters, digits and dashes, as Prefect requires)."""
-    return f"prepare-{re.sub(r'[^a-z0-9-]+', '-', dataset.lower()).strip('-') or 'dataset'}-{kind}"
+def _artifact_key(name: str, kind: str) -> str:
+    """``prepare-<name>-<kind>`` in the lowercase letters, digits and dashes that Prefect requires."""
+    return f"prepare-{re.sub(r'[^a-z0-9-]+', '-', name.lower()).strip('-') or 'dataset'}-{kind}"
+
+
+def artifact_name(dataset: str) -> str:
+    """What the artifacts are keyed by: the deployment (pipeline) running this flow, else the dataset."""
+    from prefect.runtime import deployment
+
+    return deployment.name or dataset
+
+
+SIZE_COLUMNS = {"split": "split", "samples": "samples", "new": "new samples", "shards": "shards",
+                "bytes": "bytes on disk (tar: images + headers + cls/json)",
+                "bytes_per_image": "bytes/image on disk",
+                "new_payload_bytes": "encoded image bytes (new samples)",
+                "payload_per_image": "encoded image bytes/image (new samples)", "skipped": "skipped images"}
+
+
+def summary_line(summary: PrepareSummary) -> str:
+    """The one log line of a run: per split, samples (new, shards) and bytes per image."""
+    parts = ", ".join(f"{r['split']} {r['samples']} ({r['new']} new, {r['shards']} shards, "
+                      f"{r['bytes_per_image']:.0f} B/image on disk"
+                      + (f", {r['payload_per_image']:.0f} B/image encoded images alone" if r["new"] else "") + ")"
+                      for r in summary.rows())
+    return f"prepared {summary.dataset} at {summary.out}: {parts}"
 
 
 def publish(summary: PrepareSummary) -> None:
-    """The summary as artifacts (a table and Markdown, keyed by dataset) and one log line."""
-    create_table_artifact(summary.rows(), key=_artifact_key(summary.dataset, "sizes"),
-                          description=f"etc-data prepare sizes: {summary.dataset}")
-    create_markdown_artifact(summary.markdown(), key=_artifact_key(summary.dataset, "summary"),
-                             description=f"etc-data prepare: {summary.dataset}")
-    parts = ", ".join(f"{r['split']} {r['samples']} ({r['new']} new, {r['shards']} shards)" for r in summary.rows())
-    get_run_logger().info(f"prepared {summary.dataset} at {summary.out}: {parts}")
+    """The summary as artifacts (a table and Markdown) and one log line."""
+    name = artifact_name(summary.dataset)
+    rows = [{SIZE_COLUMNS.get(k, k): v for k, v in r.items()} for r in summary.rows()]
+    create_table_artifact(rows, key=_artifact_key(name, "sizes"),
+                          description=f"etc-data prepare sizes: {name} ({summary.dataset} at {summary.out})")
+    create_markdown_artifact(summary.markdown(), key=_artifact_key(name, "summary"),
+                             description=f"etc-data prepare: {name} ({summary.dataset} at {summary.out})")
+    get_run_logger().info(summary_line(summary))
+
+
+def _end_with_serve() -> None:
+    """In a flow-run process started by ``etc-data serve``: SIGTERM when serve dies (see the docstring)."""
+    from etc_data.workers import set_parent_death_signal
+
+    if os.environ.get(SERVE_PID_ENV) == str(os.getppid()):
+        set_parent_death_signal(signal.SIGTERM)
+        if os.environ.get(SERVE_PID_ENV) != str(os.getppid()):  # serve died before the call
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @flow(name="etc-prepare", log_prints=False, persist_result=False)
@@ -164,6 +209,7 @@ def prepare_flow(source: list[str], out: str, dataset: str | None = None, owner:
     prefect-secret:BLOCK), never a key. ``workers``: local worker processes (when no Dask runner)."""
     from prefect.context import get_run_context
 
+    _end_with_serve()
     cfg = PrepareConfig(source=source, out=out, dataset=dataset or "", scheme=scheme, block_size=block_size,
                         codec=codec, key_ref=key_ref, owner=owner, shard_size=shard_size,
                         max_shard_bytes=max_shard_bytes, limit=limit, splits=splits, resize=resize, pad=pad,

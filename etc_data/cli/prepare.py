@@ -77,14 +77,20 @@ def register(cli: click.Group) -> None:
     @cli.command("verify")
     @click.argument("url")
     @click.option("--deep", is_flag=True, help="decode every sample, not only the first of each shard")
+    @click.option("--strict", is_flag=True, help="fail on shards the manifest does not list (default: a warning)")
+    @click.option("--clean", is_flag=True,
+                  help="remove shards the manifest does not list and .part temporaries (never a listed shard); "
+                       "not while a prepare writes to this dataset")
     @trust_option()
     @storage_config_option()
-    def verify_cmd(url, deep, trust, storage_config):
-        """Check a split (URL = ROOT/<split>) or every split of a dataset root against its signed manifest."""
+    def verify_cmd(url, deep, strict, clean, trust, storage_config):
+        """Check a split (URL = ROOT/<split>) or every split of a dataset root against its signed manifest.
+        Shards the manifest does not list (left by an interrupted run) are a warning; exit 2 on a missing
+        or corrupt shard."""
         from ..verify import VerifyConfig, verify_dataset
 
-        result = verify_dataset(VerifyConfig(url=url, deep=deep, storage_options=storage_options(storage_config),
-                                             trust=list(trust)))
+        result = verify_dataset(VerifyConfig(url=url, deep=deep, strict=strict, clean=clean,
+                                             storage_options=storage_options(storage_config), trust=list(trust)))
         for line in result.lines():
             click.echo(line)
         if not result.ok:
@@ -129,22 +135,40 @@ def run_prepare_flow(cfg, dask_address: str | None = None) -> dict:
 def register_serve(cli: click.Group) -> None:
     @cli.command("serve")
     @click.argument("folder", type=click.Path(exists=True))
-    @click.option("--check", is_flag=True, help="only validate the pipeline files and list them")
+    @click.option("--check", is_flag=True,
+                  help="check what a run will need (pipeline files, timezones, key references and key file modes, "
+                       "sources, storage, committed datasets, the Prefect server), list the pipelines and exit; "
+                       "status 2 on any problem")
     def serve_cmd(folder, check):
-        """Serve every pipelines/*.yaml as a scheduled Prefect deployment (needs a real Prefect server:
-        `prefect server start --host 127.0.0.1` and PREFECT_API_URL=http://127.0.0.1:4200/api)."""
-        from ..pipelines import load_pipelines
+        """Serve every pipelines/*.yaml as a scheduled Prefect deployment until SIGTERM/SIGINT (needs a real
+        Prefect server: `prefect server start --host 127.0.0.1` and PREFECT_API_URL=http://127.0.0.1:4200/api).
+        On stop, running flow runs are cancelled and the schedules paused; the next serve resumes them."""
+        from ..pipelines import check_folder, load_pipelines
 
-        pipes = load_pipelines(folder)
-        for p in pipes:
-            sched = f"cron '{p.schedule.cron}' ({p.schedule.timezone})" if p.schedule else "no schedule"
-            click.echo(f"{p.name}: {p.dataset} -> {p.storage.url} [{p.scheme}, block {p.block_size}, {p.codec}], {sched}")
-        if check:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # before Prefect is imported: serve's log is its record
+        from ..flows import serve as fs
+
+        if not check:
+            _list_pipelines(load_pipelines(folder))
+            problem = fs.server_problem()
+            if problem:
+                raise EtcError(problem)
+            fs.serve(folder)
             return
-        if not os.environ.get("PREFECT_API_URL"):
-            raise EtcError("serve needs a running Prefect server: start one with `prefect server start --host "
-                           "127.0.0.1` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-        from ..flows.serve import serve
+        from ..flows.keys import load_key_ref
 
-        serve(folder)
+        pipes, problems = check_folder(folder, key_loader=load_key_ref)
+        _list_pipelines(pipes)
+        server = fs.server_problem()
+        problems += [server] if server else []
+        for problem in problems:
+            click.echo(f"error: {problem}", err=True)
+        if problems:
+            raise EtcError(f"{len(problems)} problem(s) in {folder}: a run would fail")
+        click.echo(f"ready: {len(pipes)} pipeline(s) checked")
+
+
+def _list_pipelines(pipes) -> None:
+    for p in pipes:
+        sched = f"cron '{p.schedule.cron}' ({p.schedule.timezone})" if p.schedule else "no schedule"
+        click.echo(f"{p.name}: {p.dataset} -> {p.storage.url} [{p.scheme}, block {p.block_size}, {p.codec}], {sched}")
