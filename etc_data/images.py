@@ -38,6 +38,12 @@ class ImageLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
 
+    def __post_init__(self):
+        for name in ("max_pixels", "max_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SourceError(f"max-image-{name[4:]} must be a positive integer, got {v!r}")
+
     def check_pixels(self, h: int, w: int, name: str) -> None:
         if h * w > self.max_pixels:
             raise SourceError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {self.max_pixels:,} "

@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 from . import __version__
 from .codecs import DEFAULT_CODEC, check_scheme_codec, encode_batch, get_codec
 from .errors import EtcError
+from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from .manifest import Manifest, ManifestMissing, read_manifest, read_sample_index, write_manifest
 from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spec, weak_key_message
 from .shards import write_chunk
@@ -70,10 +71,16 @@ class PrepareConfig:
     storage_options: dict = field(default_factory=dict)
     workers: int | None = None   # local worker processes: None = one per core for large runs, 1 = in this process
     verify: bool = True          # check every written split against its manifest after the commit
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # a source image past this (from its header) is a bad image
+    max_image_bytes: int = DEFAULT_MAX_BYTES    # so is an image file or archive member past this
 
     def check(self) -> None:
-        """Refuse settings no run can use, naming the field."""
-        for name in ("shard_size", "max_shard_bytes", "limit", "resize", "workers"):
+        """Refuse settings no run can use, naming the field, and key material passed as the key reference."""
+        from .keys import check_key_ref
+
+        check_key_ref(self.key_ref)
+        for name in ("shard_size", "max_shard_bytes", "limit", "resize", "workers", "max_image_pixels",
+                     "max_image_bytes"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise PrepareError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -83,7 +90,8 @@ class PrepareConfig:
             raise PrepareError("out (the dataset root URL) is required")
 
     def open_source(self) -> Source:
-        return open_source(self.source, resize=self.resize)
+        return open_source(self.source, resize=self.resize,
+                           limits=ImageLimits(self.max_image_pixels, self.max_image_bytes))
 
     def scheme_name(self) -> str:
         return parse_scheme_spec(self.scheme)[0]

@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from etc_data.codecs import DEFAULT_CODEC, default_workers
+from etc_data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from etc_data.prepare import (DEFAULT_SHARD_SIZE, ChunkResult, ChunkRunner, ChunkSpec, PrepareConfig,
                               PrepareSummary, pool_size, prepare_dataset)
 from etc_data.storage import StorageError
@@ -159,7 +160,8 @@ def prepare_flow(source: list[str], out: str, dataset: str | None = None, owner:
                  codec: str = DEFAULT_CODEC, shard_size: int = DEFAULT_SHARD_SIZE,
                  max_shard_bytes: int | None = None, limit: int | None = None, splits: list[str] | None = None,
                  resize: int | None = None, pad: str = "error", on_bad_image: str = "stop",
-                 storage_options: dict | None = None, workers: int | None = None, verify: bool = True) -> dict:
+                 storage_options: dict | None = None, workers: int | None = None, verify: bool = True,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_image_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Encrypt, compress and shard a dataset; ``key_ref`` is a reference (path, env:NAME,
     prefect-secret:BLOCK), never a key. ``workers``: local worker processes (when no Dask runner)."""
     from prefect.context import get_run_context
@@ -168,7 +170,7 @@ def prepare_flow(source: list[str], out: str, dataset: str | None = None, owner:
                         codec=codec, key_ref=key_ref, owner=owner, shard_size=shard_size,
                         max_shard_bytes=max_shard_bytes, limit=limit, splits=splits, resize=resize, pad=pad,
                         on_bad_image=on_bad_image, storage_options=storage_options or {}, workers=workers,
-                        verify=verify)
+                        verify=verify, max_image_pixels=max_image_pixels, max_image_bytes=max_image_bytes)
     on_dask = type(get_run_context().task_runner).__name__ == "DaskTaskRunner"
     summary = run_prepare(cfg, on_dask=on_dask)
     publish(summary)

@@ -24,9 +24,9 @@ def test_new_key_file_is_0600_and_never_overwritten(tmp_path):
 
 def test_group_or_world_readable_key_is_refused(key_file):
     os.chmod(key_file, 0o644)
-    with pytest.raises(KeyFileError, match=r"chmod 600") as e:
+    with pytest.raises(KeyFileError, match=r"the key given with --key .*chmod 600") as e:
         load_key(key_file)
-    assert str(key_file) in str(e.value)
+    assert str(key_file) not in str(e.value)  # a key reference is never echoed
     os.chmod(key_file, 0o640)
     with pytest.raises(KeyFileError):
         load_key(key_file)
@@ -79,3 +79,33 @@ def test_key_env_var_names_the_variable_a_reference_reads(tmp_path):
     assert key_env_var(None) == key_env_var("") == key_env_var("env:") == ENV_VAR
     assert key_env_var("env:OWNER_KEY") == "OWNER_KEY"
     assert key_env_var(str(tmp_path / "owner.key")) is None and key_env_var(tmp_path / "owner.key") is None
+
+
+def test_key_material_passed_as_a_reference_is_refused_without_quoting_it(key_file):
+    """A secret pasted where a key file path goes (``--key 5e3a...``) must not end up in an error,
+    a log or Prefect's database: it is refused before it is used, and never quoted."""
+    from etc_data.keys import check_key_ref
+
+    doc = json.loads(key_file.read_text())
+    for ref in (doc["secret"], doc["secret"].upper(), key_file.read_text(), f" {doc['secret']}\n"):
+        with pytest.raises(KeyFileError, match="looks like key material") as e:
+            load_key(ref)
+        assert doc["secret"] not in str(e.value).lower()
+        with pytest.raises(KeyFileError):
+            check_key_ref(ref)
+    for ok in (str(key_file), "env:OWNER_KEY", None, "prefect-secret:owner", "keys/0123abcd0123abcd.key"):
+        check_key_ref(ok)
+
+
+def test_missing_or_corrupt_key_files_say_what_they_are_without_naming_the_reference(tmp_path, key_file):
+    secret = json.loads(key_file.read_text())["secret"]
+    with pytest.raises(KeyFileError, match="the key given with --key does not exist") as e:
+        load_key(tmp_path / "nope.key")
+    assert "nope.key" not in str(e.value)
+    for text in ("not a key at all", '{"format": "etc-data-key/1", "secret": "zz"}', secret[:40], "{"):
+        bad = tmp_path / "bad.key"
+        bad.write_text(text)
+        os.chmod(bad, 0o600)
+        with pytest.raises(KeyFileError, match="the key given with --key is not a valid key file") as e:
+            load_key(bad)
+        assert "hex" not in str(e.value).split("(")[0] and "bad.key" not in str(e.value)

@@ -7,7 +7,7 @@ import os
 import click
 
 from ..errors import EtcError
-from .options import key_option, storage_config_option, storage_options
+from .options import image_limit_options, key_option, storage_config_option, storage_options
 
 
 def _boot_ephemeral_api(key_ref: str | None):
@@ -46,19 +46,22 @@ def register(cli: click.Group) -> None:
     @click.option("--resize", type=int, default=None, help="shorter side to N then centre crop NxN (e.g. 224, 160)")
     @click.option("--pad", type=click.Choice(["error", "edge", "zero"]), default="error", show_default=True)
     @click.option("--on-bad-image", type=click.Choice(["stop", "skip"]), default="stop", show_default=True)
+    @image_limit_options
     @storage_config_option()
     @click.option("--workers", type=int, default=None, help="local worker processes (default: all cores)")
     @click.option("--dask-address", default=None, help="run the tasks on this Dask scheduler (prefect-dask)")
     @click.option("--no-verify", is_flag=True, help="skip the verification of what was written")
     def prepare_cmd(sources, owner, key_ref, out, dataset, scheme, block_size, codec, shard_size, max_shard_bytes,
-                    limit, splits, resize, pad, on_bad_image, storage_config, workers, dask_address, no_verify):
+                    limit, splits, resize, pad, on_bad_image, max_image_pixels, max_image_bytes, storage_config, workers,
+                    dask_address, no_verify):
         """Encrypt, compress and shard a dataset into verified WebDataset shards (a Prefect flow)."""
         from ..prepare import PrepareConfig
 
         cfg = PrepareConfig(source=list(sources), out=out, dataset=dataset or "", owner=owner, key_ref=key_ref,
                             scheme=scheme, block_size=block_size, limit=limit, splits=list(splits) or None,
                             resize=resize, pad=pad, on_bad_image=on_bad_image, max_shard_bytes=max_shard_bytes,
-                            storage_options=storage_options(storage_config), workers=workers, verify=not no_verify)
+                            storage_options=storage_options(storage_config), workers=workers, verify=not no_verify,
+                            max_image_pixels=max_image_pixels, max_image_bytes=max_image_bytes)
         if codec is not None:
             cfg.codec = codec
         if shard_size is not None:
