@@ -83,6 +83,7 @@ class _Destination:
     planted in the destination is not followed out of it)."""
 
     def __init__(self, dst: Path):
+        dst.mkdir(parents=True, exist_ok=True)
         self.dst = dst
         self.real = os.path.realpath(dst)
         self._ok: set[Path] = set()
@@ -91,12 +92,16 @@ class _Destination:
         parent = path.parent
         if parent in self._ok:
             return
+        self._check(parent)  # before creating anything through a link...
         parent.mkdir(parents=True, exist_ok=True)
-        real = os.path.realpath(parent)
-        if os.path.commonpath([real, self.real]) != self.real:
-            raise FolderError(f"{parent} resolves to {real}, outside {self.dst} (a symlink in the destination); "
-                              f"refusing to write there")
+        self._check(parent)  # ...and after, in case one appeared meanwhile
         self._ok.add(parent)
+
+    def _check(self, folder: Path) -> None:
+        real = os.path.realpath(folder)
+        if os.path.commonpath([real, self.real]) != self.real:
+            raise FolderError(f"{folder} resolves to {real}, outside {self.dst} (a symlink in the destination); "
+                              f"refusing to write there")
 
 
 def _run(direction: str, cfg: FolderConfig, progress: Callable[[int, int], None] | None,

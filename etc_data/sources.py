@@ -14,8 +14,9 @@ nested path) the key ends in ``~`` and 8 hex digits of a SHA-256 of the source p
 other than ``.jpg`` carries its extension (``~png``), so ``猫.jpg``/``犬.jpg``, ``a.b.jpg``/``a_b.jpg``
 and ``x.jpg``/``x.png`` get distinct keys. Two source files with one key are an error naming both.
 
-Folders: symlinks, to files or folders, are followed when they resolve inside the source folder;
-one that points outside it, and a folder reached twice (a loop), are errors naming the link.
+Folders: symlinks, to files or folders, are followed when they resolve inside the source folder
+(a class folder linked to another one is read under both names); one that points outside it, and
+a symlink loop, are errors naming the link.
 
 Supported here (``open_source`` picks one from the path):
 - ``.npz`` with ``x_<split>`` (N, H, W, 3 or N, H, W) uint8 and ``y_<split>`` arrays (e.g. the
@@ -459,18 +460,16 @@ def _open_one(p: Path, limits: ImageLimits) -> Source:
 
 def list_folder(root: Path) -> list[str]:
     """Relative names of the files under ``root``, following symlinks that resolve inside it; a
-    symlink to outside ``root`` and a folder reached twice (a loop) are SourceErrors naming them.
-    Dangling links are listed (reading them names them)."""
+    symlink to outside ``root`` and a symlink loop (a folder inside itself) are SourceErrors naming
+    them. Dangling links are listed (reading them names them)."""
     real_root = os.path.realpath(root)
-    seen: set[str] = set()
     out: list[str] = []
 
-    def visit(folder: str, rel: str) -> None:
+    def visit(folder: str, rel: str, above: tuple[str, ...]) -> None:
         real = os.path.realpath(folder)
-        if real in seen:
-            raise SourceError(f"source {root}: {rel.rstrip('/')} leads to {real}, which is already read (a symlink "
-                              f"loop, or two links to one folder)")
-        seen.add(real)
+        if real in above:
+            raise SourceError(f"source {root}: {rel.rstrip('/')} leads back to {real}, a folder it is inside "
+                              f"(a symlink loop)")
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             name = rel + entry.name
             if entry.is_symlink():
@@ -483,11 +482,11 @@ def list_folder(root: Path) -> list[str]:
                     out.append(name)
                     continue
             if entry.is_dir():
-                visit(entry.path, name + "/")
+                visit(entry.path, name + "/", above + (real,))
             elif entry.is_file():
                 out.append(name)
 
-    visit(str(root), "")
+    visit(str(root), "", ())
     return out
 
 

@@ -129,7 +129,10 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
 
     try:
         return prepare_dataset(cfg, map_chunks=map_chunks, progress=rt.progress, key_loader=load_key_ref)
-    except BaseException:
+    except BaseException as e:
+        if rt.pool is not None and not isinstance(e, Exception):
+            own.append(rt.pool)  # SIGTERM (Prefect's TerminationSignal), Ctrl-C: this process is stopping, so
+            # do its workers, now, before Prefect reports the crash and waits for the task threads
         for p in own:
             p.terminate()
         own.clear()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import click
 
@@ -114,7 +116,8 @@ def run_prepare_flow(cfg, dask_address: str | None = None) -> dict:
         flow_fn = make_prepare_flow(cfg.workers, dask_address)
         if api is not None:
             api.wait()  # the flow may only talk to a server that answers
-        with prepare_runtime(pool, lambda r: (bar.update(1), bar.set_postfix_str(f"{r.split} #{r.index}"))):
+        with prepare_runtime(pool, lambda r: (bar.update(1), bar.set_postfix_str(f"{r.split} #{r.index}"))), \
+                prefect_logs_to_file():
             return flow_fn(**{k: v for k, v in cfg.to_dict().items()})
     except BaseException:
         if pool is not None:
@@ -125,6 +128,45 @@ def run_prepare_flow(cfg, dask_address: str | None = None) -> dict:
         bar.close()
         if pool is not None:
             pool.close(wait=False)
+
+
+@contextlib.contextmanager
+def prefect_logs_to_file():
+    """Prefect's console log (a failed run logs a traceback of ~110 lines before the CLI's own
+    error line) goes to ``$PREFECT_HOME/etc-data.log`` for the duration of the block; the CLI
+    prints one ``error:`` line. With --debug / ETC_DATA_DEBUG=1 it stays on the terminal."""
+    import logging
+    from logging.handlers import RotatingFileHandler
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+    from prefect.settings import PREFECT_HOME
+
+    from . import debugging
+
+    if debugging():
+        yield None
+        return
+    path = Path(PREFECT_HOME.value()) / "etc-data.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = RotatingFileHandler(path, maxBytes=10 << 20, backupCount=2)
+    to_file.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("prefect", "uvicorn", "fastapi"))]
+    swapped = []
+    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in names]:
+        consoles = [h for h in logger.handlers if isinstance(h, PrefectConsoleHandler)
+                    or type(h).__name__ == "_SafeStreamHandler"]
+        for h in consoles:
+            logger.removeHandler(h)
+            swapped.append((logger, h))
+        if consoles:
+            logger.addHandler(to_file)
+    try:
+        yield path
+    finally:
+        for logger, h in swapped:
+            logger.removeHandler(to_file)
+            logger.addHandler(h)
+        to_file.close()
 
 
 def register_serve(cli: click.Group) -> None:
