@@ -10,7 +10,10 @@ files holding one; none pinned = trust on first use, with a warning) are checked
 is read; a tampered or untrusted manifest raises an error naming what failed. For every
 shard a manifest lists: it exists, its size and sha256 match, its samples each have one image and
 a ``cls`` field, the sample count matches, and the first sample (every sample with ``deep``)
-decodes to the manifest's image size.
+decodes to the manifest's image size. For a root, ``_info.json`` (what timm reads) must agree with
+every split's manifest, and a split folder with a manifest that ``_info.json`` does not list is
+verified and reported (a run killed between the two writes leaves them disagreeing; rerunning
+prepare rewrites ``_info.json``).
 
 Shards in the folder that the manifest does not list (EXTRA: left by a run killed before its
 commit) are not part of the dataset, so they are a warning, not a failure: the dataset the manifest
@@ -28,9 +31,9 @@ import json
 from dataclasses import dataclass, field
 
 from .codecs import codec_for_ext
-from .manifest import INFO_NAME, check_plain_name, read_manifest, split_url_of
+from .manifest import INFO_NAME, MANIFEST_NAME, check_plain_name, info_entry, read_manifest, split_url_of
 from .shards import SAMPLE_EXTS, ShardError, read_shard, sample_offsets
-from .storage import StorageError, join, list_names, read_bytes, remove
+from .storage import StorageError, exists, join, list_names, read_bytes, remove
 
 
 @dataclass
@@ -178,31 +181,60 @@ def verify_split(split_url: str, deep: bool = False, storage_options: dict | Non
     return rep
 
 
-def dataset_splits(url: str, storage_options: dict | None = None) -> list[str] | None:
-    """The split names a dataset root's ``_info.json`` lists, or None when ``url`` has none (a split folder)."""
+def read_info(url: str, storage_options: dict | None = None) -> dict | None:
+    """A dataset root's ``_info.json`` as a dict, or None when ``url`` has none (a split folder)."""
     try:
         info = json.loads(read_bytes(join(url, INFO_NAME), storage_options))
     except (StorageError, ValueError):
         return None
-    splits = info.get("splits") if isinstance(info, dict) else None
+    return info if isinstance(info, dict) else None
+
+
+def dataset_splits(url: str, storage_options: dict | None = None) -> list[str] | None:
+    """The split names a dataset root's ``_info.json`` lists, or None when ``url`` has none (a split folder)."""
+    info = read_info(url, storage_options)
+    splits = info.get("splits") if info else None
     return list(splits) if isinstance(splits, dict) and splits else None
 
 
+def info_problems(url: str, info: dict, split: str, storage_options: dict | None = None, trust=None) -> list[str]:
+    """How ``_info.json`` disagrees with the manifest of ``url/split`` ([] when it agrees)."""
+    m = read_manifest(join(url, split), storage_options, trust)
+    have = (info.get("splits") or {}).get(m.split) if isinstance(info.get("splits"), dict) else None
+    fix = "; run etc-data prepare again to rewrite it"
+    if have is None:
+        return [f"{INFO_NAME}: does not list split {m.split}, which has a manifest{fix}"]
+    want = info_entry(m, split)
+    diff = [k for k in want if have.get(k) != want[k]] + (["classes"] if info.get("classes") != m.classes else [])
+    return [f"{INFO_NAME}: {', '.join(diff)} of split {m.split} disagree with {split}/{MANIFEST_NAME}{fix}"] if diff else []
+
+
+def _unlisted_splits(url: str, listed: list[str], storage_options: dict | None) -> list[str]:
+    """Folders under a root that hold a manifest but are missing from ``_info.json``."""
+    return [n for n in list_names(url, storage_options) if n not in listed and not n.startswith((".", "_"))
+            and exists(join(url, n, MANIFEST_NAME), storage_options)]
+
+
 def verify_dataset(cfg: VerifyConfig) -> DatasetVerification:
-    """Verify a dataset root (its splits) or a single split folder."""
+    """Verify a dataset root (its splits, and its ``_info.json`` against them) or a single split folder."""
     from .trust import TrustPolicy
 
     url = split_url_of(cfg.url)
     trust = TrustPolicy.from_refs(cfg.trust)
+    info = read_info(url, cfg.storage_options)
     splits = dataset_splits(url, cfg.storage_options)
     opts = (cfg.deep, cfg.storage_options, cfg.strict, cfg.clean)
     if splits is None:
         return DatasetVerification(url, [verify_split(url, *opts, trust)])
     if cfg.splits:
         splits = [s for s in splits if s in cfg.splits] or list(cfg.splits)
+    else:
+        splits += _unlisted_splits(url, splits, cfg.storage_options)
     reports = []
     for s in splits:
         split_url = join(url, check_plain_name(s, "split", join(url, INFO_NAME)))
-        reports.append(verify_split(split_url, *opts, trust))
-        trust = trust.after_first_use(reports[-1].signer_key)
+        rep = verify_split(split_url, *opts, trust)
+        trust = trust.after_first_use(rep.signer_key)
+        rep.corrupt += info_problems(url, info, s, cfg.storage_options, trust)
+        reports.append(rep)
     return DatasetVerification(url, reports)

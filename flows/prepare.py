@@ -35,6 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from etc_data.codecs import DEFAULT_CODEC, default_workers
+from etc_data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from etc_data.prepare import (DEFAULT_SHARD_SIZE, ChunkResult, ChunkRunner, ChunkSpec, PrepareConfig,
                               PrepareSummary, pool_size, prepare_dataset)
 from etc_data.storage import StorageError
@@ -139,7 +140,10 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
 
     try:
         return prepare_dataset(cfg, map_chunks=map_chunks, progress=rt.progress, key_loader=load_key_ref)
-    except BaseException:
+    except BaseException as e:
+        if rt.pool is not None and not isinstance(e, Exception):
+            own.append(rt.pool)  # SIGTERM (Prefect's TerminationSignal), Ctrl-C: this process is stopping, so
+            # do its workers, now, before Prefect reports the crash and waits for the task threads
         for p in own:
             p.terminate()
         own.clear()
@@ -204,7 +208,8 @@ def prepare_flow(source: list[str], out: str, dataset: str | None = None, owner:
                  codec: str = DEFAULT_CODEC, shard_size: int = DEFAULT_SHARD_SIZE,
                  max_shard_bytes: int | None = None, limit: int | None = None, splits: list[str] | None = None,
                  resize: int | None = None, pad: str = "error", on_bad_image: str = "stop",
-                 storage_options: dict | None = None, workers: int | None = None, verify: bool = True) -> dict:
+                 storage_options: dict | None = None, workers: int | None = None, verify: bool = True,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_image_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Encrypt, compress and shard a dataset; ``key_ref`` is a reference (path, env:NAME,
     prefect-secret:BLOCK), never a key. ``workers``: local worker processes (when no Dask runner)."""
     from prefect.context import get_run_context
@@ -214,7 +219,7 @@ def prepare_flow(source: list[str], out: str, dataset: str | None = None, owner:
                         codec=codec, key_ref=key_ref, owner=owner, shard_size=shard_size,
                         max_shard_bytes=max_shard_bytes, limit=limit, splits=splits, resize=resize, pad=pad,
                         on_bad_image=on_bad_image, storage_options=storage_options or {}, workers=workers,
-                        verify=verify)
+                        verify=verify, max_image_pixels=max_image_pixels, max_image_bytes=max_image_bytes)
     on_dask = type(get_run_context().task_runner).__name__ == "DaskTaskRunner"
     summary = run_prepare(cfg, on_dask=on_dask)
     publish(summary)

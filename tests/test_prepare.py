@@ -46,7 +46,7 @@ def test_prepare_lossless_round_trip_and_manifest(tmp_path, cifar_exact, key_fil
     scheme = make_scheme("etc", key=load_key(key_file), dataset="cifar10", block_size=8)
     samples = list(iter_samples(str(out / "test")))
     dec = scheme.decrypt(np.stack([get_codec("png").decode(x["png"]) for x in samples]))
-    order = [int(x["__key__"].split("/")[1]) for x in samples]
+    order = [int(x["__key__"].split("_")[1]) for x in samples]
     assert np.array_equal(dec, cifar_exact["x_test"][:40][order])  # exact: lossless codec
     assert [x["cls"] for x in samples] == list(cifar_exact["y_test"][:40][order])
     assert samples[0]["json"] == {"cls": samples[0]["cls"], "source_id": samples[0]["__key__"], "split": "test"}
@@ -197,7 +197,7 @@ def test_kept_open_sources_are_reopened_when_the_source_grew(tmp_path, cifar_exa
     scheme = make_scheme("etc", key=load_key(key_file), dataset="d", block_size=16)
     samples = list(iter_samples(str(tmp_path / "out" / "train")))
     dec = scheme.decrypt(np.stack([gc("png").decode(s["png"]) for s in samples]))
-    idx = [int(s["__key__"].rsplit("_", 1)[1]) for s in samples]
+    idx = [int(s["__key__"].removesuffix("~png").rsplit("_", 1)[1]) for s in samples]
     assert sorted(idx) == list(range(30)) and np.array_equal(dec, x[idx])
 
 
@@ -229,7 +229,7 @@ def test_kept_schemes_follow_a_rotated_key(tmp_path, cifar_exact):
     scheme = make_scheme("etc", key=key, dataset="d", block_size=16)
     samples = list(iter_samples(str(tmp_path / "b" / "train")))
     dec = scheme.decrypt(np.stack([get_codec("png").decode(x["png"]) for x in samples]))
-    order = [int(x["__key__"].split("/")[1]) for x in samples]
+    order = [int(x["__key__"].split("_")[1]) for x in samples]
     assert np.array_equal(dec, cifar_exact["x_train"][:40][order])
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import click
 
 from ..errors import EtcError
-from .options import key_option, storage_config_option, storage_options, trust_option
+from .options import image_limit_options, key_option, storage_config_option, storage_options, trust_option
 
 
 def _boot_ephemeral_api(key_ref: str | None):
@@ -46,19 +48,22 @@ def register(cli: click.Group) -> None:
     @click.option("--resize", type=int, default=None, help="shorter side to N then centre crop NxN (e.g. 224, 160)")
     @click.option("--pad", type=click.Choice(["error", "edge", "zero"]), default="error", show_default=True)
     @click.option("--on-bad-image", type=click.Choice(["stop", "skip"]), default="stop", show_default=True)
+    @image_limit_options
     @storage_config_option()
     @click.option("--workers", type=int, default=None, help="local worker processes (default: all cores)")
     @click.option("--dask-address", default=None, help="run the tasks on this Dask scheduler (prefect-dask)")
     @click.option("--no-verify", is_flag=True, help="skip the verification of what was written")
     def prepare_cmd(sources, owner, key_ref, out, dataset, scheme, block_size, codec, shard_size, max_shard_bytes,
-                    limit, splits, resize, pad, on_bad_image, storage_config, workers, dask_address, no_verify):
+                    limit, splits, resize, pad, on_bad_image, max_image_pixels, max_image_bytes, storage_config, workers,
+                    dask_address, no_verify):
         """Encrypt, compress and shard a dataset into verified WebDataset shards (a Prefect flow)."""
         from ..prepare import PrepareConfig
 
         cfg = PrepareConfig(source=list(sources), out=out, dataset=dataset or "", owner=owner, key_ref=key_ref,
                             scheme=scheme, block_size=block_size, limit=limit, splits=list(splits) or None,
                             resize=resize, pad=pad, on_bad_image=on_bad_image, max_shard_bytes=max_shard_bytes,
-                            storage_options=storage_options(storage_config), workers=workers, verify=not no_verify)
+                            storage_options=storage_options(storage_config), workers=workers, verify=not no_verify,
+                            max_image_pixels=max_image_pixels, max_image_bytes=max_image_bytes)
         if codec is not None:
             cfg.codec = codec
         if shard_size is not None:
@@ -119,7 +124,8 @@ def run_prepare_flow(cfg, dask_address: str | None = None) -> dict:
         flow_fn = make_prepare_flow(cfg.workers, dask_address)
         if api is not None:
             api.wait()  # the flow may only talk to a server that answers
-        with prepare_runtime(pool, lambda r: (bar.update(1), bar.set_postfix_str(f"{r.split} #{r.index}"))):
+        with prepare_runtime(pool, lambda r: (bar.update(1), bar.set_postfix_str(f"{r.split} #{r.index}"))), \
+                prefect_logs_to_file():
             return flow_fn(**{k: v for k, v in cfg.to_dict().items()})
     except BaseException:
         if pool is not None:
@@ -130,6 +136,45 @@ def run_prepare_flow(cfg, dask_address: str | None = None) -> dict:
         bar.close()
         if pool is not None:
             pool.close(wait=False)
+
+
+@contextlib.contextmanager
+def prefect_logs_to_file():
+    """Prefect's console log (a failed run logs a traceback of ~110 lines before the CLI's own
+    error line) goes to ``$PREFECT_HOME/etc-data.log`` for the duration of the block; the CLI
+    prints one ``error:`` line. With --debug / ETC_DATA_DEBUG=1 it stays on the terminal."""
+    import logging
+    from logging.handlers import RotatingFileHandler
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+    from prefect.settings import PREFECT_HOME
+
+    from . import debugging
+
+    if debugging():
+        yield None
+        return
+    path = Path(PREFECT_HOME.value()) / "etc-data.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = RotatingFileHandler(path, maxBytes=10 << 20, backupCount=2)
+    to_file.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("prefect", "uvicorn", "fastapi"))]
+    swapped = []
+    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in names]:
+        consoles = [h for h in logger.handlers if isinstance(h, PrefectConsoleHandler)
+                    or type(h).__name__ == "_SafeStreamHandler"]
+        for h in consoles:
+            logger.removeHandler(h)
+            swapped.append((logger, h))
+        if consoles:
+            logger.addHandler(to_file)
+    try:
+        yield path
+    finally:
+        for logger, h in swapped:
+            logger.removeHandler(to_file)
+            logger.addHandler(h)
+        to_file.close()
 
 
 def register_serve(cli: click.Group) -> None:
