@@ -1,4 +1,5 @@
-"""``etc-data encrypt-model``: a plain-trained checkpoint -> one for blockwise-encrypted images."""
+"""``etc-data encrypt-model``: a plain-trained checkpoint -> one for images encrypted with one key shared by
+every block (``blockwise`` or the JPEG-compressible ``etc:common=1``)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ def register(cli: click.Group) -> None:
     @key_option(help_extra="The owner key the test images are encrypted with.")
     @click.option("--dataset", required=True, help="dataset id (the one given to prepare for the shards)")
     @click.option("--scheme", "scheme_spec", default="blockwise", show_default=True,
-                  help="blockwise[:negpos=0|1,scramble=0|1]; scramble=1 only for ViT (permutes position embeddings)")
+                  help="blockwise[:negpos=0|1,scramble=0|1] or etc:common=1[,scramble=0|1][,sub=S] (compresses like "
+                       "plain JPEG); scramble=1 only for ViT (permutes position embeddings)")
     @storage_config_option()
     @click.argument("in_ckpt")
     @click.argument("out_ckpt")
     def encrypt_model_cmd(key_ref, dataset, scheme_spec, storage_config, in_ckpt, out_ckpt):
-        """Encrypt a plain checkpoint so it gives the same outputs on blockwise-encrypted images
-        (block size = the model's patch size). Evaluate it on shards prepared with
-        --scheme blockwise[:scramble=1] --block-size PATCH and the same key and dataset id."""
+        """Encrypt a plain checkpoint so it gives the same outputs on encrypted images (block size =
+        the model's patch size). Evaluate it on shards prepared with the same --scheme,
+        --block-size PATCH, key and dataset id."""
         from ..modelcrypt import ModelCryptConfig, encrypt_model
 
         res = encrypt_model(ModelCryptConfig(in_ckpt=in_ckpt, out_ckpt=out_ckpt, dataset=dataset, key_ref=key_ref,
