@@ -129,6 +129,16 @@ def test_etc_common_matches_the_step_by_step_definition(cifar_exact, imagenette_
         assert np.array_equal(_etc_common_reference(img, B, S, sub_perm, dih, neg, cp, perm), enc)
 
 
+def _assert_rebuilt_from_params(s, size):
+    """A scheme rebuilt from its params() (what a manifest records) encrypts the same."""
+    class FakeKey:
+        def subkey(self, dataset, scheme, bs):
+            return K1
+    r = scheme_from_params(s.params(), key=FakeKey(), dataset="d")
+    x = np.random.default_rng(2).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    assert np.array_equal(r.encrypt(x), s.encrypt(x))
+
+
 def test_etc_common_key_space_and_options(key_file):
     n = 196
     assert key_space("etc:common=1", 224, 16) == pytest.approx(log2_factorial(n) + np.log2(96))   # 196! x 96
@@ -138,13 +148,7 @@ def test_etc_common_key_space_and_options(key_file):
     s = make_scheme("etc:common=1,sub=8", subkey=K1, block_size=16)
     assert s.params()["options"] == {"common": True, "scramble": True, "sub": 8}
     assert make_scheme("etc", subkey=K1).params()["options"] == {}  # manifests of plain EtC unchanged
-
-    class FakeKey:
-        def subkey(self, dataset, scheme, bs):
-            return K1
-    r = scheme_from_params(s.params(), key=FakeKey(), dataset="d")
-    x = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    assert np.array_equal(r.encrypt(x), s.encrypt(x))
+    _assert_rebuilt_from_params(s, 32)
     with pytest.raises(SchemeError, match="give common=1 too"):
         make_scheme("etc:sub=8", subkey=K1)
     with pytest.raises(SchemeError, match="sub-block size 6 must divide the block size 16"):
@@ -262,13 +266,7 @@ def test_spec_parsing_and_params_round_trip():
     s = make_scheme("blockwise:scramble=1", subkey=K1, block_size=4)
     assert s.params() == {"scheme": "blockwise", "block_size": 4, "pad": "error",
                           "options": {"negpos": True, "scramble": True}}
-
-    class FakeKey:
-        def subkey(self, dataset, scheme, bs):
-            return K1
-    r = scheme_from_params(s.params(), key=FakeKey(), dataset="d")
-    x = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    assert np.array_equal(r.encrypt(x), s.encrypt(x))
+    _assert_rebuilt_from_params(s, 8)
     with pytest.raises(SchemeError, match="needs a key"):
         make_scheme("etc")
     assert "01010101" not in repr(s)
