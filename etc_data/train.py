@@ -14,8 +14,8 @@
 1. ``setup_distributed``: rank, world size and device (DDP through torchrun: gloo on CPU, nccl on GPU);
 2. ``read_splits``: the manifests of every owner (one ``Splits`` per ``--shards``; signatures checked
    against the trusted owners, ``trust``; an owner's test split must be signed by that owner), the key
-   fingerprint check when a key is given (none is needed), equal class names across owners, sample
-   counts (before anything expensive);
+   fingerprint check when a key is given (none is needed), equal class names across owners; then
+   ``batch_shares`` checks the sample counts (all before anything expensive);
 3. ``build_model``: the timm ConvMixer / ViT (its body from ``--init``, when given); with several
    owners an ``stems.OwnerStems`` (one input stem per owner, a shared body); on CUDA ConvMixer's
    depthwise convs become the Triton kernels of ``etc_data.dwconv`` when available;
@@ -216,7 +216,7 @@ def same_classes(classes: list[str], where: str, ref: list[str], ref_where: str)
                      f"(differing: {'; '.join(diff)}); one model needs the same class names in the same order")
 
 
-def read_splits(cfg: TrainConfig, world: int) -> list[Splits]:
+def read_splits(cfg: TrainConfig) -> list[Splits]:
     """Every owner's manifests (signatures checked against the trusted owners), checked against the
     key when one is given and against each other, before anything expensive."""
     from .keys import optional_key
@@ -369,11 +369,16 @@ class BatchMixer:
     def __init__(self, cfg: TrainConfig, num_classes: int, block: int, rng: np.random.Generator):
         self.cfg, self.ncls, self.block, self.rng = cfg, num_classes, block, rng
         self.timm = None
-        if cfg.cutmix_mode == "timm" and (cfg.mixup > 0 or cfg.cutmix > 0):
+        if self.uses_timm(cfg):
             from timm.data import Mixup
 
             self.timm = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                               num_classes=num_classes)
+
+    @staticmethod
+    def uses_timm(cfg: TrainConfig) -> bool:
+        """Whether batches go through timm's Mixup (which needs an even number of samples)."""
+        return cfg.cutmix_mode == "timm" and (cfg.mixup > 0 or cfg.cutmix > 0)
 
     def smooth(self, y):
         import torch.nn.functional as F
@@ -541,8 +546,9 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> list[dict]:
 
     cfg.check()
     dist = setup_distributed(cfg.device)
-    owners = read_splits(cfg, dist.world)
+    owners = read_splits(cfg)
     joint = len(owners) > 1
+    shares = batch_shares(cfg, owners, dist.world, 2 if BatchMixer.uses_timm(cfg) else 1)
     init = read_init(cfg, owners)
     m0 = owners[0].train
     base = {k: v for k, v in init["model_config"].items() if k != "pretrained_file"} if init else cfg.model
@@ -552,7 +558,6 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> list[dict]:
 
     aug_rng = np.random.default_rng(cfg.seed + dist.rank)
     mixers = [BatchMixer(cfg, len(m0.classes), o.train.block_size or patch_size(mcfg), aug_rng) for o in owners]
-    shares = batch_shares(cfg, owners, dist.world, 2 if mixers[0].timm is not None else 1)
     loaders = [owner_loaders(cfg, dist, o, share) for o, share in zip(owners, shares)]
     steps = min(ld.steps for ld in loaders)
     if cfg.max_steps:

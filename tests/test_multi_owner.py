@@ -131,7 +131,7 @@ def test_batches_hold_each_owner_in_proportion_to_its_size(owners):
 
     cfg = TrainConfig(shards=[str(owners / "alice" / "train"), str(owners / "bob" / "train")], out="unused",
                       trust=[str(owners / "alice.pub"), str(owners / "bob.pub")], batch_size=32)
-    splits = read_splits(cfg, world=1)
+    splits = read_splits(cfg)
     assert batch_shares(cfg, splits, 1, 1) == [19, 13]   # 96 : 64 of 32 is 19.2 : 12.8
     assert batch_shares(cfg, splits, 1, 2) == [20, 12]   # in pairs (timm's Mixup needs even batches)
     cfg.owner_weights = [1, 3]
