@@ -222,3 +222,18 @@ def test_an_exported_owner_model_is_the_plain_timm_model_of_that_owner(cfg, cifa
     assert not torch.allclose(outs[0], outs[1])
     with torch.no_grad():  # a mixed batch gives each owner's rows what that owner's model gives
         assert torch.allclose(joint([x[:2], x[2:]]), torch.cat([outs[0][:2], outs[1][2:]]), atol=1e-5)
+
+
+@pytest.mark.parametrize("extra,what", [
+    (["--key", "alice.key"], "several owners' shards take --trust only"),
+    (["--test-shards", "alice/test"], "test-shards: give one per --shards (2), got 1"),
+    (["--shards", "alice/train"], "a train split is given twice"),
+    (["--owner-weight", "1"], "owner weights must be 2 positive numbers"),
+], ids=["key", "test-count", "twice", "weights"])
+def test_bad_multi_owner_arguments_are_refused_naming_the_item(owners, tmp_path, capsys, extra, what):
+    extra = [str(owners / e) if "/" in e or e.endswith(".key") else e for e in extra]
+    argv = ["train", "--shards", str(owners / "alice" / "train"), "--shards", str(owners / "bob" / "train"), *extra,
+            *TINY, "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert what in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
