@@ -62,8 +62,10 @@ def make_owners(work: Path, per_owner: int, n_test: int) -> dict:
     """Both owners' npz sources (disjoint train halves, the same test images) and keys."""
     test = read_zip(SHARED / "cifar10-test-jpeg.zip", n_test // 10, 0)
     owners = {}
-    for name, start in (("A", 0), ("B", 2500)):
+    for i, (name, start) in enumerate((("A", 0), ("B", 2500))):
         x, y = read_zip(SHARED / "cifar10-train-jpeg.zip", per_owner // 10, start)
+        order = np.random.default_rng(i).permutation(len(y))  # class-sorted shards defeat the shuffle buffer
+        x, y = x[order], y[order]
         np.savez(work / f"cifar10-{name}.npz", x_train=x, y_train=y, x_test=test[0], y_test=test[1])
         new_key_file(work / f"{name}.key", f"owner-{name}")
         owners[name] = {"npz": work / f"cifar10-{name}.npz", "key": work / f"{name}.key",
@@ -102,8 +104,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--steps", type=int, default=78, help="steps per epoch, the same for every configuration")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=48)
+    ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--schemes", default="plain,etc,blockwise,etc-common", help=f"of {', '.join(SCHEMES)}")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (loading runs in the same process)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
