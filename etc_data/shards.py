@@ -152,16 +152,121 @@ def _build_tar_files(samples: list[tuple[str, list[tuple[str, bytes]]]]) -> tupl
 
 def write_shard(split_url: str, name: str, samples: list[dict], storage_options: dict | None = None) -> ShardInfo:
     """Build one shard and write it atomically to ``split_url/name``."""
-    return _write_files(split_url, name, _sorted_files(samples), storage_options)
+    stream = ShardStream(split_url, name, storage_options=storage_options)
+    return stream.write_files(_sorted_files(samples))[0]
 
 
-def _write_files(split_url, name, files, storage_options) -> ShardInfo:
-    data, keys = _build_tar_files(files)
-    try:
-        write_bytes(join(split_url, name), data, storage_options)
-    except StorageError as e:
-        raise StorageError(f"shard {name}: {e}") from None
-    return ShardInfo(name, hashlib.sha256(data).hexdigest(), len(data), len(keys), keys)
+class ShardStream:
+    """Writes samples, already in sorted key order, as one shard streamed to storage, or as
+    consecutive parts ``<name>``, ``<split>-<index>-1.tar``... when a part would pass ``max_samples``
+    samples or ``max_bytes`` bytes of sample payload. Each part is hashed while it is written and
+    committed atomically when it is complete (``storage.staged_open``), so memory stays at one
+    buffer of ``FLUSH_BYTES`` whatever the shard's size, and the bytes are those ``build_tar`` gives.
+
+    ``add(key, files)`` per sample (``files``: ``sample_files(sample)``), then ``close()`` returns the
+    parts' ShardInfo; ``abort()`` (or an exception inside ``with``) commits nothing of the open part.
+    """
+
+    FLUSH_BYTES = 4 << 20
+
+    def __init__(self, split_url: str, name: str, max_samples: int | None = None, max_bytes: int | None = None,
+                 storage_options: dict | None = None, split: str | None = None, index: int | None = None):
+        self.split_url, self.storage_options = split_url, storage_options
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self._names = (lambda p: shard_name(split, index, p)) if split is not None else (lambda p: name)
+        self.shards: list[ShardInfo] = []
+        self._cm = self._f = self._hash = None
+        self._buf: list[bytes] = []
+        self._buffered = self._bytes = self._payload = 0
+        self._keys: list[str] = []
+        self._last: str | None = None
+
+    def _open(self) -> None:
+        from .storage import staged_open
+
+        name = self._names(len(self.shards))
+        self._cm = staged_open(join(self.split_url, name), self.storage_options)
+        try:
+            self._f = self._cm.__enter__()
+        except StorageError as e:
+            self._cm = None
+            raise StorageError(f"shard {name}: {e}") from None
+        self._hash, self._bytes, self._payload, self._keys = hashlib.sha256(), 0, 0, []
+
+    def _flush(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf, self._buffered = [], 0
+            self._hash.update(data)
+            self._f.write(data)
+            self._bytes += len(data)
+
+    def add(self, key: str, files: list[tuple[str, bytes]]) -> None:
+        if self._last is not None and key <= self._last:
+            raise ShardError(f"duplicate sample key {key!r}" if key == self._last else
+                             f"samples must come in sorted key order ({key!r} after {self._last!r})")
+        self._last = key
+        size = sum(len(d) for _, d in files) if self.max_bytes else 0
+        if self._f is not None and ((self.max_samples and len(self._keys) >= self.max_samples)
+                                    or (self.max_bytes and self._payload + size > self.max_bytes)):
+            self._commit()
+        if self._f is None:
+            self._open()
+        add = self._buf.append
+        for name, data in files:
+            add(_ustar_header(name, len(data)) or _pax_member(name, data))
+            add(data)
+            add(_PAD[len(data) % 512])
+            self._buffered += len(data) + 1024
+        self._payload += size
+        self._keys.append(key)
+        if self._buffered >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _commit(self) -> None:
+        self._buf.append(b"\0" * 1024)  # end-of-archive marker
+        self._flush()
+        tail = b"\0" * (-self._bytes % _RECORD)
+        self._hash.update(tail)
+        self._f.write(tail)
+        self._bytes += len(tail)
+        name = self._names(len(self.shards))
+        cm, self._cm, self._f = self._cm, None, None
+        try:
+            cm.__exit__(None, None, None)
+        except StorageError as e:
+            raise StorageError(f"shard {name}: {e}") from None
+        self.shards.append(ShardInfo(name, self._hash.hexdigest(), self._bytes, len(self._keys), self._keys))
+
+    def write_files(self, files: Iterable[tuple[str, list[tuple[str, bytes]]]]) -> list[ShardInfo]:
+        """Add (key, files) pairs in order and close; nothing of an unfinished part is committed."""
+        with self:
+            for key, fs in files:
+                self.add(key, fs)
+        return self.shards
+
+    def close(self) -> list[ShardInfo]:
+        if self._f is not None:
+            self._commit()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the open part (its temporary file or upload); committed parts stay (a rerun rewrites them)."""
+        cm, self._cm, self._f, self._buf = self._cm, None, None, []
+        if cm is not None:
+            try:
+                cm.__exit__(ShardError, ShardError("aborted"), None)
+            except ShardError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_chunk(split_url: str, split: str, index: int, samples: list[dict], max_samples: int | None = None,
@@ -172,18 +277,8 @@ def write_chunk(split_url: str, split: str, index: int, samples: list[dict], max
     (tar headers add 1.5 KiB per file on top). Part boundaries depend only on the samples, so a
     rerun gives the same shards.
     """
-    files = _sorted_files(samples)
-    parts, cur, cur_bytes = [], [], 0
-    for kf in files:
-        size = sum(len(d) for _, d in kf[1]) if max_bytes else 0
-        if cur and ((max_samples and len(cur) >= max_samples) or (max_bytes and cur_bytes + size > max_bytes)):
-            parts.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(kf)
-        cur_bytes += size
-    if cur:
-        parts.append(cur)
-    return [_write_files(split_url, shard_name(split, index, p), part, storage_options) for p, part in enumerate(parts)]
+    stream = ShardStream(split_url, "", max_samples, max_bytes, storage_options, split=split, index=index)
+    return stream.write_files(_sorted_files(samples))
 
 
 class ShardWriter:

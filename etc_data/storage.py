@@ -5,7 +5,9 @@ Whole objects are written atomically:
 - object stores get one ``pipe_file`` call: a single PUT or a multipart upload that only becomes
   visible when completed, so a failed or killed upload never leaves an object under the final name;
 - ``atomic_open`` streams large writes, and on any exception aborts the upload with ``discard()``
-  (fsspec's ``__exit__`` would otherwise *commit* the truncated object on S3).
+  (fsspec's ``__exit__`` would otherwise *commit* the truncated object on S3);
+- ``staged_open`` streams objects of any size with bounded memory (shards): local files as
+  ``atomic_open``, object stores through a local temporary file uploaded (and retried) at the end.
 Transient storage errors are retried with exponential backoff, then reported naming the URL.
 
 Credentials never live in the project's config files: they come from the environment or the
@@ -139,6 +141,31 @@ def atomic_open(url: str, storage_options: dict | None = None, block_size: int |
         _abort(f)  # so that a later close() (e.g. at garbage collection) cannot complete it
         raise StorageError(f"cannot write {url}: completing the upload failed, nothing committed "
                            f"({type(e).__name__}: {e})") from e
+
+
+@contextmanager
+def staged_open(url: str, storage_options: dict | None = None):
+    """Stream an object of any size with bounded memory, committed atomically and retried.
+
+    Local: ``atomic_open`` (a hidden temporary file, fsynced and renamed). Object stores: the bytes
+    go to a local temporary file first, uploaded on success with ``put_file`` (multipart for large
+    objects, visible only when complete) and retried like ``write_bytes``; on any exception nothing
+    is uploaded. Memory stays at the writer's own buffer whatever the object's size."""
+    url = str(url)
+    if is_local(url):
+        try:
+            with atomic_open(url) as f:
+                yield f
+        except OSError as e:
+            raise StorageError(f"cannot write {url}: {e}") from None
+        return
+    import tempfile
+
+    fs, path = get_fs(url, storage_options)
+    with tempfile.NamedTemporaryFile(prefix="etc-data-", suffix=".part") as tmp:
+        yield tmp
+        tmp.flush()
+        retry(f"cannot write {url}", fs.put_file, tmp.name, path)
 
 
 def _abort(f) -> None:
