@@ -38,7 +38,7 @@ from .codecs import DEFAULT_CODEC, check_scheme_codec, encode_batch, get_codec
 from .errors import EtcError
 from .manifest import Manifest, ManifestMissing, read_manifest, read_sample_index, write_manifest
 from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spec, weak_key_message
-from .shards import write_chunk
+from .shards import ShardStream, sample_files_maker
 from .sources import BAD_IMAGE_POLICIES, Source, open_source
 from .storage import StorageError, join, list_names, remove
 from .trust import TrustPolicy
@@ -198,27 +198,68 @@ def plan_split(cfg: PrepareConfig, source: Source, split: str, fingerprint: str 
     return SplitPlan(split, len(items), chunks, existing, index)
 
 
-def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme) -> ChunkResult:
-    """Load, encrypt, encode and write one chunk as one shard (or parts past the byte limit)."""
+STREAM_BATCH = 64  # images a chunk loads, encrypts and encodes at once: memory does not grow with the shard
+
+
+def _bounded_map(fn, items: list, threads: int):
+    """``map(fn, items)`` in order, on ``threads`` threads with at most 2 x threads results pending
+    (reads, decoding, numpy and the codecs release the GIL), so memory stays bounded."""
+    if threads <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as ex:
+        pending = deque()
+        for x in items:
+            pending.append(ex.submit(fn, x))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threads: int = 1) -> ChunkResult:
+    """Load, encrypt, encode and write one chunk as one shard (or parts past the byte limit),
+    streamed: ``STREAM_BATCH`` images at a time (spread over ``threads`` threads) go into a tar that
+    is hashed and written as it grows, so a worker's memory is bounded whatever the shard size."""
     codec = get_codec(cfg.codec)
     if spec.token and source.split_token(spec.split) != spec.token:
         raise PrepareError(f"source {source.name}, split {spec.split}: changed since this run was planned "
                            f"(chunk {spec.index}); run prepare again")
     all_items = source.items(spec.split)
-    items = [all_items[i] for i in spec.items]
-    batch = source.load(items, on_bad_image=cfg.on_bad_image)
-    if len(batch.keys) == 0:
-        return ChunkResult(spec.split, spec.index, [], batch.skipped, [], 0)
-    with warnings.catch_warnings():
+    items = sorted((all_items[i] for i in spec.items), key=lambda it: it.key)  # the tar's member order
+    where = f"{spec.split} chunk {spec.index}"
+
+    def work(part):
+        batch = source.load(part, on_bad_image=cfg.on_bad_image)
+        if not batch.keys:
+            return batch, None
+        return batch, codec.encode_many(scheme.encrypt(batch.images, item=where))
+
+    stream = ShardStream(join(cfg.out, spec.split), "", None, cfg.max_shard_bytes, cfg.storage_options,
+                         split=spec.split, index=spec.index)
+    files = sample_files_maker(codec.ext, spec.split)
+    skipped, size, payload = [], None, 0
+    parts = [items[i:i + STREAM_BATCH] for i in range(0, len(items), STREAM_BATCH)]
+    with warnings.catch_warnings(), stream:
         warnings.simplefilter("ignore", WeakKeyWarning)  # warned once by the caller, not per chunk
-        enc = scheme.encrypt(batch.images, item=f"{spec.split} chunk {spec.index}")
-    blobs = encode_batch(codec, enc)
-    samples = [{"__key__": k, codec.ext: b, "cls": int(y), "json": {"cls": int(y), "source_id": k, "split": spec.split}}
-               for k, b, y in zip(batch.keys, blobs, batch.labels)]
-    shards = write_chunk(join(cfg.out, spec.split), spec.split, spec.index, samples, max_samples=None,
-                         max_bytes=cfg.max_shard_bytes, storage_options=cfg.storage_options)
-    return ChunkResult(spec.split, spec.index, [dict(x.entry(), keys=x.keys) for x in shards], batch.skipped,
-                       list(enc.shape[1:3]), sum(len(b) for b in blobs))
+        for batch, blobs in _bounded_map(work, parts, threads):
+            skipped += batch.skipped
+            if blobs is None:
+                continue
+            shape = list(batch.images.shape[1:3])
+            if size is None:
+                size = shape
+            elif shape != size:
+                raise PrepareError(f"{where}: image {batch.keys[0]} is {shape[1]}x{shape[0]}, the chunk's first images "
+                                   f"are {size[1]}x{size[0]}; choose a resize policy (--resize)")
+            for k, b, y in zip(batch.keys, blobs, batch.labels.tolist()):
+                stream.add(k, files(k, b, y))
+                payload += len(b)
+    return ChunkResult(spec.split, spec.index, [dict(x.entry(), keys=x.keys) for x in stream.shards], skipped,
+                       size or [], payload)
 
 
 class ChunkRunner:
@@ -227,8 +268,9 @@ class ChunkRunner:
     grew since it was opened is reopened) and the planner's key fingerprint (a key rotated behind
     the same reference, in a long-lived process, is loaded again)."""
 
-    def __init__(self, key_loader: Callable | None = None):
+    def __init__(self, key_loader: Callable | None = None, threads: int = 1):
         self.key_loader = key_loader
+        self.threads = threads  # threads per chunk (1 where chunks already run side by side)
         self._source: Source | None = None
         self._source_id = None
         self._scheme = None
@@ -270,7 +312,7 @@ class ChunkRunner:
 
     def run(self, cfg: PrepareConfig, spec: ChunkSpec) -> ChunkResult:
         source = self.source(cfg, spec.token, spec.split)
-        return run_chunk(cfg, spec, source, self.scheme(cfg, spec.fingerprint))
+        return run_chunk(cfg, spec, source, self.scheme(cfg, spec.fingerprint), self.threads)
 
 
 def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: list[ChunkResult],
@@ -458,7 +500,9 @@ def _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_lo
     workers = pool_size(cfg, specs) if pool is None and key_loader is None else 0
     own = workers > 0
     if pool is None and not own:
-        runner = ChunkRunner(key_loader).adopt(cfg, source, scheme, fingerprint)
+        from .codecs import default_workers
+
+        runner = ChunkRunner(key_loader, threads=default_workers()).adopt(cfg, source, scheme, fingerprint)
         results = []
         for spec in specs:
             results.append(runner.run(cfg, spec))

@@ -120,6 +120,22 @@ def sample_files(sample: dict) -> list[tuple[str, bytes]]:
     return sorted(out)
 
 
+def sample_files_maker(ext: str, split: str):
+    """``files(key, image_bytes, label)``: what ``sample_files`` gives for the sample
+    ``{"__key__": key, ext: image_bytes, "cls": label, "json": {"cls", "source_id": key, "split"}}``
+    (the samples prepare writes), built without the generic per-field path."""
+    order = sorted(["cls", ext, "json"])
+    split_js = _JSON(split)
+
+    def files(key: str, data: bytes, label: int) -> list[tuple[str, bytes]]:
+        if not key or "." in key.rsplit("/", 1)[-1]:
+            raise ShardError(f"sample key {key!r} must be non-empty and have no dot in its last part")
+        v = {"cls": b"%d" % label, ext: data,
+             "json": ('{"cls":%d,"source_id":%s,"split":%s}' % (label, _JSON(key), split_js)).encode()}
+        return [(f"{key}.{e}", v[e]) for e in order]
+    return files
+
+
 _PAD = [b"\0" * (-n % 512) for n in range(512)]
 
 

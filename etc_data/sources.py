@@ -29,7 +29,7 @@ import numpy as np
 
 from .archives import ZipArchive, extract_archive
 from .errors import SourceError
-from .images import IMAGE_EXTS, decode_image, resize_shorter_center_crop
+from .images import IMAGE_EXTS, decode_image, decode_jpeg_into, resize_shorter_center_crop
 
 __all__ = ["Batch", "CifarSource", "FolderSource", "Item", "MultiSource", "NpzSource", "Source", "SourceError",
            "open_source", "sample_key", "CIFAR10_CLASSES"]
@@ -129,28 +129,40 @@ class Source:
     def item_name(self, item: Item) -> str:
         return f"{self.name}:{item.key}"
 
+    def _read_into(self, item: Item, out: np.ndarray) -> np.ndarray | None:
+        """Read an item into ``out`` (a slot of the batch, the size of the batch's first image) and
+        return None, or return its pixels when it cannot go there directly."""
+        return self._read(item)
+
     def load(self, items: list[Item], on_bad_image: str = "stop") -> Batch:
-        """Read items into one batch. All images must have the same size (resize upstream)."""
+        """Read items into one batch. All images must have the same size (resize upstream). The
+        batch array is allocated once, at the first image's size, and images are decoded into it."""
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise SourceError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
-        imgs, keys, labels, skipped = [], [], [], []
+        arr, keys, labels, skipped = None, [], [], []
         for it in items:
             try:
-                img = self._read(it)
-                if self.resize is not None:
-                    img = resize_shorter_center_crop(img, self.resize)
+                if arr is not None and self.resize is None:
+                    img = self._read_into(it, arr[len(keys)])
+                else:
+                    img = self._read(it)
+                    if self.resize is not None:
+                        img = resize_shorter_center_crop(img, self.resize)
             except SourceError:
                 if on_bad_image == "skip":
                     skipped.append(self.item_name(it))
                     continue
                 raise
-            if imgs and img.shape != imgs[0].shape:
-                raise SourceError(f"image {self.item_name(it)} is {img.shape[1]}x{img.shape[0]}, others in its "
-                                  f"batch are {imgs[0].shape[1]}x{imgs[0].shape[0]}; choose a resize policy")
-            imgs.append(img)
+            if img is not None:
+                if arr is None:
+                    arr = np.empty((len(items),) + img.shape, np.uint8)
+                elif img.shape != arr.shape[1:]:
+                    raise SourceError(f"image {self.item_name(it)} is {img.shape[1]}x{img.shape[0]}, others in its "
+                                      f"batch are {arr.shape[2]}x{arr.shape[1]}; choose a resize policy")
+                arr[len(keys)] = img
             keys.append(it.key)
             labels.append(it.label)
-        arr = np.stack(imgs) if imgs else np.zeros((0, 0, 0, 3), np.uint8)
+        arr = arr[:len(keys)] if arr is not None else np.zeros((0, 0, 0, 3), np.uint8)
         return Batch(keys, arr, np.asarray(labels, dtype=np.int64), skipped)
 
     def batches(self, split: str, batch_size: int = 1024, limit: int | None = None,
@@ -280,6 +292,10 @@ class FolderSource(Source):
     def _read(self, item):
         return decode_image(self.read_bytes(item), self.item_name(item))
 
+    def _read_into(self, item, out):
+        data = self.read_bytes(item)
+        return None if decode_jpeg_into(data, out) else decode_image(data, self.item_name(item))
+
 
 _CIFAR_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -396,6 +412,10 @@ class MultiSource(Source):
     def _read(self, item):
         i, inner = item.ref
         return self._owner[item.split][i]._read(inner)
+
+    def _read_into(self, item, out):
+        i, inner = item.ref
+        return self._owner[item.split][i]._read_into(inner, out)
 
 
 def _open_one(p: Path) -> Source:
