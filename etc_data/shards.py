@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -348,27 +349,37 @@ def _tar_members(data: bytes, name: str) -> list[tuple[str, int, int]] | None:
     (the checksums every header must match are computed for all 512-byte blocks at once with
     numpy). None when the tar uses anything else (PAX or GNU long names, links, base-256 sizes):
     the caller then reads it with tarfile."""
+    scan = _scan_members(data, name, final=True)
+    return None if scan is None else scan[0]
+
+
+def _scan_members(data: bytes, name: str, final: bool = True, base: int = 0):
+    """``_tar_members`` over a window of a tar that starts at a header: (members, consumed, ended).
+    When not ``final``, the scan stops before a member that does not fit whole in the window and
+    ``consumed`` is where that member's header starts (the caller reads on and scans again from
+    there); ``ended``: the end-of-archive marker was reached. ``base`` only shifts byte offsets in
+    error messages. None when the tar needs tarfile (see ``_tar_members``)."""
     import numpy as np
 
     n = len(data)
-    if n % 512:
-        raise ShardError(f"shard {name} is not a readable tar: {n} bytes is not a multiple of 512")
-    blocks = np.frombuffer(data, np.uint8).reshape(-1, 512)
+    if n % 512 and final:
+        raise ShardError(f"shard {name} is not a readable tar: {base + n} bytes is not a multiple of 512")
+    blocks = np.frombuffer(data, np.uint8, count=n - n % 512).reshape(-1, 512)
     sums = blocks.sum(1, dtype=np.int64)
     # a header's checksum counts its own 8-byte checksum field as spaces
     expect = (sums - blocks[:, 148:156].sum(1, dtype=np.int64) + 256).tolist()
     empty = (sums == 0).tolist()
-    out, off = [], 0
+    out, off, n = [], 0, n - n % 512
     while off < n:
         b = off >> 9
         if empty[b]:  # end-of-archive marker
-            break
+            return out, off, True
         try:  # the usual "%06o\0 " checksum and "%011o\0" size; anything else takes the general parse
             stored = int(data[off + 148:off + 154], 8)
         except ValueError:
             stored = _octal_field(data[off + 148:off + 156])
         if stored != expect[b]:
-            raise ShardError(f"shard {name} is not a readable tar: bad header checksum at byte {off}")
+            raise ShardError(f"shard {name} is not a readable tar: bad header checksum at byte {base + off}")
         kind = data[off + 156]
         if kind not in (48, 0, 53):  # "0", NUL (regular files), "5" (directory)
             return None
@@ -379,7 +390,9 @@ def _tar_members(data: bytes, name: str) -> list[tuple[str, int, int]] | None:
         except ValueError:
             size = _octal_field(data[off + 124:off + 136])
             if size < 0:
-                raise ShardError(f"shard {name} is not a readable tar: bad size field at byte {off}") from None
+                raise ShardError(f"shard {name} is not a readable tar: bad size field at byte {base + off}") from None
+        if off + 512 + size > n and not final:
+            return out, off, False
         end = data.find(b"\0", off, off + 100)
         member = data[off:end if end >= 0 else off + 100]
         if data[off + 345] != 0:
@@ -393,7 +406,39 @@ def _tar_members(data: bytes, name: str) -> list[tuple[str, int, int]] | None:
         if kind != 53:
             out.append((member.decode("utf-8", "surrogateescape"), off, size))
         off += (size + 511) & ~511
-    return out
+    return out, off, final
+
+
+def stream_members(f, name: str, window: int = 8 << 20, hasher=None) -> Iterator[tuple[str, bytes]]:
+    """(member name, payload) of a plain ustar tar read from the file object ``f`` ``window``
+    bytes at a time: memory stays at about one window whatever the tar's size. ``hasher``
+    (e.g. ``hashlib.sha256()``) is updated with every byte read, trailing padding included. A tar
+    that needs tarfile (PAX, GNU, links) is read whole and parsed by it instead."""
+    buf, base, ended = b"", 0, False
+    while True:
+        chunk = f.read(window)
+        if hasher is not None and chunk:
+            hasher.update(chunk)
+        if ended:
+            if not chunk:
+                return
+            continue  # padding after the end-of-archive marker: hashed, not parsed
+        final = not chunk
+        buf = buf + chunk if buf else chunk
+        scan = _scan_members(buf, name, final, base)
+        if scan is None:
+            rest = buf + (f.read() or b"")
+            if hasher is not None:
+                hasher.update(rest[len(buf):])
+            for member, off, size in _tarfile_members(rest, name):
+                yield member, rest[off:off + size]
+            return
+        members, used, ended = scan
+        for member, off, size in members:
+            yield member, buf[off:off + size]
+        buf, base = buf[used:], base + used
+        if final:
+            return
 
 
 def _tarfile_members(data: bytes, name: str):
@@ -406,13 +451,11 @@ def _tarfile_members(data: bytes, name: str):
         raise ShardError(f"shard {name} is not a readable tar: {e}") from None
 
 
-def sample_offsets(data: bytes, name: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
-    """(key, {ext: (offset, size)}) per sample, in tar order, without copying any payload."""
-    members = _tar_members(data, name)
-    if members is None:
-        members = _tarfile_members(data, name)
+def _group_samples(members, name: str):
+    """(key, {ext: value}) per sample from (member name, value) pairs in tar order (WebDataset's
+    rule: the key is the path up to the first dot of the last path component)."""
     key, files = None, {}
-    for member, off, size in members:
+    for member, value in members:
         head, _, base = member.rpartition("/")
         stem, dot, ext = base.partition(".")
         if not dot:
@@ -422,9 +465,23 @@ def sample_offsets(data: bytes, name: str) -> Iterator[tuple[str, dict[str, tupl
             if key is not None:
                 yield key, files
             key, files = k, {}
-        files[ext] = (off, size)
+        files[ext] = value
     if key is not None:
         yield key, files
+
+
+def sample_offsets(data: bytes, name: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, {ext: (offset, size)}) per sample, in tar order, without copying any payload."""
+    members = _tar_members(data, name)
+    if members is None:
+        members = _tarfile_members(data, name)
+    return _group_samples(((m, (off, size)) for m, off, size in members), name)
+
+
+def stream_samples(f, name: str, hasher=None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: payload}) per sample of a tar read from the file object ``f`` in bounded
+    windows (see ``stream_members``)."""
+    return _group_samples(stream_members(f, name, hasher=hasher), name)
 
 
 def iter_tar(data: bytes, name: str) -> Iterator[dict]:
@@ -447,6 +504,22 @@ def read_shard(split_url: str, name: str, storage_options: dict | None = None) -
         raise ShardError(str(e)) from None
     try:
         return read_bytes(join(split_url, name), storage_options)
+    except StorageError as e:
+        raise ShardError(f"shard {name}: {e}") from None
+
+
+@contextmanager
+def open_shard(split_url: str, name: str, storage_options: dict | None = None):
+    """A shard opened for streaming reads; ``name`` must be a plain file name of the split folder."""
+    from .storage import open_read
+
+    try:
+        check_plain_name(name, "shard", split_url)
+    except ManifestError as e:
+        raise ShardError(str(e)) from None
+    try:
+        with open_read(join(split_url, name), storage_options) as f:
+            yield f
     except StorageError as e:
         raise ShardError(f"shard {name}: {e}") from None
 

@@ -198,6 +198,34 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     return retry(f"cannot read {url}", get)
 
 
+@contextmanager
+def open_read(url: str, storage_options: dict | None = None):
+    """A readable binary file object for streaming an object (opening is retried; errors name the URL)."""
+    url = str(url)
+    if is_local(url):
+        try:
+            f = open(_local_path(url), "rb")
+        except FileNotFoundError:
+            raise StorageError(f"{url} does not exist") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {url}: {e}") from None
+    else:
+        fs, path = get_fs(url, storage_options)
+
+        def op():
+            try:
+                return fs.open(path, "rb")
+            except FileNotFoundError:
+                raise StorageError(f"{url} does not exist") from None
+
+        f = retry(f"cannot read {url}", op)
+    try:
+        with f:
+            yield f
+    except (OSError, ConnectionError, TimeoutError) as e:
+        raise StorageError(f"cannot read {url}: {type(e).__name__}: {e}") from e
+
+
 def exists(url: str, storage_options: dict | None = None) -> bool:
     fs, path = get_fs(url, storage_options)
     return bool(retry(f"cannot check {url}", fs.exists, path))
