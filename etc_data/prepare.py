@@ -45,6 +45,11 @@ from .trust import TrustPolicy
 
 DEFAULT_SHARD_SIZE = 10000
 POOL_MIN_IMAGES = 4000  # with workers=None, fewer images than this run in-process (a pool's start costs ~1 s)
+# With workers=None, machines with fewer cores run chunks in this process on one thread per core:
+# decoding, encryption and encoding release the GIL, and what holds it (zip reads, tar members) is
+# about a third of the work at 32 px and 3 % at 224 px, so up to 4 threads beat 4 processes
+# (which each start Python and re-read the source) and keep one big shard from idling cores.
+POOL_MIN_CORES = 5
 
 
 class PrepareError(EtcError):
@@ -201,29 +206,39 @@ def plan_split(cfg: PrepareConfig, source: Source, split: str, fingerprint: str 
 STREAM_BATCH = 64  # images a chunk loads, encrypts and encodes at once: memory does not grow with the shard
 
 
-def _bounded_map(fn, items: list, threads: int):
-    """``map(fn, items)`` in order, on ``threads`` threads with at most 2 x threads results pending
-    (reads, decoding, numpy and the codecs release the GIL), so memory stays bounded."""
-    if threads <= 1 or len(items) <= 1:
+def _bounded_map(fn, items: list, threads: int, executor=None):
+    """``map(fn, items)`` in order, on ``threads`` threads (of ``executor`` when given, e.g. one
+    shared by the chunks that run side by side in a process) with at most threads + 1 results
+    pending (reads, decoding, numpy and the codecs release the GIL), so memory stays bounded."""
+    if (threads <= 1 and executor is None) or len(items) <= 1:
         yield from map(fn, items)
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(threads) as ex:
-        pending = deque()
+    own = ThreadPoolExecutor(threads) if executor is None else None
+    ex = executor or own
+    pending = deque()
+    try:
         for x in items:
             pending.append(ex.submit(fn, x))
-            if len(pending) >= 2 * threads:
+            if len(pending) > threads:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        if own is not None:
+            own.shutdown(wait=True, cancel_futures=True)
 
 
-def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threads: int = 1) -> ChunkResult:
+def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threads: int = 1,
+              executor=None) -> ChunkResult:
     """Load, encrypt, encode and write one chunk as one shard (or parts past the byte limit),
-    streamed: ``STREAM_BATCH`` images at a time (spread over ``threads`` threads) go into a tar that
-    is hashed and written as it grows, so a worker's memory is bounded whatever the shard size."""
+    streamed: ``STREAM_BATCH`` images at a time (spread over ``threads`` threads, or over those of
+    ``executor``) go into a tar that is hashed and written as it grows, so memory is bounded
+    whatever the shard size."""
     codec = get_codec(cfg.codec)
     if spec.token and source.split_token(spec.split) != spec.token:
         raise PrepareError(f"source {source.name}, split {spec.split}: changed since this run was planned "
@@ -245,7 +260,7 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threa
     parts = [items[i:i + STREAM_BATCH] for i in range(0, len(items), STREAM_BATCH)]
     with warnings.catch_warnings(), stream:
         warnings.simplefilter("ignore", WeakKeyWarning)  # warned once by the caller, not per chunk
-        for batch, blobs in _bounded_map(work, parts, threads):
+        for batch, blobs in _bounded_map(work, parts, threads, executor):
             skipped += batch.skipped
             if blobs is None:
                 continue
@@ -268,9 +283,9 @@ class ChunkRunner:
     grew since it was opened is reopened) and the planner's key fingerprint (a key rotated behind
     the same reference, in a long-lived process, is loaded again)."""
 
-    def __init__(self, key_loader: Callable | None = None, threads: int = 1):
+    def __init__(self, key_loader: Callable | None = None, threads: int = 1, executor=None):
         self.key_loader = key_loader
-        self.threads = threads  # threads per chunk (1 where chunks already run side by side)
+        self.threads, self.executor = threads, executor  # a chunk's batches run on these threads
         self._source: Source | None = None
         self._source_id = None
         self._scheme = None
@@ -312,7 +327,8 @@ class ChunkRunner:
 
     def run(self, cfg: PrepareConfig, spec: ChunkSpec) -> ChunkResult:
         source = self.source(cfg, spec.token, spec.split)
-        return run_chunk(cfg, spec, source, self.scheme(cfg, spec.fingerprint), self.threads)
+        return run_chunk(cfg, spec, source, self.scheme(cfg, spec.fingerprint), self.threads,
+                         self.executor)
 
 
 def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: list[ChunkResult],
@@ -482,17 +498,33 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     return summary
 
 
-def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
-    """How many worker processes these chunks deserve: ``cfg.workers`` when given (1 = none), else
-    one per core once the run is large enough to pay for starting them (0 = run in-process)."""
+def use_worker_pool(cfg: PrepareConfig) -> bool:
+    """Whether chunks of this configuration go to local worker processes (``workers`` > 1, or
+    ``None`` on a machine with at least ``POOL_MIN_CORES`` cores) rather than threads here."""
     from .codecs import default_workers
 
-    if len(specs) < 2:
+    return cfg.workers > 1 if cfg.workers is not None else default_workers() >= POOL_MIN_CORES
+
+
+def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
+    """How many worker processes these chunks deserve: ``cfg.workers`` when given (1 = none), else
+    one per core on a machine of ``POOL_MIN_CORES`` or more once the run is large enough to pay for
+    starting them (0 = run in this process, on one thread per core)."""
+    from .codecs import default_workers
+
+    if len(specs) < 2 or not use_worker_pool(cfg):
         return 0
     if cfg.workers is not None:
-        return min(cfg.workers, len(specs)) if cfg.workers > 1 else 0
+        return min(cfg.workers, len(specs))
     n = min(default_workers(), len(specs))
     return n if n > 1 and sum(len(s.items) for s in specs) >= POOL_MIN_IMAGES else 0
+
+
+def chunk_threads(side_by_side: int) -> int:
+    """Threads for one chunk's batches when ``side_by_side`` chunks run at once on this machine."""
+    from .codecs import default_workers
+
+    return max(1, default_workers() // max(1, side_by_side))
 
 
 def _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_loader) -> list[ChunkResult]:
@@ -500,9 +532,7 @@ def _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_lo
     workers = pool_size(cfg, specs) if pool is None and key_loader is None else 0
     own = workers > 0
     if pool is None and not own:
-        from .codecs import default_workers
-
-        runner = ChunkRunner(key_loader, threads=default_workers()).adopt(cfg, source, scheme, fingerprint)
+        runner = ChunkRunner(key_loader, threads=chunk_threads(1)).adopt(cfg, source, scheme, fingerprint)
         results = []
         for spec in specs:
             results.append(runner.run(cfg, spec))
