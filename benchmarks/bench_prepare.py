@@ -76,11 +76,19 @@ def _bare_part(zips: list[str], part: int, parts: int) -> int:
     return n
 
 
-def bare(zips: list[Path], workers: int) -> tuple[float, int]:
-    t = time.perf_counter()
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def bare(zips: list[Path], workers: int) -> tuple[float, int, float]:
+    """(wall seconds, images, CPU seconds of the worker processes)."""
+    c, t = _children_cpu(), time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as ex:
         n = sum(ex.map(_bare_part, [[str(z) for z in zips]] * workers, range(workers), [workers] * workers))
-    return time.perf_counter() - t, n
+    return time.perf_counter() - t, n, _children_cpu() - c
 
 
 class PeakRSS:
@@ -149,12 +157,15 @@ print(json.dumps({"seconds": time.perf_counter() - t, "images": sum(m.num_sample
 
 
 def run_watched(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, dict]:
-    t = time.perf_counter()
+    """Run a command, watching the peak RSS of it and its children; peaks["cpu"]: CPU seconds of
+    the command and its children (what a busy machine inflates least)."""
+    c, t = _children_cpu(), time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     mon = PeakRSS(p.pid)
     out, err = p.communicate()
     dt = time.perf_counter() - t
     peaks = mon.stop()
+    peaks["cpu"] = _children_cpu() - c
     r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{out}\n{err}")
@@ -192,21 +203,24 @@ def run(name, zips, key, tmp, resize, env, rounds, with_cli, shard_size) -> dict
     print(f"\n== {name}: {', '.join(z.name for z in zips)} on {workers} cores, {rounds} rounds interleaved ==")
     rows = []
     for r in range(rounds):
-        tb, n = bare(zips, workers)
+        tb, n, cb = bare(zips, workers)
         tl, nl, pl = library(zips, key, tmp / f"{name}-lib", resize, env, shard_size)
-        row = {"bare": tb, "lib": tl, "lib_peaks": pl, "n": n}
-        line = (f"round {r + 1}: bare {tb:.2f} s ({n / tb:.0f} img/s) | library {tl:.2f} s ({nl / tl:.0f} img/s, "
-                f"{tl / tb:.2f}x) peak RSS MB main {_mb(pl, 'main')}, workers {_mb(pl, 'worker')}")
+        row = {"bare": tb, "lib": tl, "lib_peaks": pl, "n": n, "cpu_ratio": pl["cpu"] / cb}
+        line = (f"round {r + 1}: bare {tb:.2f} s ({n / tb:.0f} img/s, CPU {cb:.1f} s) | library {tl:.2f} s "
+                f"({nl / tl:.0f} img/s, {tl / tb:.2f}x; CPU {pl['cpu']:.1f} s, {pl['cpu'] / cb:.2f}x, Python start "
+                f"included) peak RSS MB main {_mb(pl, 'main')}, workers {_mb(pl, 'worker')}")
         if with_cli:
             tc, pc = cli(zips, key, tmp / f"{name}-cli", resize, env, shard_size)
             row.update(cli=tc, cli_peaks=pc)
-            line += f" | cli {tc:.2f} s ({tc / tb:.2f}x) peak RSS MB main {_mb(pc, 'main')}, workers {_mb(pc, 'worker')}"
+            line += (f" | cli {tc:.2f} s ({tc / tb:.2f}x; CPU {pc['cpu']:.1f} s, {pc['cpu'] / cb:.2f}x) peak RSS MB main "
+                     f"{_mb(pc, 'main')}, workers {_mb(pc, 'worker')}, Prefect server {_mb(pc, 'prefect-server')}")
         rows.append(row)
         print(line, flush=True)
     best = {k: min(x[k] for x in rows) for k in ("bare", "lib", *(("cli",) if with_cli else ()))}
     ratios = [x["lib"] / x["bare"] for x in rows]
     print(f"{name}: best bare {best['bare']:.2f} s, library {best['lib']:.2f} s -> {best['lib'] / best['bare']:.2f}x "
-          f"(per round {', '.join(f'{q:.2f}' for q in ratios)})")
+          f"(per round {', '.join(f'{q:.2f}' for q in ratios)}; median {sorted(ratios)[len(ratios) // 2]:.2f}x; "
+          f"CPU time per round {', '.join(format(x['cpu_ratio'], '.2f') for x in rows)}x)")
     if with_cli:
         print(f"{name}: best cli {best['cli']:.2f} s -> {best['cli'] / best['bare']:.2f}x "
               f"(per round {', '.join(format(x['cli'] / x['bare'], '.2f') for x in rows)})")

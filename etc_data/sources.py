@@ -142,12 +142,9 @@ class Source:
         arr, keys, labels, skipped = None, [], [], []
         for it in items:
             try:
-                if arr is not None and self.resize is None:
-                    img = self._read_into(it, arr[len(keys)])
-                else:
-                    img = self._read(it)
-                    if self.resize is not None:
-                        img = resize_shorter_center_crop(img, self.resize)
+                img = self._read_into(it, arr[len(keys)]) if arr is not None else self._read(it)
+                if img is not None and self.resize is not None:
+                    img = resize_shorter_center_crop(img, self.resize)
             except SourceError:
                 if on_bad_image == "skip":
                     skipped.append(self.item_name(it))
