@@ -18,6 +18,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import numpy as np
+
 from .errors import SourceError
 
 _CD_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # a central directory header (46 bytes)
@@ -64,18 +66,26 @@ class ZipArchive:
         self._zip: zipfile.ZipFile | None = None
         self._fd: int | None = None
         try:
-            self._infos = read_zip_directory(self.path)
-            if self._infos is None:  # zip64, prepended data, ...: zipfile's general reader
+            infos = read_zip_directory(self.path)
+            if infos is None:  # zip64, prepended data, ...: zipfile's general reader
                 self._zip = zipfile.ZipFile(self.path)
-                self._infos = {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits,
-                                            i.file_size) for i in self._zip.infolist()}
+                infos = {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits,
+                                      i.file_size) for i in self._zip.infolist()}
         except (zipfile.BadZipFile, OSError) as e:
             raise SourceError(f"{self.path} is not a readable .zip file ({e})") from None
+        # kept compact: name -> row of one int64 table (a tuple of 6 ints per member is ~200 bytes)
+        self._rows = {n: i for i, n in enumerate(infos)}
+        self._table = np.array(list(infos.values()), np.int64).reshape(-1, 6)
 
     @property
     def names(self) -> list[str]:
         """Member names of files (not folders)."""
-        return [n for n in self._infos if not n.endswith("/")]
+        return [n for n in self._rows if not n.endswith("/")]
+
+    def _info(self, name: str) -> tuple | None:
+        """(header offset, compressed size, method, crc, flags, size) of a member, or None."""
+        i = self._rows.get(name)
+        return None if i is None else tuple(self._table[i].tolist())
 
     def _pread(self, n: int, off: int) -> bytes:
         if self._fd is None:
@@ -88,7 +98,7 @@ class ZipArchive:
     def _read_fast(self, name: str) -> bytes | None:
         """A stored or deflated member straight from its offset (zipfile's per-member open costs
         ~50 us, this ~5 us); None when the member needs zipfile's general path."""
-        info = self._infos.get(name)
+        info = self._info(name)
         if info is None or self._zip is not None:
             return None
         off, csize, method, crc, flags, _ = info

@@ -39,7 +39,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 BAD_IMAGE_POLICIES = ("stop", "skip")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     split: str    # the split the item belongs to, e.g. "train"
     key: str      # stable sample key, e.g. "train/airplane/0001"
@@ -225,6 +225,20 @@ class NpzSource(Source):
                      np.asarray([it.label for it in items], np.int64))
 
 
+def _common_folders(names: list[str]) -> int:
+    """How many leading folders every name shares (such as "imagenette2-160/" or a zip's single top
+    folder), stopping at a split folder and keeping at least <class>/<file> below."""
+    strip = 0
+    while True:
+        first = names[0].split("/")
+        if len(first) - strip <= 2 or first[strip] in SPLIT_NAMES:
+            return strip
+        pre = "/".join(first[:strip + 1]) + "/"
+        if not all(n.startswith(pre) and n.count("/") - strip >= 2 for n in names):
+            return strip
+        strip += 1
+
+
 class FolderSource(Source):
     """``<split>/<class>/<file>`` or ``<class>/<file>`` in a directory or a .zip file."""
 
@@ -243,27 +257,27 @@ class FolderSource(Source):
         names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTS) and "__MACOSX" not in n)
         if not names:
             raise SourceError(f"source {self.path}: no images found (extensions: {', '.join(IMAGE_EXTS)})")
-        parts = [n.split("/") for n in names]
-        # drop a common leading folder such as "imagenette2-160/" or a zip's single top dir
-        while (len({p[0] for p in parts}) == 1 and min(len(p) for p in parts) > 2
-               and parts[0][0] not in SPLIT_NAMES):
-            parts = [p[1:] for p in parts]
-        has_splits = all(len(p) >= 3 for p in parts) and {p[0] for p in parts} <= set(SPLIT_NAMES)
-        by_split: dict[str, list[tuple[str, str, str]]] = {}
-        for p, name in zip(parts, names):
+        # one pass per question over the names, keeping no per-name lists: the listing of a large
+        # source (ImageNet: 1.28 M names) costs its Items and nothing else
+        strip = _common_folders(names)
+        has_splits = all(len(p) >= 3 and p[0] in SPLIT_NAMES for p in (n.split("/")[strip:] for n in names))
+
+        def place(name: str) -> tuple[str, str, str]:
+            p = name.split("/")[strip:]
             if has_splits:
-                split, cls, rest = p[0], p[1], "/".join(p[2:])
-            elif len(p) >= 2:
-                split, cls, rest = "train", p[0], "/".join(p[1:])
-            else:
-                raise SourceError(f"source {self.path}: image {'/'.join(p)} is not inside a class folder")
-            by_split.setdefault(split, []).append((cls, rest, name))
-        self.classes = sorted({c for v in by_split.values() for c, _, _ in v})
+                return p[0], p[1], "/".join(p[2:])
+            if len(p) >= 2:
+                return "train", p[0], "/".join(p[1:])
+            raise SourceError(f"source {self.path}: image {'/'.join(p)} is not inside a class folder")
+
+        self.classes = sorted({place(n)[1] for n in names})
         cidx = {c: i for i, c in enumerate(self.classes)}
-        prefix = {(s, c): sample_key(s, c) + "/" for s, v in by_split.items() for c in {c for c, _, _ in v}}
-        self._by_split = {
-            s: [Item(s, prefix[s, c] + _key_part(os.path.splitext(r)[0]), cidx[c], name) for c, r, name in v]
-            for s, v in by_split.items()}
+        prefix: dict[tuple[str, str], str] = {}
+        self._by_split: dict[str, list[Item]] = {}
+        for name in names:
+            sp, c, r = place(name)
+            pre = prefix.get((sp, c)) or prefix.setdefault((sp, c), sample_key(sp, c) + "/")
+            self._by_split.setdefault(sp, []).append(Item(sp, pre + _key_part(os.path.splitext(r)[0]), cidx[c], name))
         self.name = self.path.stem
         kind = "zip" if self.is_zip else "folder"
         self.description = f"image {kind} {self.path.name} ({', '.join(f'{s}: {len(v)}' for s, v in sorted(self._by_split.items()))})"

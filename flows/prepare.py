@@ -88,14 +88,9 @@ class ThreadRunners:
 
 def _dask_worker_runner() -> ChunkRunner:
     """On a Dask worker: one ChunkRunner kept on the worker object, so its source stays open."""
-    from distributed import get_worker
+    from etc_data.cluster import worker_runner
 
-    w = get_worker()
-    runner = getattr(w, "etc_data_chunk_runner", None)
-    if runner is None:
-        runner = ChunkRunner(load_key_ref)
-        setattr(w, "etc_data_chunk_runner", runner)
-    return runner
+    return worker_runner(load_key_ref)
 
 
 @task(name="shard", task_run_name="{spec[split]}-shard-{spec[index]:06d}", retries=3,
