@@ -409,7 +409,7 @@ def _scan_members(data: bytes, name: str, final: bool = True, base: int = 0):
     return out, off, final
 
 
-def stream_members(f, name: str, window: int = 8 << 20, hasher=None) -> Iterator[tuple[str, bytes]]:
+def stream_members(f, name: str, window: int = 1 << 20, hasher=None) -> Iterator[tuple[str, bytes]]:
     """(member name, payload) of a plain ustar tar read from the file object ``f`` ``window``
     bytes at a time: memory stays at about one window whatever the tar's size. ``hasher``
     (e.g. ``hashlib.sha256()``) is updated with every byte read, trailing padding included. A tar
@@ -478,10 +478,10 @@ def sample_offsets(data: bytes, name: str) -> Iterator[tuple[str, dict[str, tupl
     return _group_samples(((m, (off, size)) for m, off, size in members), name)
 
 
-def stream_samples(f, name: str, hasher=None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def stream_samples(f, name: str, hasher=None, window: int = 1 << 20) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: payload}) per sample of a tar read from the file object ``f`` in bounded
     windows (see ``stream_members``)."""
-    return _group_samples(stream_members(f, name, hasher=hasher), name)
+    return _group_samples(stream_members(f, name, window, hasher), name)
 
 
 def iter_tar(data: bytes, name: str) -> Iterator[dict]:

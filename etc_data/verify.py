@@ -89,7 +89,7 @@ class _Digest:
 
 
 def _check_shard(split_url: str, entry: dict, image_size, deep: bool, storage_options) -> tuple[str | None, int]:
-    """(problem or None, samples) for one listed shard, streamed in bounded windows (memory does
+    """(problem or None, samples) for one listed shard, streamed in 1 MB windows (memory does
     not grow with the shard). A size or sha256 mismatch is reported before what the parse found."""
     name = entry["name"]
     digest, n, problem = _Digest(), 0, None
@@ -111,7 +111,7 @@ def _check_shard(split_url: str, entry: dict, image_size, deep: bool, storage_op
                     n += 1
             except ShardError as err:
                 problem = f"{name}: {err}"
-                while chunk := f.read(8 << 20):  # the rest, for the size and hash
+                while chunk := f.read(1 << 20):  # the rest, for the size and hash
                     digest.update(chunk)
     except ShardError as err:
         return f"{name}: {err}", 0
