@@ -97,3 +97,17 @@ def test_report_with_owner_key_and_bad_arguments(tmp_path, cifar_exact, key_file
     assert main(["report", "sizes", "--source", str(npz), "--schemes", "etc", "--block-size", "8",
                  "--codec", "jpeg:sub=420", "--out", str(out)]) == 2
     assert "etc with block size 8 is not JPEG-compliant with 420" in capsys.readouterr().err
+
+
+def test_report_without_psnr_gives_the_same_sizes_and_no_psnr(tmp_path, cifar_exact, key_file):
+    """--no-psnr skips decoding, decryption and scoring: the sizes are those of the full report."""
+    npz = tmp_path / "cifar10-mini.npz"
+    np.savez(npz, x_train=cifar_exact["x_train"][:120], y_train=cifar_exact["y_train"][:120])
+    args = ["report", "sizes", "--source", str(npz), "--schemes", "plain,etc", "--codec", "jpeg:q=85,sub=444",
+            "--codec", "png", "--key", str(key_file)]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    assert main(args + ["--no-psnr", "--out", str(tmp_path / "fast")]) == 0
+    full, fast = (json.loads((tmp_path / d / "sizes.json").read_text())["results"] for d in ("full", "fast"))
+    assert [(r["scheme"], r["codec"], r["total_bytes"]) for r in fast] == \
+        [(r["scheme"], r["codec"], r["total_bytes"]) for r in full]
+    assert all(r["psnr"] is None for r in fast) and any(r["psnr"] for r in full)
