@@ -56,7 +56,10 @@ def main():
         s3fs.S3FileSystem(**srv.storage_options()).mkdir("bench")
         key = tmp / "owner.key"
         new_key_file(key, "bench")
-        clusters = {n: LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        # the test fixture's skip_instance_cache makes every storage call build a new S3 client
+        # (~0.5 s each here); a user's settings keep fsspec's cached filesystem
+        opts = {k: v for k, v in srv.storage_options().items() if k != "skip_instance_cache"}
+        clusters = {n: LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
                     for n in (1, 2)}
         print(f"SeaweedFS S3 at {srv.endpoint}; LocalClusters of 1 and 2 worker processes; "
               f"{len(os.sched_getaffinity(0))} cores (shared machine: compare within a round)")
@@ -67,7 +70,7 @@ def main():
                 url = f"s3://bench/r{r}-w{k}"
                 cfg = PrepareConfig(source=[str(z) for z in zips], out=url, dataset="bench", scheme="etc",
                                     block_size=16, codec="jpeg:q=85,sub=420", key_ref=str(key), resize=resize,
-                                    shard_size=1000, storage_options=srv.storage_options())
+                                    shard_size=1000, storage_options=opts)
                 with Client(cluster) as client:
                     t = time.perf_counter()
                     s = prepare_dataset(cfg, map_chunks=dask_map_chunks(client))

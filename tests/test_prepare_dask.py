@@ -41,7 +41,7 @@ def test_worker_killed_mid_shard_the_run_ends_with_the_uninterrupted_shards(tmp_
     prepare_dataset(PrepareConfig(out=str(ref), **base))  # uninterrupted, in this process
 
     killed = {}
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         pids = client.run(os.getpid)  # worker address -> pid
 
