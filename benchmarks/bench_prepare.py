@@ -172,10 +172,10 @@ def run_watched(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess,
     return r, dt, peaks
 
 
-def library(zips, key, out: Path, resize, env, shard_size) -> tuple[float, int, dict]:
+def library(zips, key, out: Path, resize, env, shard_size, workers=None) -> tuple[float, int, dict]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = dict(source=[str(z) for z in zips], out=str(out), dataset="bench", scheme="etc", block_size=16,
-               codec="jpeg:q=85,sub=420", key_ref=str(key), resize=resize, shard_size=shard_size)
+               codec="jpeg:q=85,sub=420", key_ref=str(key), resize=resize, shard_size=shard_size, workers=workers)
     r, _, peaks = run_watched([sys.executable, "-c", LIB, json.dumps(cfg)], env)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     return res["seconds"], res["images"], peaks
@@ -198,13 +198,13 @@ def _mb(peaks: dict, role: str) -> str:
     return "-" if not v else "/".join(f"{x / 2**20:.0f}" for x in sorted(v, reverse=True))
 
 
-def run(name, zips, key, tmp, resize, env, rounds, with_cli, shard_size) -> dict:
+def run(name, zips, key, tmp, resize, env, rounds, with_cli, shard_size, workers=None) -> dict:
     workers = len(os.sched_getaffinity(0))
     print(f"\n== {name}: {', '.join(z.name for z in zips)} on {workers} cores, {rounds} rounds interleaved ==")
     rows = []
     for r in range(rounds):
         tb, n, cb = bare(zips, workers)
-        tl, nl, pl = library(zips, key, tmp / f"{name}-lib", resize, env, shard_size)
+        tl, nl, pl = library(zips, key, tmp / f"{name}-lib", resize, env, shard_size, workers)
         row = {"bare": tb, "lib": tl, "lib_peaks": pl, "n": n, "cpu_ratio": pl["cpu"] / cb}
         line = (f"round {r + 1}: bare {tb:.2f} s ({n / tb:.0f} img/s, CPU {cb:.1f} s) | library {tl:.2f} s "
                 f"({nl / tl:.0f} img/s, {tl / tb:.2f}x; CPU {pl['cpu']:.1f} s, {pl['cpu'] / cb:.2f}x, Python start "
@@ -235,6 +235,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cli", action="store_true", help="also time etc-data prepare (Prefect flow) in each round")
     ap.add_argument("--shard-size", type=int, default=10000)
+    ap.add_argument("--workers", type=int, default=None, help="library: worker processes (default: as prepare decides)")
     a = ap.parse_args()
     from etc_data.keys import new_key_file
 
@@ -265,7 +266,7 @@ def main():
         res = {}
         for name in a.only:
             zips, resize = sets[name]
-            res[name] = run(name, zips, key, tmp, resize, env, a.rounds, a.cli, a.shard_size)
+            res[name] = run(name, zips, key, tmp, resize, env, a.rounds, a.cli, a.shard_size, a.workers)
         if "imagenette" in res and "imagenette40k" in res:
             small, big = res["imagenette"], res["imagenette40k"]
             print(f"\npeak RSS 40k vs 4,925 images (library): main {big['peak']['main'] / 2**20:.0f} / "
