@@ -54,3 +54,19 @@ def test_streamed_shards_equal_the_reference_path_for_every_scheme(tmp_path, rea
     assert m.shards[0]["sha256"] == hashlib.sha256(ref).hexdigest() and m.shards[0]["bytes"] == len(ref)
     if spec != "plain":
         assert np.array_equal(scheme.decrypt(enc), plain)
+
+
+def test_byte_limit_splits_a_streamed_chunk_into_parts_with_the_same_samples(tmp_path, real_zip, key_file):
+    from etc_data.shards import iter_samples
+
+    base = dict(source=str(real_zip), dataset="d", codec="jpeg:q=85,sub=420", key_ref=str(key_file), workers=1)
+    prepare_dataset(PrepareConfig(out=str(tmp_path / "one"), **base))
+    prepare_dataset(PrepareConfig(out=str(tmp_path / "parts"), max_shard_bytes=200_000, **base))
+    m = read_manifest(str(tmp_path / "parts" / "train"))
+    assert [e["name"] for e in m.shards][:3] == ["train-000000.tar", "train-000000-1.tar", "train-000000-2.tar"]
+    one, parts = (list(iter_samples(str(tmp_path / d / "train"))) for d in ("one", "parts"))
+    assert [s["__key__"] for s in parts] == [s["__key__"] for s in one]
+    assert all(a["jpg"] == b["jpg"] for a, b in zip(one, parts))
+    for e in m.shards:  # each part holds at most 200 kB of sample payload (a sample is never split)
+        data = (tmp_path / "parts" / "train" / e["name"]).read_bytes()
+        assert e["samples"] == 1 or len(data) < 200_000 + 3 * 1024 * e["samples"] + 10240
