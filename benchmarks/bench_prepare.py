@@ -199,11 +199,12 @@ def _mb(peaks: dict, role: str) -> str:
 
 
 def run(name, zips, key, tmp, resize, env, rounds, with_cli, shard_size, workers=None) -> dict:
-    workers = len(os.sched_getaffinity(0))
-    print(f"\n== {name}: {', '.join(z.name for z in zips)} on {workers} cores, {rounds} rounds interleaved ==")
+    cores = len(os.sched_getaffinity(0))
+    print(f"\n== {name}: {', '.join(z.name for z in zips)} on {cores} cores, {rounds} rounds interleaved; library "
+          f"workers={workers} ==")
     rows = []
     for r in range(rounds):
-        tb, n, cb = bare(zips, workers)
+        tb, n, cb = bare(zips, cores)
         tl, nl, pl = library(zips, key, tmp / f"{name}-lib", resize, env, shard_size, workers)
         row = {"bare": tb, "lib": tl, "lib_peaks": pl, "n": n, "cpu_ratio": pl["cpu"] / cb}
         line = (f"round {r + 1}: bare {tb:.2f} s ({n / tb:.0f} img/s, CPU {cb:.1f} s) | library {tl:.2f} s "
