@@ -218,7 +218,11 @@ class NpzSource(Source):
             return super().load(items, on_bad_image)
         x = self._x(items[0].split)
         idx = np.asarray([it.ref for it in items])
-        imgs = x[idx]
+        if len(idx) > 1 and idx[-1] - idx[0] == len(idx) - 1 and (np.diff(idx) == 1).all():
+            imgs = x[idx[0]:idx[-1] + 1].view()  # consecutive images: a read-only view, no copy
+            imgs.flags.writeable = False
+        else:
+            imgs = x[idx]
         if imgs.ndim == 3:
             imgs = np.repeat(imgs[..., None], 3, -1)
         return Batch([it.key for it in items], np.ascontiguousarray(imgs),
