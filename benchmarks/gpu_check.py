@@ -26,8 +26,8 @@ Without CUDA it says so and exits 0 having run nothing, unless ``--smoke --devic
 tiny CPU run. Outputs (--out, default $OUT when set, else runs/gpu_check): one log per step,
 summary.json (every figure, and the table), metrics.jsonl and curves.png of the training run.
 
-Internal commands: ``prepare-shards`` (the prepare step), ``pack-data`` / ``unpack-data`` (the
-CIFAR-10 copies as one tar.xz: the same JPEG bytes in a third of the size; gpu_carry.sh uses it).
+Internal commands: ``prepare-shards`` (the prepare step), ``pack-data`` / ``unpack-data`` (the two
+CIFAR-10 zips as one tar.xz and back: the same JPEG bytes in 28 % of the size; gpu_carry.sh packs).
 """
 
 from __future__ import annotations
@@ -158,24 +158,32 @@ def pack_data(zips: list[Path], out: Path) -> dict:
 
 
 def unpack_data(packed: Path, dest: Path) -> dict:
-    """Unpack pack_data's archive into dest (<split>/<class>/NNNN.jpg); returns images per split.
-    Refuses members that would land outside dest."""
-    import shutil
+    """Rebuild the zips pack_data read (cifar10-<split>-jpeg.zip in dest: same names, order and bytes,
+    stored) from its archive; returns images per split. Refuses member names that are not relative."""
     import tarfile
+    import zipfile
 
-    part = dest.with_name(dest.name + ".part")
-    shutil.rmtree(part, ignore_errors=True)
-    part.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
-    with tarfile.open(packed, "r:xz") as tar:
-        members = tar.getmembers()
-        for m in members:
-            if m.isfile():
+    zips: dict[str, zipfile.ZipFile] = {}
+    try:
+        with tarfile.open(packed, "r:xz") as tar:
+            for m in tar:
                 split = m.name.split("/", 1)[0]
-                counts[split] = counts.get(split, 0) + 1
-        tar.extractall(part, filter="data")
-    shutil.rmtree(dest, ignore_errors=True)
-    part.replace(dest)
+                if m.name.startswith("/") or ".." in m.name.split("/") or not re.fullmatch(r"[A-Za-z0-9_]+", split):
+                    raise ValueError(f"{packed}: unexpected member {m.name!r}")
+                if split not in zips:
+                    zips[split] = zipfile.ZipFile(dest / f"cifar10-{split}-jpeg.zip.part", "w", zipfile.ZIP_STORED)
+                if m.isdir():
+                    zips[split].writestr(m.name + "/", b"")
+                elif m.isfile():
+                    zips[split].writestr(m.name, tar.extractfile(m).read())
+                    counts[split] = counts.get(split, 0) + 1
+    finally:
+        for z in zips.values():
+            z.close()
+    for split in zips:
+        (dest / f"cifar10-{split}-jpeg.zip.part").replace(dest / f"cifar10-{split}-jpeg.zip")
     return counts
 
 
@@ -189,6 +197,8 @@ def shared_dir() -> Path | None:
 def data_source(args) -> tuple[list[str] | None, str]:
     """(prepare sources, where they come from): the two zips (--data or the shared folder), or the
     carried archive, unpacked into the work folder by the prepare step."""
+    if args.data and args.data.endswith(".tar.xz"):
+        return ["packed:" + str(Path(args.data).resolve())], args.data
     if args.data:
         return [str(Path(args.data) / z) for z in ZIPS], f"--data {args.data}"
     shared = shared_dir()
@@ -217,9 +227,9 @@ def prepare_shards(argv: list[str]) -> int:
     t0 = time.time()
     sources = a.source
     if sources[0].startswith("packed:"):
-        counts = unpack_data(Path(sources[0][7:]), work / "cifar10-jpeg")
+        counts = unpack_data(Path(sources[0][7:]), work / "data")
         print(f"unpacked {counts} from {sources[0][7:]} in {time.time() - t0:.1f} s", flush=True)
-        sources = [str(work / "cifar10-jpeg")]
+        sources = [str(work / "data" / z) for z in ZIPS]
     key, shards = work / "owner.key", work / "shards"
     if not key.exists():
         import shutil
@@ -626,7 +636,8 @@ def parse_args(argv=None):
                    help="logs, summary.json, metrics.jsonl, curves.png (default $OUT, else runs/gpu_check)")
     p.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "etc-gpu-check"),
                    help="shards, key, training run (default $TMPDIR/etc-gpu-check)")
-    p.add_argument("--data", help="folder holding cifar10-train-jpeg.zip and cifar10-test-jpeg.zip")
+    p.add_argument("--data", help="folder holding cifar10-train-jpeg.zip and cifar10-test-jpeg.zip, or the "
+                                  "cifar10-jpeg.tar.xz of gpu_carry.sh")
     p.add_argument("--carry", default=str(REPO / "carry"), help="what gpu_carry.sh filled (default carry/)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (with --device cpu: a CPU run of every step)")
