@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -206,6 +207,11 @@ def plan_split(cfg: PrepareConfig, source: Source, split: str, fingerprint: str 
     if cfg.limit is not None:
         items = items[:cfg.limit]
     todo = [i for i, it in enumerate(items) if it.key not in done]
+    # Sources list items sorted by key, i.e. class by class for <split>/<class>/<file> layouts: written
+    # in that order every shard would hold one class, and a reader's shuffle buffer (a few thousand
+    # samples) could not mix them, so each training batch would see two or three classes. A seeded
+    # shuffle of the order keeps plans deterministic (reruns write the same shards).
+    random.Random(f"{cfg.dataset}/{split}").shuffle(todo)
     start = _next_index(existing)
     token = source.split_token(split)
     chunks = [ChunkSpec(split, start + n, todo[i:i + cfg.shard_size], token, fingerprint)
