@@ -29,6 +29,7 @@ FORMAT = "etc-data-manifest/2"
 MANIFEST_NAME = "manifest.json"
 INFO_NAME = "_info.json"
 SAMPLE_INDEX_PREFIX = "samples-"
+OPTIONAL_FIELDS = ("sample_order",)  # written only when set; older manifests lack them
 
 
 class ManifestError(EtcError):
@@ -59,6 +60,7 @@ class Manifest:
     tool_version: str = __version__
     created: str = ""
     format: str = FORMAT
+    sample_order: dict | None = None  # how samples were ordered into shards (prepare.SAMPLE_ORDER); optional
 
     # timm _info.json fields, derived from the shard list
     @property
@@ -85,7 +87,7 @@ class Manifest:
         order = ["format", "dataset", "split", "num_samples", "shard_lengths", "filenames", "shards", "scheme",
                  "block_size", "scheme_options", "pad", "codec", "key_fingerprint", "classes", "image_size",
                  "source", "resize", "sample_index_file", "sample_index_sha256", "tool_version", "created"]
-        return {k: d[k] for k in order}
+        return {k: d[k] for k in order} | {k: d[k] for k in OPTIONAL_FIELDS if d[k] is not None}
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "Manifest":
