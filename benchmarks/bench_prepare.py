@@ -98,8 +98,8 @@ def run(name, zips, key, tmp, shard_size, resize, env):
         (tmp / "prefect-warm").mkdir()
         t = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "etc_data.cli", "prepare", "--source", str(zips[0]), "--scheme",
-                            "plain", "--limit", "10", "--out", str(tmp / "warm"), "--codec", "png"], env=env,
-                           capture_output=True, text=True)
+                            "plain", "--key", str(key), "--limit", "10", "--out", str(tmp / "warm"), "--codec", "png"],
+                           env=env, capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"warm-up run failed:\n{r.stderr}")
         print(f"first Prefect use on a fresh PREFECT_HOME (10 images, plain): {time.perf_counter() - t:.2f} s")

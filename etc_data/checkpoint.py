@@ -12,17 +12,26 @@ A checkpoint is a dict saved with ``torch.save``::
 It records which encryption (scheme, block size, key fingerprint, dataset id) its inputs must
 have, so evaluation and model encryption can refuse data made for another key. Checkpoints are
 read and written through the storage layer: ``s3://`` and ``gs://`` URLs work like local paths.
+
+A checkpoint is something received from someone else, so loading it never runs code: it is read
+with ``torch.load(weights_only=True)``, whose unpickler builds only tensors and plain data (dicts,
+lists, tuples, strings, numbers, None) and refuses every other global. Everything saved is made of
+those: the random states are stored as a tensor, lists and ints (``capture_rng``), not as numpy
+objects. Anything else (a pickled ``__reduce__`` payload) is refused as "not a safe etc-data
+checkpoint" before a single object of it is built.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
+import re
 
 from .errors import EtcError
 from .storage import StorageError, atomic_open, read_bytes
 
-CKPT_FORMAT = "etc-data-ckpt/1"
+CKPT_FORMAT = "etc-data-ckpt/2"  # 2: loadable with weights_only (plain-data RNG states), public-key fingerprints
 
 
 class CheckpointError(EtcError):
@@ -49,7 +58,12 @@ def load_checkpoint(url: str | os.PathLike, key=None, key_ref: str | None = None
     except StorageError as e:
         raise CheckpointError(f"cannot read checkpoint {url}: {e}") from None
     try:
-        ck = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        ck = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it would build {found.group(1)}" if found else "it holds objects other than tensors and plain data"
+        raise CheckpointError(f"{url} is not a safe etc-data checkpoint: {what}; refused without loading it "
+                              f"(nothing of it was run)") from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {url}: {e}") from None
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
@@ -74,13 +88,19 @@ def model_from_checkpoint(ck: dict):
 
 
 def capture_rng(aug_rng) -> dict:
-    """Every random state a resumed run needs to continue exactly (torch, numpy, python, the augmentation RNG)."""
+    """Every random state a resumed run needs to continue exactly (torch, numpy, python, the
+    augmentation RNG), as a tensor, lists, strings and ints only (what a safe load builds)."""
     import random
 
     import numpy as np
     import torch
 
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    kind, mt, pos, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": str(kind), "mt": [int(v) for v in mt], "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "python": {"version": version, "words": list(words), "gauss_next": gauss_next},
             "aug": aug_rng.bit_generator.state}
 
 
@@ -90,9 +110,11 @@ def restore_rng(state: dict, aug_rng) -> None:
     import numpy as np
     import torch
 
+    n = state["numpy"]
+    p = state["python"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state((n["kind"], np.asarray(n["mt"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((p["version"], tuple(p["words"]), p["gauss_next"]))
     aug_rng.bit_generator.state = state["aug"]
 
 

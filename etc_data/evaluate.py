@@ -5,7 +5,9 @@
     # {"accuracy": 0.91, "samples": 10000}
 
 The shards must be what the checkpoint was made for: the same scheme, block size and key
-fingerprint. Every sample is seen exactly once, also when the work is split over DDP ranks.
+fingerprint, in a manifest signed by a trusted owner (``trust``; the owner key, when one is given,
+is trusted). No key is needed. Every sample is seen exactly once, also when the work is split over
+DDP ranks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class EvalError(EtcError):
 class EvalConfig:
     checkpoint: str                 # a checkpoint file or URL
     shards: str                     # split URL (ROOT/test)
-    key_ref: str | None = None
+    key_ref: str | None = None      # optional: evaluation needs no key (an owner's own key is checked)
+    trust: list[str] = field(default_factory=list)  # accepted signers: public keys or files; [] = trust on first use
     device: str = "auto"
     batch_size: int = 256
     workers: int = 2
@@ -59,22 +62,25 @@ def evaluate_model(model, loader, device, mean=(0.5,) * 3, std=(0.5,) * 3, world
 def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     """``{"accuracy", "samples"}`` of a checkpoint on a split; the shards must match the checkpoint's setup."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .keys import optional_key
     from .loader import make_loader
     from .train import decode_mode, matching_fingerprint, pick_device
+    from .trust import TrustPolicy
 
     dev = pick_device(cfg.device)
     split_url = split_url_of(cfg.shards)
-    m = read_manifest(split_url, cfg.storage_options)
-    ck = load_checkpoint(cfg.checkpoint, key_ref=cfg.key_ref, storage_options=cfg.storage_options)
-    matching_fingerprint(m, cfg.key_ref, split_url)
+    key = optional_key(cfg.key_ref)
+    m = read_manifest(split_url, cfg.storage_options, TrustPolicy.from_refs(cfg.trust, key))
+    ck = load_checkpoint(cfg.checkpoint, key=key, storage_options=cfg.storage_options)
+    matching_fingerprint(m, key, split_url)
     ck_scheme = ck.get("scheme") or {}
     if m.scheme != "plain" or ck_scheme.get("scheme", "plain") != "plain":
         if ck_scheme.get("scheme") != m.scheme or ck_scheme.get("block_size") != m.block_size:
             raise EvalError(f"checkpoint expects scheme {ck_scheme.get('scheme')} block {ck_scheme.get('block_size')}, "
                             f"shards at {split_url} are {m.scheme} block {m.block_size}")
-        if ck.get("key_fingerprint") not in (None, m.key_fingerprint):
-            raise EvalError(f"checkpoint key fingerprint {ck.get('key_fingerprint')} differs from the shards' "
-                            f"{m.key_fingerprint}")
+    if ck.get("key_fingerprint") != m.key_fingerprint:
+        raise EvalError(f"checkpoint {cfg.checkpoint} was made for key fingerprint {ck.get('key_fingerprint')}, "
+                        f"the shards at {split_url} carry {m.key_fingerprint}; refused")
     model = model_from_checkpoint(ck).to(dev)
     norm = ck.get("normalize", {"mean": [0.5] * 3, "std": [0.5] * 3})
     loader = make_loader(split_url, cfg.batch_size, train=False, workers=cfg.workers,

@@ -1,16 +1,21 @@
-"""Owner keys: creation, loading, fingerprints and per-dataset subkeys.
+"""Owner keys: creation, loading, the owner's public identity, fingerprints and per-dataset subkeys.
 
 An owner key is a 256-bit random secret kept in a small JSON key file created with mode 0600.
 Everything that encrypts works from a *subkey* derived with HKDF-SHA256 from the owner secret,
 the dataset id, the scheme name and the block size, so one owner secret serves many datasets
 and a leaked subkey does not reveal the others. The secret itself never leaves this module:
 ``OwnerKey`` has no attribute that prints it, and errors never quote it.
+
+The owner's identity is an Ed25519 signing key derived from the same secret with HKDF under its
+own label. Its public key (``ed25519:<64 hex>``, one line: ``etc-data keys public``) is what the
+owner hands to the cloud and to model developers; manifests are signed with the private half
+(``OwnerKey.sign``). The *fingerprint* that manifests and checkpoints carry is a SHA-256 of the
+public key: anyone holding the public key can check it, and nothing secret can be derived from it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -19,7 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import EtcError
@@ -27,14 +34,15 @@ from .errors import EtcError
 KEY_FORMAT = "etc-data-key/1"
 SECRET_BYTES = 32
 ENV_VAR = "ETC_DATA_KEY"
-_FINGERPRINT_LABEL = b"etc-data key fingerprint v1"
+_FINGERPRINT_LABEL = b"etc-data public key fingerprint v2\0"
+_SIGNING_INFO = b"etc-data/owner-signing-key/v1"
 _HKDF_SALT = b"etc-data/hkdf-salt/v1"
+PUBLIC_KEY_PREFIX = "ed25519:"
+FINGERPRINT_HEX = 32  # 128 bits of SHA-256: a second key with the same fingerprint cannot be searched for
 
 
 class KeyFileError(EtcError):
     """A key could not be created or loaded (the message names the file or variable)."""
-
-
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,22 @@ class OwnerKey:
             raise KeyFileError(f"key from {self.source}: secret must be {SECRET_BYTES} bytes")
 
     @property
+    def public_key(self) -> str:
+        """The owner's public key, ``ed25519:<64 hex>``: safe to publish."""
+        raw = self._signing_key().public_key().public_bytes_raw()
+        return PUBLIC_KEY_PREFIX + raw.hex()
+
+    @property
     def fingerprint(self) -> str:
-        return fingerprint(self._secret)
+        return fingerprint(self.public_key)
+
+    def sign(self, message: bytes) -> str:
+        """Ed25519 signature of ``message`` with the owner's signing key, as hex."""
+        return self._signing_key().sign(message).hex()
+
+    def _signing_key(self) -> Ed25519PrivateKey:
+        seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=_SIGNING_INFO).derive(self._secret)
+        return Ed25519PrivateKey.from_private_bytes(seed)
 
     def subkey(self, dataset: str, scheme: str, block_size: int) -> bytes:
         return derive_subkey(self._secret, dataset, scheme, block_size)
@@ -65,9 +87,54 @@ class OwnerKey:
     __repr__ = __str__
 
 
-def fingerprint(secret: bytes) -> str:
-    """HMAC-SHA256(secret, fixed label), first 16 hex chars: safe to publish in manifests."""
-    return hmac.new(secret, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:16]
+def fingerprint(public_key: str) -> str:
+    """SHA-256 of a fixed label and the raw public key, first 32 hex chars (anyone can recompute it)."""
+    raw = _public_key_bytes(public_key, "public key")
+    return hashlib.sha256(_FINGERPRINT_LABEL + raw).hexdigest()[:FINGERPRINT_HEX]
+
+
+def _public_key_bytes(text: str, source: str) -> bytes:
+    text = str(text).strip()
+    if not text.startswith(PUBLIC_KEY_PREFIX):
+        raise KeyFileError(f"{source}: not an etc-data public key (expected {PUBLIC_KEY_PREFIX}<64 hex chars>)")
+    try:
+        raw = bytes.fromhex(text[len(PUBLIC_KEY_PREFIX):])
+        Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        raise KeyFileError(f"{source}: not an etc-data public key (expected {PUBLIC_KEY_PREFIX}<64 hex chars>)") \
+            from None
+    return raw
+
+
+def parse_public_key(text: str, source: str = "public key") -> str:
+    """A public key in its one canonical spelling (lower-case hex); ``source`` names it in errors."""
+    return PUBLIC_KEY_PREFIX + _public_key_bytes(text, source).hex()
+
+
+def load_public_key(ref: str | os.PathLike) -> str:
+    """A public key given as itself (``ed25519:...``) or as a file holding one (``keys public --out``)."""
+    ref = str(ref).strip()
+    if ref.startswith(PUBLIC_KEY_PREFIX):
+        return parse_public_key(ref, f"public key {ref[:24]}...")
+    path = Path(ref)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyFileError(f"public key {ref}: neither {PUBLIC_KEY_PREFIX}<hex> nor a readable file ({e})") from None
+    if '"secret"' in text:
+        raise KeyFileError(f"{ref} is a secret key file, not a public key; give its public key "
+                           f"(etc-data keys public --key {ref})")
+    return parse_public_key(text, f"public key file {ref}")
+
+
+def verify_signature(public_key: str, message: bytes, signature: str) -> bool:
+    """Whether ``signature`` (hex) is the Ed25519 signature of ``message`` by ``public_key``."""
+    try:
+        sig = bytes.fromhex(str(signature))
+        Ed25519PublicKey.from_public_bytes(_public_key_bytes(public_key, "public key")).verify(sig, message)
+    except (ValueError, InvalidSignature, KeyFileError):
+        return False
+    return True
 
 
 def derive_subkey(secret: bytes, dataset: str, scheme: str, block_size: int) -> bytes:
@@ -85,8 +152,9 @@ def new_key_file(path: str | os.PathLike, owner: str) -> OwnerKey:
         raise KeyFileError("owner name must not be empty")
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_bytes(SECRET_BYTES)
+    key = OwnerKey(owner, secret, source=str(path))
     doc = {"format": KEY_FORMAT, "owner": owner, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "fingerprint": fingerprint(secret), "secret": secret.hex()}
+           "fingerprint": key.fingerprint, "public_key": key.public_key, "secret": secret.hex()}
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -99,7 +167,7 @@ def new_key_file(path: str | os.PathLike, owner: str) -> OwnerKey:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return OwnerKey(owner, secret, source=str(path))
+    return key
 
 
 def parse_key_text(text: str, source: str) -> OwnerKey:
@@ -160,3 +228,11 @@ def load_key(ref: str | os.PathLike | None = None) -> OwnerKey:
             raise KeyFileError(f"environment variable {name} is not set (expected a key file's content or a hex secret)")
         return parse_key_text(value, f"env:{name}")
     return load_key_file(str(ref))
+
+
+def optional_key(ref: str | os.PathLike | None) -> OwnerKey | None:
+    """The owner key a job was given, or None when it was given none: no reference and the default
+    variable ($ETC_DATA_KEY) unset. Training and evaluation run without one."""
+    if ref is None and not os.environ.get(ENV_VAR):
+        return None
+    return load_key(ref)

@@ -1,6 +1,8 @@
 """Streaming input pipeline over WebDataset shards on any fsspec URL (no full download).
 
-The manifest is read first; shards are opened one at a time through fsspec. Splitting follows
+The manifest is read first, and its signature checked (``manifest.read_manifest``, against a
+``trust.TrustPolicy``), before any shard is opened; shards are opened one at a time through fsspec,
+by their plain file names only, and each is checked against the manifest's sha256. Splitting follows
 timm's ``reader_wds.py`` idea, made exact so DDP never hangs:
 
 - a global worker id g = rank * workers + worker; with at least as many shards as global
@@ -203,14 +205,18 @@ def _cuda() -> bool:
 
 
 def make_loader(split_url: str, batch_size: int, *, rank=0, world=1, seed=0, train=True, workers=2,
-                storage_options=None, decode="cpu", manifest: Manifest | None = None, worker_start: str | None = None):
+                storage_options=None, decode="cpu", manifest: Manifest | None = None, worker_start: str | None = None,
+                trust=None):
     """(DataLoader, ShardDataset, manifest, train steps per epoch or None) for one split.
+
+    ``manifest``: one already read (and so checked) by the caller; else it is read here, its
+    signer checked against ``trust`` (a ``trust.TrustPolicy``; None: trust on first use).
 
     ``worker_start``: how DataLoader workers start: None for the platform default (fork on
     Linux, the cheapest), or "spawn", which a caller running next to threads and event loops
     (a Prefect flow) must choose: forked workers die there."""
     split_url = split_url_of(split_url)
-    manifest = manifest or read_manifest(split_url, storage_options)
+    manifest = manifest or read_manifest(split_url, storage_options, trust)
     ctx = worker_start if workers else None
     ds = ShardDataset(split_url, manifest, rank, world, seed, train, storage_options, raw_jpeg=(decode == "cuda"),
                       mp_context=ctx)

@@ -12,12 +12,23 @@ Layout of a dataset root written by ``etc-data prepare --out ROOT``::
 
 A shard that is not listed in ``manifest.json`` does not belong to the dataset (a leftover of a
 killed run); readers only ever open the shards the manifest lists.
+
+Every manifest is signed by its owner: ``signature`` is the Ed25519 signature (``keys.OwnerKey``)
+of a canonical encoding of every other field of the file (shard names, sizes, sha256 and sample
+counts, the sample index's hash, scheme, options, block size, pad, codec, classes, image size,
+dataset id, key fingerprint, ``public_key``, ...), and ``public_key`` is the signer's. The fields
+stay at the top level, where readers (and timm) find them. ``read_manifest`` checks, before any
+shard is opened: the format, that every file name the manifest gives (shards, sample index, the
+split) is a plain file name of the split folder, the signature, that the key fingerprint of an
+encrypted split is the signer's, and that a ``trust.TrustPolicy`` accepts the signer. A signature
+protects integrity and origin; it hides nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
@@ -25,11 +36,13 @@ from . import __version__
 from .errors import EtcError
 from .storage import StorageError, join, list_names, read_bytes, remove, write_bytes
 
-FORMAT = "etc-data-manifest/2"
+FORMAT = "etc-data-manifest/3"  # 3: signed by the owner
 MANIFEST_NAME = "manifest.json"
 INFO_NAME = "_info.json"
 SAMPLE_INDEX_PREFIX = "samples-"
-OPTIONAL_FIELDS = ("sample_order",)  # written only when set; older manifests lack them
+OPTIONAL_FIELDS = ("sample_order",)  # written (and signed) only when set; older manifests lack them
+_SIGNED_CONTEXT = b"etc-data manifest signature v1\0"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*")
 
 
 class ManifestError(EtcError):
@@ -38,6 +51,18 @@ class ManifestError(EtcError):
 
 class ManifestMissing(ManifestError):
     """No manifest at the URL: the split has not been committed (or the URL is not a split)."""
+
+
+class ManifestSignatureError(ManifestError):
+    """A manifest is unsigned, or its signature does not match its content and public key."""
+
+
+def check_plain_name(name, what: str, where: str) -> str:
+    """Refuse a file or split name that could leave the split folder (``/``, ``\\``, ``..``, ...)."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise ManifestError(f"{where}: bad name: {what} {name!r} is not a plain file name "
+                            f"(letters, digits, _ . = + -; no '/', no '..')")
+    return name
 
 
 @dataclass
@@ -61,6 +86,8 @@ class Manifest:
     created: str = ""
     format: str = FORMAT
     sample_order: dict | None = None  # how samples were ordered into shards (prepare.SAMPLE_ORDER); optional
+    public_key: str = ""     # the signer's (keys.OwnerKey.public_key)
+    signature: str = ""      # Ed25519 over signed_bytes(every other field)
 
     # timm _info.json fields, derived from the shard list
     @property
@@ -87,7 +114,9 @@ class Manifest:
         order = ["format", "dataset", "split", "num_samples", "shard_lengths", "filenames", "shards", "scheme",
                  "block_size", "scheme_options", "pad", "codec", "key_fingerprint", "classes", "image_size",
                  "source", "resize", "sample_index_file", "sample_index_sha256", "tool_version", "created"]
-        return {k: d[k] for k in order} | {k: d[k] for k in OPTIONAL_FIELDS if d[k] is not None}
+        tail = ["public_key", "signature"]
+        return ({k: d[k] for k in order} | {k: d[k] for k in OPTIONAL_FIELDS if d[k] is not None}
+                | {k: d[k] for k in tail})
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "Manifest":
@@ -96,8 +125,11 @@ class Manifest:
         if d.get("format") != FORMAT:
             if 0 < _format_version(d.get("format")) < _format_version(FORMAT):
                 raise ManifestError(f"{where}: manifest format {d.get('format')!r} was written by an earlier version "
-                                    f"of etc-data (this one reads {FORMAT!r}); run etc-data prepare again")
+                                    f"of etc-data (this one reads signed manifests, {FORMAT!r}); run etc-data "
+                                    f"prepare again (into a new --out, or after removing this split)")
             raise ManifestError(f"{where}: unknown manifest format {d.get('format')!r} (expected {FORMAT!r})")
+        if "signature" not in d or "public_key" not in d:
+            raise ManifestSignatureError(f"{where}: the manifest is unsigned (no signature or public_key); refused")
         names = {f.name for f in fields(cls)}
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [k for k in required if k not in d]
@@ -107,6 +139,11 @@ class Manifest:
         for i, s in enumerate(m.shards):
             if not isinstance(s, dict) or not {"name", "sha256", "bytes", "samples"} <= set(s):
                 raise ManifestError(f"{where}: shards[{i}] must have name, sha256, bytes, samples")
+            if not str(check_plain_name(s["name"], f"shards[{i}]", where)).endswith(".tar"):
+                raise ManifestError(f"{where}: bad name: shards[{i}] {s['name']!r} is not a .tar file")
+        check_plain_name(m.split, "split", where)
+        if m.sample_index_file is not None:
+            check_plain_name(m.sample_index_file, "sample_index_file", where)
         if "num_samples" in d and d["num_samples"] != m.num_samples:
             raise ManifestError(f"{where}: num_samples {d['num_samples']} != sum of shard samples {m.num_samples}")
         return m
@@ -129,8 +166,37 @@ def split_url_of(url: str) -> str:
     return url[: -len(MANIFEST_NAME) - 1] if url.endswith("/" + MANIFEST_NAME) or url.endswith("\\" + MANIFEST_NAME) else url
 
 
-def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
-    """Read ``URL/manifest.json`` (or the manifest URL itself); a clear error if absent or broken."""
+def signed_bytes(doc: dict) -> bytes:
+    """What a manifest's signature covers: every field but ``signature``, in canonical JSON."""
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    return _SIGNED_CONTEXT + json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def check_signature(doc: dict, m: Manifest, where: str) -> None:
+    """The signature matches the file's content and public key, and an encrypted split's key
+    fingerprint is the signer's (data under one key is signed by that key's owner)."""
+    from .keys import KeyFileError, fingerprint, verify_signature
+
+    try:
+        signer = fingerprint(m.public_key)
+    except KeyFileError:
+        raise ManifestSignatureError(f"{where}: bad signature: public_key {str(m.public_key)[:80]!r} is not an "
+                                     f"etc-data public key; refused") from None
+    if not verify_signature(m.public_key, signed_bytes(doc), m.signature):
+        raise ManifestSignatureError(f"{where}: bad signature: the manifest was changed after its owner (key "
+                                     f"fingerprint {signer}) signed it, or the signature is not theirs; refused")
+    if (m.scheme == "plain") != (m.key_fingerprint is None) or m.key_fingerprint not in (None, signer):
+        raise ManifestSignatureError(f"{where}: scheme {m.scheme} with key fingerprint {m.key_fingerprint}, signed by "
+                                     f"key fingerprint {signer}: an encrypted split is signed by its key's owner; "
+                                     f"refused")
+
+
+def read_manifest(url: str, storage_options: dict | None = None, trust=None) -> Manifest:
+    """Read ``URL/manifest.json`` (or the manifest URL itself), check its names and signature, and
+    that ``trust`` (a ``trust.TrustPolicy``; None: trust on first use) accepts its signer. A clear
+    error, naming the URL and what failed, if it is absent, broken, tampered with or untrusted."""
+    from .trust import TrustPolicy
+
     murl = manifest_url(url)
     try:
         raw = read_bytes(murl, storage_options)
@@ -142,9 +208,12 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{murl}: not valid JSON ({e})") from None
     try:
-        return Manifest.from_dict(doc, murl)
+        m = Manifest.from_dict(doc, murl)
     except TypeError as e:
         raise ManifestError(f"{murl}: {e}") from None
+    check_signature(doc, m, murl)
+    (trust or TrustPolicy()).check(m.public_key, murl)
+    return m
 
 
 def read_sample_index(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> dict[str, list[str]]:
@@ -171,9 +240,24 @@ def _dumps(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
 
 
+def sign_manifest(manifest: Manifest, key) -> dict:
+    """The manifest's JSON document, signed with the owner key ``key`` (its public key added)."""
+    where = f"manifest of split {manifest.split}"
+    if manifest.scheme != "plain" and manifest.key_fingerprint != key.fingerprint:
+        raise ManifestError(f"{where}: refusing to sign data encrypted under key fingerprint "
+                            f"{manifest.key_fingerprint} with another owner key ({key.fingerprint})")
+    if manifest.scheme == "plain" and manifest.key_fingerprint is not None:
+        raise ManifestError(f"{where}: a plain split carries no key fingerprint")
+    manifest.public_key, manifest.signature = key.public_key, ""
+    doc = manifest.to_dict()
+    manifest.signature = doc["signature"] = key.sign(signed_bytes(doc))
+    return doc
+
+
 def write_manifest(split_url: str, manifest: Manifest, sample_index: dict[str, list[str]] | None = None,
-                   storage_options: dict | None = None) -> None:
-    """Commit a split: the sample index, then manifest.json (the commit point), then the root _info.json.
+                   storage_options: dict | None = None, *, key) -> None:
+    """Commit a split: the sample index, then manifest.json (the commit point, signed with the owner
+    key ``key``), then the root _info.json.
 
     The sample index is content-addressed (``samples-<sha16>.json``): a run killed after writing it
     and before the manifest leaves the committed manifest's own index intact. Older indexes are
@@ -191,7 +275,7 @@ def write_manifest(split_url: str, manifest: Manifest, sample_index: dict[str, l
         manifest.sample_index_file = f"{SAMPLE_INDEX_PREFIX}{manifest.sample_index_sha256[:16]}.json"
         write_bytes(join(split_url, manifest.sample_index_file), raw, storage_options)
     manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_bytes(manifest_url(split_url), _dumps(manifest.to_dict()), storage_options)
+    write_bytes(manifest_url(split_url), _dumps(sign_manifest(manifest, key)), storage_options)
     update_info(split_url, manifest, storage_options)
     try:
         for name in list_names(split_url, storage_options):

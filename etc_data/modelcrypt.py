@@ -4,6 +4,7 @@ into one that gives exactly the same outputs on images encrypted with the ``bloc
     from etc_data import ModelCryptConfig, encrypt_model
     encrypt_model(ModelCryptConfig(in_ckpt="runs/plain/best.pt", out_ckpt="runs/enc.pt",
                                    key_ref="owner.key", dataset="cifar10"))
+    # or: shards="ROOT/test" instead of dataset: id and scheme from that split's signed manifest
 
 The ``blockwise`` scheme (block size P = the model's patch size) maps every P x P x 3 block ``q``
 (values in (row, col, channel) order) to ``e[k] = q[inner[k]]`` or ``255 - q[inner[k]]`` where
@@ -193,15 +194,40 @@ def encrypt_checkpoint(ck: dict, key, dataset: str, scheme_spec: str = "blockwis
 class ModelCryptConfig:
     in_ckpt: str                   # a checkpoint trained on plain images (file or URL)
     out_ckpt: str                  # where the encrypted checkpoint goes (never overwritten)
-    dataset: str                   # the dataset id the shards were prepared with
+    dataset: str = ""              # the dataset id the shards were prepared with ("" = the shards')
     key_ref: str | None = None     # the owner key the images are encrypted with
-    scheme: str = "blockwise"      # blockwise[:negpos=0|1,scramble=0|1]; scramble=1 only for ViT
+    scheme: str | None = None      # blockwise[:negpos=0|1,scramble=0|1]; None = the shards' or blockwise
+    shards: str | None = None      # optional: the split the model is for (its signed manifest is checked)
+    trust: list[str] = field(default_factory=list)  # accepted signers of ``shards`` besides the key's owner
     storage_options: dict = field(default_factory=dict)
+
+
+def _target_split(cfg: ModelCryptConfig, key):
+    """The signed manifest of the split the model is made for (``cfg.shards``), or None."""
+    from .manifest import read_manifest, split_url_of
+    from .train import matching_fingerprint
+    from .trust import TrustPolicy
+
+    if not cfg.shards:
+        if cfg.trust:
+            raise ModelCryptError("--trust pins who signed --shards: give the split the model is for (--shards)")
+        if not cfg.dataset:
+            raise ModelCryptError("give --dataset (the id the shards were prepared with) or --shards")
+        return None
+    url = split_url_of(cfg.shards)
+    m = read_manifest(url, cfg.storage_options, TrustPolicy.from_refs(cfg.trust, key))
+    if m.scheme != "blockwise":
+        raise ModelCryptError(f"{url} holds {m.scheme} shards; an encrypted model is for blockwise shards")
+    matching_fingerprint(m, key, url)
+    if cfg.dataset and cfg.dataset != m.dataset:
+        raise ModelCryptError(f"--dataset {cfg.dataset} differs from the dataset of {url} ({m.dataset})")
+    return m
 
 
 def encrypt_model(cfg: ModelCryptConfig) -> dict:
     """Encrypt ``cfg.in_ckpt`` into ``cfg.out_ckpt``; returns the new scheme parameters, the key
-    fingerprint and a key-space note (no key material)."""
+    fingerprint and a key-space note (no key material). With ``cfg.shards`` the dataset id and
+    scheme come from that split's signed manifest, and the result must fit its shards."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .keys import load_key
     from .storage import exists
@@ -209,13 +235,23 @@ def encrypt_model(cfg: ModelCryptConfig) -> dict:
     if exists(cfg.out_ckpt, cfg.storage_options):
         raise ModelCryptError(f"{cfg.out_ckpt} exists; not overwritten")
     key = load_key(cfg.key_ref)
+    target = _target_split(cfg, key)
+    dataset = cfg.dataset or target.dataset
+    spec = cfg.scheme or ("blockwise:" + ",".join(f"{k}={v}" for k, v in target.scheme_options.items())
+                          if target is not None else "blockwise")
     ck = load_checkpoint(cfg.in_ckpt, storage_options=cfg.storage_options)
     try:
-        out, note = encrypt_checkpoint(ck, key, cfg.dataset, cfg.scheme)
+        out, note = encrypt_checkpoint(ck, key, dataset, spec)
     except ModelCryptError as e:
         raise ModelCryptError(f"{cfg.in_ckpt}: {e}") from None
+    if target is not None:
+        have = {k: out["scheme"][k] for k in ("block_size", "options")}
+        want = {"block_size": target.block_size, "options": target.scheme_options}
+        if have != want:
+            raise ModelCryptError(f"{cfg.in_ckpt}: the encrypted model would take blockwise {have}, the shards at "
+                                  f"{cfg.shards} are blockwise {want} (block size = the model's patch size)")
     save_checkpoint(cfg.out_ckpt, out, cfg.storage_options)
-    return {"out": cfg.out_ckpt, "scheme": out["scheme"], "dataset": cfg.dataset,
+    return {"out": cfg.out_ckpt, "scheme": out["scheme"], "dataset": dataset,
             "key_fingerprint": out["key_fingerprint"], "key_space": note}
 
 

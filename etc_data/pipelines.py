@@ -68,7 +68,7 @@ class Pipeline(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     owner: str
-    key_ref: str | None = None  # path, env:NAME or prefect-secret:BLOCK; None only for scheme plain
+    key_ref: str | None = None  # path, env:NAME or prefect-secret:BLOCK (required: manifests are signed with it)
     dataset: str
     source: list[str]
     splits: list[str] | None = None
@@ -124,8 +124,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raise PipelineError(f"{path}: field {field}: {err['msg']}") from None
     except EtcError as e:  # scheme or codec parsing
         raise PipelineError(f"{path}: {e}") from None
-    if p.scheme.split(":")[0] != "plain" and not p.key_ref:
-        raise PipelineError(f"{path}: field key_ref is required for scheme {p.scheme}")
+    if not p.key_ref:
+        raise PipelineError(f"{path}: field key_ref is required (every manifest is signed with the owner key, "
+                            f"also for scheme plain)")
     base = path.resolve().parent
 
     def resolve(x: str) -> str:

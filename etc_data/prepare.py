@@ -13,8 +13,10 @@ Plan -> run -> commit:
   shard atomically) and returns only public metadata. Chunks run in this process, in a
   ``WorkerPool`` of local processes, or wherever ``map_chunks`` sends them (the Prefect flow: one
   task per chunk, on threads or a Dask cluster);
-- ``commit_split`` writes the manifest last; it is the commit point, after which shards that the
-  manifest does not list (leftovers of a killed run) are removed.
+- ``commit_split`` writes the manifest last, signed with the owner key (also for ``plain``
+  datasets: the signature is the owner's identity); it is the commit point, after which shards
+  that the manifest does not list (leftovers of a killed run) are removed. An append only
+  continues a split signed by the same owner.
 
 A chunk receives a *key reference* (a path or ``env:NAME``), never the key: the key is loaded
 where the encryption happens, so no key material travels through task parameters or results.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spe
 from .shards import write_chunk
 from .sources import BAD_IMAGE_POLICIES, Source, open_source
 from .storage import StorageError, join, list_names, remove
+from .trust import TrustPolicy
 
 DEFAULT_SHARD_SIZE = 10000
 POOL_MIN_IMAGES = 4000  # with workers=None, fewer images than this run in-process (a pool's start costs ~1 s)
@@ -130,6 +134,17 @@ class SplitPlan:
     existing_index: dict[str, list[str]]
 
 
+def signing_key(cfg: PrepareConfig, key_loader=None):
+    """The owner key every manifest of the run is signed with (also for ``--scheme plain``)."""
+    from .keys import key_env_var, load_key
+
+    name = key_env_var(cfg.key_ref)
+    if name is not None and not os.environ.get(name):
+        raise PrepareError(f"prepare signs every manifest with the owner's key: give --key (a key file or env:NAME; "
+                           f"${name} is not set), also for --scheme plain")
+    return (key_loader or load_key)(cfg.key_ref)
+
+
 def build_scheme(cfg: PrepareConfig, key=None, key_loader=None):
     """The keyed scheme of a config, and the owner key it was built with (None for plain)."""
     name = cfg.scheme_name()
@@ -169,11 +184,13 @@ def check_compatible(m: Manifest, cfg: PrepareConfig, fingerprint: str | None, c
                            f"write to another --out or use the same settings")
 
 
-def plan_split(cfg: PrepareConfig, source: Source, split: str, fingerprint: str | None, codec_spec: str) -> SplitPlan:
+def plan_split(cfg: PrepareConfig, source: Source, split: str, fingerprint: str | None, codec_spec: str,
+               trust=None) -> SplitPlan:
+    """``trust``: whose committed split may be appended to (the run's own owner key)."""
     split_url = join(cfg.out, split)
     existing, index = None, {}
     try:
-        existing = read_manifest(split_url, cfg.storage_options)
+        existing = read_manifest(split_url, cfg.storage_options, trust)
     except ManifestMissing:
         pass  # a new split
     if existing is not None:
@@ -303,8 +320,9 @@ class ChunkRunner:
 
 
 def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: list[ChunkResult],
-                 fingerprint: str | None, codec_spec: str, scheme_params: dict) -> Manifest:
-    """Write the sample index and manifest.json (the commit point), then remove unlisted shards."""
+                 fingerprint: str | None, codec_spec: str, scheme_params: dict, key) -> Manifest:
+    """Write the sample index and manifest.json (the commit point, signed with the owner key
+    ``key``), then remove unlisted shards."""
     split_url = join(cfg.out, plan.split)
     results = sorted(results, key=lambda r: r.index)
     old = plan.existing
@@ -327,7 +345,7 @@ def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: l
                  classes=list(source.classes), image_size=list(next(iter(sizes))), shards=shards,
                  source=source.description, resize=source.resize_policy(), tool_version=__version__,
                  sample_order=dict(SAMPLE_ORDER))
-    write_manifest(split_url, m, sample_index=index, storage_options=cfg.storage_options)
+    write_manifest(split_url, m, sample_index=index, storage_options=cfg.storage_options, key=key)
     write_reader_files(cfg.out, m, cfg.storage_options)
     listed = {e["name"] for e in shards}
     for name in list_names(split_url, cfg.storage_options):
@@ -382,6 +400,10 @@ class PrepareSummary:
             if skipped:
                 out.append(f"{r['split']}: skipped {len(skipped)} unreadable images: " + ", ".join(skipped[:10])
                            + (" ..." if len(skipped) > 10 else ""))
+        from .keys import fingerprint
+
+        for pub in sorted({m.public_key for m in self.manifests.values()}):
+            out.append(f"manifests signed by {pub} (key fingerprint {fingerprint(pub)}); readers pin it with --trust")
         return out
 
     def markdown(self) -> str:
@@ -405,7 +427,7 @@ class PrepareSummary:
                 "scheme": m0.scheme, "block_size": m0.block_size, "key_bits": self.key_bits,
                 "image_size": self.image_size, "weak_key_message": self.weak_key_message(),
                 "splits": {k: v.num_samples for k, v in self.manifests.items()}, "verified": self.verified,
-                "reader_warning": self.reader_warning}
+                "public_key": m0.public_key, "reader_warning": self.reader_warning}
 
 
 MapChunks = Callable[[PrepareConfig, list[ChunkSpec]], Iterable[ChunkResult]]
@@ -425,17 +447,19 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     source = cfg.open_source()
     cfg = dataclasses.replace(cfg, dataset=dataset_id(source, cfg.dataset))
     codec = get_codec(cfg.codec)
-    scheme, key = build_scheme(cfg, key_loader=key_loader)
+    owner = signing_key(cfg, key_loader)
+    scheme, key = build_scheme(cfg, key=owner if cfg.scheme_name() != "plain" else None)
     check_scheme_codec(scheme, codec)
     compat = reader_warning(codec)
     if compat:
         warnings.warn(compat, ReaderWarning, stacklevel=2)
     fingerprint = key.fingerprint if key is not None else None
+    trust = TrustPolicy.from_refs(key=owner)
     splits = cfg.splits or source.splits
     for sp in splits:
         if sp not in source.splits:
             raise PrepareError(f"source {source.name} has no split {sp!r}; it has: {', '.join(source.splits)}")
-    plans = [plan_split(cfg, source, sp, fingerprint, codec.spec) for sp in splits]
+    plans = [plan_split(cfg, source, sp, fingerprint, codec.spec, trust) for sp in splits]
     specs = [c for p in plans for c in p.chunks]
 
     if map_chunks is not None:
@@ -450,7 +474,7 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     manifests, written, skipped, payload = {}, {}, {}, {}
     for p in plans:
         rs = [r for r in results if r.split == p.split]
-        manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params())
+        manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(), owner)
         written[p.split] = sum(e["samples"] for r in rs for e in r.shards)
         skipped[p.split] = [x for r in rs for x in r.skipped]
         payload[p.split] = sum(r.payload_bytes for r in rs)
@@ -461,7 +485,8 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     if cfg.verify:
         from .verify import VerifyConfig, verify_dataset
 
-        result = verify_dataset(VerifyConfig(url=cfg.out, splits=list(manifests), storage_options=cfg.storage_options))
+        result = verify_dataset(VerifyConfig(url=cfg.out, splits=list(manifests), storage_options=cfg.storage_options,
+                                             trust=[owner.public_key]))
         if not result.ok:
             raise PrepareError(f"verification of {cfg.out} failed after the commit:\n" + "\n".join(result.lines()))
         summary.verified = {r.split: r.samples for r in result.reports}

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 from .codecs import EXT_TO_CODEC
 from .errors import EtcError
+from .manifest import ManifestError, check_plain_name
 from .storage import StorageError, join, list_names, read_bytes, write_bytes
 
 SAMPLE_EXTS = tuple(EXT_TO_CODEC)  # the image field of a sample: one per codec (raw images are .ppm)
@@ -335,6 +336,11 @@ def iter_tar(data: bytes, name: str) -> Iterator[dict]:
 
 
 def read_shard(split_url: str, name: str, storage_options: dict | None = None) -> bytes:
+    """A shard's bytes; ``name`` must be a plain file name of the split folder (never a path out of it)."""
+    try:
+        check_plain_name(name, "shard", split_url)
+    except ManifestError as e:
+        raise ShardError(str(e)) from None
     try:
         return read_bytes(join(split_url, name), storage_options)
     except StorageError as e:

@@ -296,8 +296,8 @@ def load_cifar_batch(path: Path) -> dict:
         def find_class(self, module, name):
             if (module, name) in _CIFAR_PICKLE_GLOBALS:
                 return super().find_class(module, name)
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only "
-                                         f"arrays, lists and strings")
+            raise pickle.UnpicklingError(f"{path.name}: refusing to load {module}.{name}: a CIFAR-10 batch holds "
+                                         f"only arrays, lists and strings")
 
     with open(path, "rb") as f:
         d = Restricted(f, encoding="latin1").load()

@@ -1,6 +1,6 @@
 """The train job: a streaming trainer, readable top to bottom.
 
-    etc-data train --shards ROOT/train --test-shards ROOT/test --key KEY --model convmixer \\
+    etc-data train --shards ROOT/train --test-shards ROOT/test --trust OWNER.pub --model convmixer \\
         --dim 256 --depth 8 --kernel 9 --patch 1 --epochs 100 --out runs/c10
 
     from etc_data import TrainConfig, train_model
@@ -9,7 +9,8 @@
 ``train_model`` runs these named steps in order:
 
 1. ``setup_distributed``: rank, world size and device (DDP through torchrun: gloo on CPU, nccl on GPU);
-2. ``read_splits``: both manifests, the key fingerprint check, sample counts (before anything expensive);
+2. ``read_splits``: both manifests (signatures checked against the trusted owners, ``trust``), the
+   key fingerprint check when a key is given (none is needed), sample counts (before anything expensive);
 3. ``build_model``: the timm ConvMixer / ViT; on CUDA ConvMixer's depthwise convs become the
    Triton kernels of ``etc_data.dwconv`` when available;
 4. the data: a streaming loader per split (``loader.make_loader``), each built once;
@@ -46,7 +47,8 @@ class TrainConfig:
     shards: str                      # train split URL (ROOT/train)
     out: str                         # output folder or URL (checkpoints, metrics.jsonl, curves.png)
     test_shards: str | None = None   # test split URL, evaluated every epoch
-    key_ref: str | None = None
+    key_ref: str | None = None       # optional: training needs no key (an owner's own key is checked)
+    trust: list[str] = field(default_factory=list)  # accepted signers: public keys or files; [] = trust on first use
     model: dict = field(default_factory=convmixer_config)
     epochs: int = 10
     batch_size: int = 128
@@ -129,24 +131,15 @@ def setup_distributed(device_name: str) -> Dist:
 
 # ----------------------------------------------------------------------------- 2. manifests and key
 
-def matching_fingerprint(manifest: Manifest, key_ref: str | None, where: str) -> str | None:
-    """The shards' key fingerprint, after refusing a key whose fingerprint is not that one."""
+def matching_fingerprint(manifest: Manifest, key, where: str) -> str | None:
+    """The shards' key fingerprint (None for plain shards). Training needs no key; an owner key
+    given anyway (``--key``, $ETC_DATA_KEY) must be the shards' own, else it is refused here."""
     if manifest.scheme == "plain":
         return None
-    if manifest.key_fingerprint is None:
-        raise TrainError(f"{where}: manifest has no key fingerprint for scheme {manifest.scheme}")
-    import os
-
-    from .keys import ENV_VAR, load_key
-
-    if key_ref is None and not os.environ.get(ENV_VAR):
-        raise TrainError(f"{where} holds {manifest.scheme}-encrypted shards: give the owner's key (--key) to check "
-                         f"it matches fingerprint {manifest.key_fingerprint}")
-    fp = load_key(key_ref).fingerprint
-    if fp != manifest.key_fingerprint:
-        raise TrainError(f"{where}: key fingerprint {fp} does not match the shards' {manifest.key_fingerprint}; "
-                         f"wrong key (refused before training)")
-    return fp
+    if key is not None and key.fingerprint != manifest.key_fingerprint:
+        raise TrainError(f"{where}: key fingerprint {key.fingerprint} does not match the shards' "
+                         f"{manifest.key_fingerprint}; wrong key (refused before training)")
+    return manifest.key_fingerprint
 
 
 @dataclass
@@ -159,15 +152,21 @@ class Splits:
 
 
 def read_splits(cfg: TrainConfig, world: int) -> Splits:
-    """Both manifests, checked against the key and each other, before anything expensive."""
+    """Both manifests (signatures checked against the trusted owners), checked against the key
+    when one is given and against each other, before anything expensive."""
+    from .keys import optional_key
+    from .trust import TrustPolicy
+
+    key = optional_key(cfg.key_ref)
+    trust = TrustPolicy.from_refs(cfg.trust, key)
     train_url = split_url_of(cfg.shards)
-    m_train = read_manifest(train_url, cfg.storage_options)
-    fp = matching_fingerprint(m_train, cfg.key_ref, train_url)
+    m_train = read_manifest(train_url, cfg.storage_options, trust)
+    fp = matching_fingerprint(m_train, key, train_url)
     out = Splits(train_url, m_train, fp)
     if cfg.test_shards:
         out.test_url = split_url_of(cfg.test_shards)
-        out.test = read_manifest(out.test_url, cfg.storage_options)
-        matching_fingerprint(out.test, cfg.key_ref, out.test_url)
+        out.test = read_manifest(out.test_url, cfg.storage_options, trust.after_first_use(m_train.public_key))
+        matching_fingerprint(out.test, key, out.test_url)
         same = ("scheme", "block_size", "key_fingerprint", "dataset", "classes", "image_size")
         diff = [k for k in same if getattr(out.test, k) != getattr(m_train, k)]
         if diff:
@@ -359,8 +358,11 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     start_epoch, best = 0, -1.0
     last_url = join(cfg.out, "last.pt")
     if cfg.resume and exists(last_url, cfg.storage_options):
-        ck = load_checkpoint(last_url, key_ref=cfg.key_ref if data.fingerprint else None,
-                             storage_options=cfg.storage_options)
+        ck = load_checkpoint(last_url, storage_options=cfg.storage_options)
+        if ck.get("key_fingerprint") != data.fingerprint or ck.get("dataset") != m_train.dataset:
+            raise TrainError(f"{last_url} was trained on dataset {ck.get('dataset')} with key fingerprint "
+                             f"{ck.get('key_fingerprint')}, not on {data.train_url} (dataset {m_train.dataset}, "
+                             f"key fingerprint {data.fingerprint}); refusing to resume")
         core.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

@@ -4,7 +4,10 @@
     result = verify_dataset(VerifyConfig(url="s3://bucket/cifar10-etc", deep=True))
     print("\n".join(result.lines())); assert result.ok
 
-``url`` is a dataset root (every split its ``_info.json`` lists) or one split folder. For every
+``url`` is a dataset root (every split its ``_info.json`` lists) or one split folder. Each split's
+manifest is read first: its names, its owner's signature and the signer (``trust``: public keys or
+files holding one; none pinned = trust on first use, with a warning) are checked before a shard
+is read; a tampered or untrusted manifest raises an error naming what failed. For every
 shard a manifest lists: it exists, its size and sha256 match, its samples each have one image and
 a ``cls`` field, the sample count matches, and the first sample (every sample with ``deep``)
 decodes to the manifest's image size. Shards in the folder that no manifest lists are reported.
@@ -17,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 
 from .codecs import codec_for_ext
-from .manifest import INFO_NAME, read_manifest, split_url_of
+from .manifest import INFO_NAME, check_plain_name, read_manifest, split_url_of
 from .shards import SAMPLE_EXTS, ShardError, read_shard, sample_offsets
 from .storage import StorageError, join, list_names, read_bytes
 
@@ -28,6 +31,7 @@ class VerifyConfig:
     deep: bool = False                # decode every sample, not only the first of each shard
     splits: list[str] | None = None   # with a root: only these splits (default: all it lists)
     storage_options: dict = field(default_factory=dict)
+    trust: list[str] = field(default_factory=list)  # accepted signers: public keys or files; [] = trust on first use
 
 
 @dataclass
@@ -36,6 +40,8 @@ class VerifyReport:
 
     url: str
     split: str = ""
+    signer: str = ""                  # the key fingerprint whose signature was checked
+    signer_key: str = ""              # and its public key
     checked: int = 0
     samples: int = 0
     missing: list[str] = field(default_factory=list)
@@ -47,7 +53,8 @@ class VerifyReport:
         return not (self.missing or self.extra or self.corrupt)
 
     def lines(self) -> list[str]:
-        out = [f"{self.url}: {self.checked} shards, {self.samples} samples checked"]
+        out = [f"{self.url}: {self.checked} shards, {self.samples} samples checked, signed by key fingerprint "
+               f"{self.signer}"]
         out += [f"MISSING {n}" for n in self.missing]
         out += [f"EXTRA {n} (not in the manifest)" for n in self.extra]
         out += [f"CORRUPT {n}" for n in self.corrupt]
@@ -104,13 +111,17 @@ def _check_shard(split_url: str, entry: dict, image_size, deep: bool, storage_op
     return None, n
 
 
-def verify_split(split_url: str, deep: bool = False, storage_options: dict | None = None) -> VerifyReport:
-    """Check every shard a split's manifest lists, and report shards it does not list."""
+def verify_split(split_url: str, deep: bool = False, storage_options: dict | None = None,
+                 trust=None) -> VerifyReport:
+    """Check the manifest's signature (signer accepted by ``trust``, a ``trust.TrustPolicy``; None:
+    trust on first use), every shard it lists, and report shards it does not list."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from .keys import fingerprint
+
     split_url = split_url_of(split_url)
-    m = read_manifest(split_url, storage_options)
-    rep = VerifyReport(split_url, m.split)
+    m = read_manifest(split_url, storage_options, trust)
+    rep = VerifyReport(split_url, m.split, fingerprint(m.public_key), m.public_key)
     present = set(list_names(split_url, storage_options))
     listed = {e["name"] for e in m.shards}
     rep.extra = sorted(n for n in present if n.endswith(".tar") and n not in listed)
@@ -138,10 +149,18 @@ def dataset_splits(url: str, storage_options: dict | None = None) -> list[str] |
 
 def verify_dataset(cfg: VerifyConfig) -> DatasetVerification:
     """Verify a dataset root (its splits) or a single split folder."""
+    from .trust import TrustPolicy
+
     url = split_url_of(cfg.url)
+    trust = TrustPolicy.from_refs(cfg.trust)
     splits = dataset_splits(url, cfg.storage_options)
     if splits is None:
-        return DatasetVerification(url, [verify_split(url, cfg.deep, cfg.storage_options)])
+        return DatasetVerification(url, [verify_split(url, cfg.deep, cfg.storage_options, trust)])
     if cfg.splits:
         splits = [s for s in splits if s in cfg.splits] or list(cfg.splits)
-    return DatasetVerification(url, [verify_split(join(url, s), cfg.deep, cfg.storage_options) for s in splits])
+    reports = []
+    for s in splits:
+        split_url = join(url, check_plain_name(s, "split", join(url, INFO_NAME)))
+        reports.append(verify_split(split_url, cfg.deep, cfg.storage_options, trust))
+        trust = trust.after_first_use(reports[-1].signer_key)
+    return DatasetVerification(url, reports)

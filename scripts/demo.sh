@@ -15,4 +15,6 @@ etc-data prepare \
   --source "$DATA/cifar10-train-jpeg.zip" --source "$DATA/cifar10-test-jpeg.zip" \
   --owner demo --key "$KEY" --dataset cifar10 --out "$OUT" \
   --scheme etc --block-size 16 --codec jpeg:q=85,sub=444
-etc-data verify "$OUT"
+# what the cloud and model developers receive besides the shards: the owner's public key
+etc-data keys public --key "$KEY" --out runs/demo/owner.pub
+etc-data verify "$OUT" --trust runs/demo/owner.pub

@@ -20,6 +20,13 @@ def shared_data_dir() -> Path | None:
 
 
 SHARED = shared_data_dir()
+
+
+def fixed_owner():
+    """An owner key with a fixed secret, for tests that write manifests directly (not through prepare)."""
+    from etc_data.keys import OwnerKey
+
+    return OwnerKey("tests", bytes(range(32)))
 needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared/data is absent (real-data tests)")
 
 

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from etc_data.keys import KeyFileError, derive_subkey, fingerprint, load_key, new_key_file
+from etc_data.keys import (KeyFileError, OwnerKey, derive_subkey, fingerprint, load_key, load_public_key,
+                           new_key_file, verify_signature)
 
 
 def test_new_key_file_is_0600_and_never_overwritten(tmp_path):
@@ -67,10 +68,12 @@ def test_subkeys_depend_on_dataset_scheme_block_and_are_stable_across_processes(
     assert a != derive_subkey(s, "cifar10", "etc", 8)
     assert a != derive_subkey(s, "cifar100", "etc", 16)
     assert a != derive_subkey(s, "cifar10", "blockwise", 16)
-    code = "from etc_data.keys import derive_subkey, fingerprint; print(derive_subkey(bytes(range(32)), 'cifar10', 'etc', 16).hex(), fingerprint(bytes(range(32))))"
+    code = ("from etc_data.keys import OwnerKey, derive_subkey; k = OwnerKey('x', bytes(range(32))); "
+            "print(derive_subkey(bytes(range(32)), 'cifar10', 'etc', 16).hex(), k.public_key, k.fingerprint)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == [a.hex(), fingerprint(s)]
-    assert len(fingerprint(s)) == 16
+    k = OwnerKey("x", s)
+    assert out == [a.hex(), k.public_key, k.fingerprint]
+    assert len(k.fingerprint) == 32
 
 
 def test_key_env_var_names_the_variable_a_reference_reads(tmp_path):
@@ -79,3 +82,40 @@ def test_key_env_var_names_the_variable_a_reference_reads(tmp_path):
     assert key_env_var(None) == key_env_var("") == key_env_var("env:") == ENV_VAR
     assert key_env_var("env:OWNER_KEY") == "OWNER_KEY"
     assert key_env_var(str(tmp_path / "owner.key")) is None and key_env_var(tmp_path / "owner.key") is None
+
+
+def test_public_key_signs_and_its_hash_is_the_fingerprint(key_file, tmp_path):
+    """The owner's identity: an Ed25519 key derived from the secret (its own HKDF label); the
+    fingerprint is a SHA-256 of the public key, recomputed here from the public key alone."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    k = load_key(key_file)
+    doc = json.loads(key_file.read_text())
+    assert doc["public_key"] == k.public_key and k.public_key.startswith("ed25519:") and len(k.public_key) == 72
+    raw = bytes.fromhex(k.public_key[8:])
+    assert hashlib.sha256(b"etc-data public key fingerprint v2\0" + raw).hexdigest()[:32] == k.fingerprint
+    assert fingerprint(k.public_key) == k.fingerprint
+    # the signing seed is not a subkey nor the secret, and another secret gives another identity
+    assert k.public_key != OwnerKey("x", bytes(32)).public_key
+    sig = k.sign(b"manifest bytes")
+    Ed25519PublicKey.from_public_bytes(raw).verify(bytes.fromhex(sig), b"manifest bytes")  # plain Ed25519
+    assert verify_signature(k.public_key, b"manifest bytes", sig)
+    assert not verify_signature(k.public_key, b"manifest bytez", sig)
+    assert not verify_signature(OwnerKey("x", bytes(32)).public_key, b"manifest bytes", sig)
+    assert doc["secret"] not in k.public_key + sig + k.fingerprint
+
+
+def test_public_keys_load_from_text_or_file_never_from_a_secret_key_file(key_file, tmp_path):
+    k = load_key(key_file)
+    pub = tmp_path / "alice.pub"
+    pub.write_text(k.public_key + "\n")
+    assert load_public_key(str(pub)) == load_public_key(k.public_key) == k.public_key
+    assert load_public_key(k.public_key.upper().replace("ED25519:", "ed25519:")) == k.public_key
+    with pytest.raises(KeyFileError, match="is a secret key file, not a public key") as e:
+        load_public_key(str(key_file))
+    assert json.loads(key_file.read_text())["secret"] not in str(e.value)
+    for bad in ("ed25519:abcd", "ed25519:" + "zz" * 32, str(tmp_path / "missing.pub")):
+        with pytest.raises(KeyFileError, match="public key"):
+            load_public_key(bad)

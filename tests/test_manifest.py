@@ -7,6 +7,10 @@ import pytest
 from etc_data.manifest import FORMAT, Manifest, ManifestError, read_sample_index, read_manifest, write_manifest
 from etc_data.shards import write_chunk
 
+from .conftest import fixed_owner
+
+OWNER = fixed_owner()
+
 
 def _samples(imgs, labels, split="train"):
     import simplejpeg
@@ -18,7 +22,7 @@ def _samples(imgs, labels, split="train"):
 
 def _manifest(shards, split="train", **kw):
     d = dict(split=split, dataset="cifar-t", scheme="etc", block_size=4, codec="jpeg:q=85,sub=444",
-             key_fingerprint="0123456789abcdef", classes=[f"c{i}" for i in range(10)], image_size=[32, 32],
+             key_fingerprint=OWNER.fingerprint, classes=[f"c{i}" for i in range(10)], image_size=[32, 32],
              shards=[s.entry() for s in shards], source="cifar10-lossless-subset.npz")
     d.update(kw)
     return Manifest(**d)
@@ -32,7 +36,7 @@ def _write(root, split, imgs, labels, start=0, max_samples=8, old=None, old_keys
     keys.update({s.name: s.keys for s in shards})
     m = _manifest([], split=split, created=created)
     m.shards = entries
-    write_manifest(str(root / split), m, sample_index=keys)
+    write_manifest(str(root / split), m, sample_index=keys, key=OWNER)
     return m, keys
 
 
@@ -44,7 +48,8 @@ def test_manifest_fields_and_json_types(cifar_exact, tmp_path):
     assert all(set(s) == {"name", "sha256", "bytes", "samples"} and len(s["sha256"]) == 64 for s in d["shards"])
     assert [s["bytes"] for s in d["shards"]] == [(tmp_path / "train" / n).stat().st_size for n in d["filenames"]]
     assert d["scheme"] == "etc" and d["block_size"] == 4 and d["codec"] == "jpeg:q=85,sub=444"
-    assert d["key_fingerprint"] == "0123456789abcdef" and d["image_size"] == [32, 32] and len(d["classes"]) == 10
+    assert d["key_fingerprint"] == OWNER.fingerprint and d["public_key"] == OWNER.public_key
+    assert d["image_size"] == [32, 32] and len(d["classes"]) == 10
     assert d["created"].endswith("Z") and d["tool_version"]
     r = read_manifest(str(tmp_path / "train" / "manifest.json"))  # the manifest URL itself also works
     assert r.scheme_params() == {"scheme": "etc", "block_size": 4, "pad": "error", "options": {}}
@@ -57,6 +62,7 @@ def test_same_input_gives_same_manifest_except_created(cifar_exact, tmp_path):
     a = json.loads((tmp_path / "a" / "train" / "manifest.json").read_text())
     b = json.loads((tmp_path / "b" / "train" / "manifest.json").read_text())
     assert a.pop("created") != b.pop("created")
+    assert a.pop("signature") != b.pop("signature")  # it covers "created" too
     assert a == b
     assert sorted(p.name for p in (tmp_path / "a" / "train").iterdir()) == \
         sorted(p.name for p in (tmp_path / "b" / "train").iterdir())
@@ -97,7 +103,8 @@ def test_tampered_or_missing_key_index_is_refused(cifar_exact, tmp_path):
     m = _manifest([])
     m.shards = list(r.shards)
     with pytest.raises(ManifestError, match="sample index must list exactly"):
-        write_manifest(str(tmp_path / "train"), m, sample_index={r.shards[0]["name"]: ["train/c0/00000"]})
+        write_manifest(str(tmp_path / "train"), m, sample_index={r.shards[0]["name"]: ["train/c0/00000"]},
+                       key=OWNER)
 
 
 @pytest.mark.parametrize("doc,msg", [

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from etc_data.checkpoint import CKPT_FORMAT
 from etc_data.cli import main
 from etc_data.keys import load_key, new_key_file
 from etc_data.modelcrypt import ModelCryptError, encrypt_checkpoint, encrypt_timm_model, key_space_note
@@ -112,7 +113,7 @@ def _plain_ckpt(config, norm=HALF):
 
     torch.manual_seed(0)
     m = create_model(config)
-    return {"format": "etc-data-ckpt/1", "model": m.state_dict(), "model_config": config,
+    return {"format": CKPT_FORMAT, "model": m.state_dict(), "model_config": config,
             "normalize": {"mean": list(norm[0]), "std": list(norm[1])},
             "scheme": {"scheme": "plain", "block_size": None, "pad": "error", "options": {}},
             "dataset": "c10", "key_fingerprint": None, "classes": [str(i) for i in range(10)], "epoch": 0,
@@ -163,10 +164,10 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
     ka, kb = tmp_path / "a.key", tmp_path / "b.key"
     new_key_file(ka, "alice")
     new_key_file(kb, "bob")
-    for name, scheme, k, splits in [("plain", "plain", None, None), ("enc", "blockwise", ka, ["test"]),
+    for name, scheme, k, splits in [("plain", "plain", ka, None), ("enc", "blockwise", ka, ["test"]),
                                     ("other", "blockwise", kb, ["test"])]:
         prepare_dataset(PrepareConfig(source=str(npz), out=str(tmp_path / name), dataset="c10", scheme=scheme, block_size=2,
-                         key_ref=None if k is None else str(k), codec="png", shard_size=400, splits=splits))
+                         key_ref=str(k), codec="png", shard_size=400, splits=splits))
     cfg = TrainConfig(shards=str(tmp_path / "plain" / "train"), test_shards=None, out=str(tmp_path / "run"),
                       key_ref=None, model={"arch": "convmixer", "dim": 32, "depth": 2, "kernel": 5, "patch": 2},
                       epochs=5, batch_size=64, lr=0.01, workers=0, device="cpu", mixup=0.0, cutmix=0.0)

@@ -86,16 +86,27 @@ def test_append_with_other_key_or_codec_is_refused(tmp_path, cifar_exact, key_fi
     prepare_dataset(PrepareConfig(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="png", limit=10))
     other = tmp_path / "other.key"
     new_key_file(other, "mallory")
-    with pytest.raises(PrepareError, match=r"key_fingerprint"):
+    from etc_data.trust import UnknownSignerError
+
+    # another owner cannot append to (and so re-sign) this owner's split
+    with pytest.raises(UnknownSignerError, match=rf"signed by key fingerprint {load_key(key_file).fingerprint}.*"
+                                                 rf"not a trusted owner.*{load_key(other).fingerprint}"):
         prepare_dataset(PrepareConfig(source=str(src), out=str(out), dataset="d", key_ref=str(other), codec="png"))
     with pytest.raises(PrepareError, match=r"codec: dataset has 'png:level=6'"):
         prepare_dataset(PrepareConfig(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="jpegls"))
 
 
-def test_plain_scheme_needs_no_key_and_bad_codec_combo_refused(tmp_path, cifar_exact, key_file):
+def test_plain_scheme_is_signed_too_and_bad_codec_combo_refused(tmp_path, cifar_exact, key_file, monkeypatch):
     src = _npz(tmp_path, cifar_exact, 20, 5)
-    summ = prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / "p"), dataset="d", scheme="plain", codec="png"))
+    monkeypatch.delenv("ETC_DATA_KEY", raising=False)
+    with pytest.raises(PrepareError, match="signs every manifest with the owner's key: give --key"):
+        prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / "p"), dataset="d", scheme="plain",
+                                      codec="png"))
+    assert not (tmp_path / "p").exists()
+    summ = prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / "p"), dataset="d", scheme="plain",
+                                         codec="png", key_ref=str(key_file)))
     assert summ.manifests["train"].key_fingerprint is None and summ.key_bits is None
+    assert read_manifest(str(tmp_path / "p" / "train")).public_key == load_key(key_file).public_key
     from etc_data.schemes import SchemeError
 
     with pytest.raises(SchemeError, match="not JPEG-compliant"):
@@ -145,7 +156,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, cifar_exact
     for split in ("train", "test"):
         a = json.loads((ref / split / "manifest.json").read_text())
         b = json.loads((out / split / "manifest.json").read_text())
-        a.pop("created"), b.pop("created")
+        a.pop("created"), b.pop("created"), a.pop("signature"), b.pop("signature")  # the signature covers "created"
         assert a == b
     assert _hashes(ref) == _hashes(out)
     assert not list(out.rglob("*.part"))

@@ -9,6 +9,10 @@ from etc_data.shards import ShardError, ShardWriter, build_tar, iter_samples, wr
 from etc_data.verify import verify_split as verify
 from etc_data.storage import StorageError, check_no_secrets, load_storage_config
 
+from .conftest import fixed_owner
+
+OWNER = fixed_owner()
+
 
 def _samples(imgs, labels, prefix="train/c"):
     import simplejpeg
@@ -19,7 +23,7 @@ def _samples(imgs, labels, prefix="train/c"):
 
 def _manifest(shards, split="train"):
     return Manifest(split=split, dataset="t", scheme="etc", block_size=16, codec="jpeg:q=85,sub=444",
-                    key_fingerprint="0123456789abcdef", classes=[f"c{i}" for i in range(10)], image_size=[32, 32],
+                    key_fingerprint=OWNER.fingerprint, classes=[f"c{i}" for i in range(10)], image_size=[32, 32],
                     shards=[s.entry() for s in shards], source="test")
 
 
@@ -53,7 +57,7 @@ def test_manifest_round_trip_info_and_verify(cifar_exact, tmp_path):
     s = _samples(cifar_exact["x_test"][:25], cifar_exact["y_test"][:25])
     shards = write_chunk(str(root / "train"), "train", 0, s, max_samples=10)
     m = _manifest(shards)
-    write_manifest(str(root / "train"), m, sample_index={x.name: x.keys for x in shards})
+    write_manifest(str(root / "train"), m, sample_index={x.name: x.keys for x in shards}, key=OWNER)
     r = read_manifest(str(root / "train"))
     assert r.num_samples == 25 and r.shard_lengths == [10, 10, 5] and r.filenames == [x.name for x in shards]
     d = json.loads((root / "train" / "manifest.json").read_text())
@@ -81,7 +85,7 @@ def test_timm_wds_reader_consumes_the_dataset(cifar_exact, tmp_path):
     root = tmp_path / "ds"
     s = _samples(cifar_exact["x_test"][:16], cifar_exact["y_test"][:16])
     shards = write_chunk(str(root / "train"), "train", 0, s, max_samples=8)
-    write_manifest(str(root / "train"), _manifest(shards))
+    write_manifest(str(root / "train"), _manifest(shards), key=OWNER)
     ds = create_dataset("wds/etc", root=str(root), split="train", is_training=False, batch_size=1,
                         input_key="jpg", target_key="cls")
     items = list(ds)
@@ -98,7 +102,10 @@ def test_bad_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(ManifestError, match="not valid JSON"):
         read_manifest(str(tmp_path / "train"))
     (tmp_path / "train" / "manifest.json").write_text('{"format": "etc-data-manifest/2", "split": "train"}')
-    with pytest.raises(ManifestError, match="lacks field"):
+    with pytest.raises(ManifestError, match="written by an earlier version.*run etc-data prepare again"):
+        read_manifest(str(tmp_path / "train"))
+    (tmp_path / "train" / "manifest.json").write_text('{"format": "etc-data-manifest/3", "split": "train"}')
+    with pytest.raises(ManifestError, match="unsigned"):
         read_manifest(str(tmp_path / "train"))
 
 
@@ -109,7 +116,7 @@ def test_memory_fs_writer_and_iter(cifar_exact):
         for x in s:
             w.write(x)
     assert [x.samples for x in w.shards] == [4, 4, 1]
-    write_manifest(url, _manifest(w.shards))
+    write_manifest(url, _manifest(w.shards), key=OWNER)
     got = list(iter_samples(url))
     assert sorted(g["__key__"] for g in got) == sorted(x["__key__"] for x in s)
     assert got[0]["json"]["split"] == "train" and isinstance(got[0]["cls"], int)
@@ -133,12 +140,14 @@ def test_verify_cli_exit_status_and_deep_decoding(cifar_exact, tmp_path, capsys)
 
     root = tmp_path / "ds"
     s = _samples(cifar_exact["x_test"][:12], cifar_exact["y_test"][:12])
-    write_manifest(str(root / "train"), _manifest(write_chunk(str(root / "train"), "train", 0, s, max_samples=6)))
+    write_manifest(str(root / "train"), _manifest(write_chunk(str(root / "train"), "train", 0, s, max_samples=6)),
+                   key=OWNER)
     t = _samples(cifar_exact["x_train"][:5], cifar_exact["y_train"][:5], prefix="test/c")
     t[3]["jpg"] = t[3]["jpg"][:40]  # a truncated JPEG that is not the first sample of its shard
     bad_key = sorted(x["__key__"] for x in t).index(t[3]["__key__"])
     assert bad_key != 0
-    write_manifest(str(root / "test"), _manifest(write_chunk(str(root / "test"), "test", 0, t), split="test"))
+    write_manifest(str(root / "test"), _manifest(write_chunk(str(root / "test"), "test", 0, t), split="test"),
+                   key=OWNER)
     assert main(["verify", str(root / "train")]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "OK"
     # the shallow check decodes the first sample of each shard only; --deep finds the broken one

@@ -73,6 +73,41 @@ def test_broken_cifar_folder_is_named(tmp_path, cifar_exact):
         open_source(bad)
 
 
+class _Payload:
+    """A pickle that runs a shell command when loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_cifar_archive_never_runs_its_pickle(tmp_path, cifar_exact, monkeypatch):
+    """A cifar-10-python.tar.gz whose data_batch_2 holds real pixels and a code-running object:
+    refused by name, and the command never ran (an unrestricted unpickler runs it: the control)."""
+    monkeypatch.setenv("ETC_DATA_CACHE", str(tmp_path / "cache"))
+    folder = _cifar_python_folder(tmp_path / "raw", cifar_exact)
+    rows = cifar_exact["x_train"][20:40].transpose(0, 3, 1, 2).reshape(20, -1)
+
+    def evil_batch(marker):
+        return pickle.dumps({"data": rows, "labels": [int(v) for v in cifar_exact["y_train"][20:40]],
+                             "batch_label": _Payload(marker)})
+
+    marker, control = tmp_path / "pwned", tmp_path / "control"
+    (folder / "data_batch_2").write_bytes(evil_batch(marker))
+    tgz = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tgz, "w:gz") as t:
+        t.add(folder, arcname="cifar-10-batches-py")
+    with pytest.raises(SourceError, match=r"data_batch_2: refusing to load posix\.system"):
+        open_source(tgz)
+    assert not marker.exists()
+    pickle.loads(evil_batch(control))
+    assert control.exists()
+
+
 def _imagenette_like(root, shared_dir, gray_one=True):
     """An ``imagenette2-160/{train,val}/<wnid>/*.JPEG`` tree of real Imagenette images, not all square."""
     from PIL import Image

@@ -72,12 +72,18 @@ def test_resume_continues_where_it_stopped(shards, tmp_path):
 
 
 def test_wrong_key_is_refused_before_training(shards, tmp_path):
-    root, _ = shards
+    """An owner key given to train is trusted alone: shards signed by anyone else are refused,
+    naming both fingerprints, before a model is built."""
+    from etc_data.keys import load_key
+    from etc_data.trust import UnknownSignerError
+
+    root, key = shards
     other = tmp_path / "other.key"
     new_key_file(other, "mallory")
-    with pytest.raises(TrainError, match="does not match the shards'"):
+    with pytest.raises(UnknownSignerError, match=rf"signed by key fingerprint {load_key(key).fingerprint}.*not a "
+                                                 rf"trusted owner.*{load_key(other).fingerprint}"):
         train_model(_cfg(root, other, tmp_path / "bad"), progress=False)
-    assert not (tmp_path / "bad" / "last.pt").exists()
+    assert not (tmp_path / "bad").exists()
 
 
 def test_corrupt_shard_is_reported_by_name(shards, tmp_path):

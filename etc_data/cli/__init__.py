@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
@@ -28,7 +29,22 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}").register(cli)
 
 
+def _warning_printer(fallback):
+    """Trust-on-first-use warnings as one ``warning: ...`` line on stderr; others through ``fallback``."""
+    from ..trust import UnpinnedSignerWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UnpinnedSignerWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_printer(shown)
     try:
         cli.main(args=argv, prog_name="etc-data", standalone_mode=False)
     except EtcError as e:
@@ -42,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
+    finally:
+        warnings.showwarning = shown
     return 0
 
 

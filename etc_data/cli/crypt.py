@@ -1,4 +1,5 @@
-"""``etc-data encrypt|decrypt``: a folder or .zip of images to a folder of lossless PNGs."""
+"""``etc-data encrypt|decrypt``: a folder or .zip of images to a folder of lossless PNGs (encrypt
+records its parameters in ``etc-data-folder.json``; decrypt reads them and refuses another key)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,24 @@ from ..schemes import PAD_POLICIES
 from .options import key_option
 
 
+SIDECAR_NOTE = {"encrypt": "; recorded in DST/etc-data-folder.json",
+                "decrypt": "; default: what SRC/etc-data-folder.json records (checked against it when given)"}
+
+
 def register(cli: click.Group) -> None:
     for direction in ("encrypt", "decrypt"):
         @cli.command(direction, help=f"{direction.capitalize()} every image of SRC (folder or .zip) into DST "
                                      f"as lossless PNG, keeping relative paths.")
         @key_option()
-        @click.option("--scheme", default="etc", show_default=True, help="etc, blockwise[:opts], pe, ele, plain")
-        @click.option("--block-size", type=int, default=None, help="block size (scheme default: etc 16)")
-        @click.option("--dataset", required=True, help="dataset id (selects the per-dataset subkey)")
-        @click.option("--pad", type=click.Choice(PAD_POLICIES), default="error", show_default=True,
-                      help="what to do when H or W is not a multiple of the block size")
+        @click.option("--scheme", default=None, help="etc, blockwise[:opts], pe, ele, plain [default: etc]"
+                      + SIDECAR_NOTE[direction])
+        @click.option("--block-size", type=int, default=None, help="block size (scheme default: etc 16)"
+                      + SIDECAR_NOTE[direction])
+        @click.option("--dataset", required=direction == "encrypt", default=None,
+                      help="dataset id (selects the per-dataset subkey)" + SIDECAR_NOTE[direction])
+        @click.option("--pad", type=click.Choice(PAD_POLICIES), default=None,
+                      help="what to do when H or W is not a multiple of the block size [default: error]"
+                      + SIDECAR_NOTE[direction])
         @click.argument("src", type=click.Path(exists=True))
         @click.argument("dst", type=click.Path(file_okay=False))
         def cmd(key_ref, scheme, block_size, dataset, pad, src, dst, _direction=direction):
@@ -28,7 +37,7 @@ def register(cli: click.Group) -> None:
             from ..folders import FolderConfig, decrypt_folder, encrypt_folder
             from ..schemes import WeakKeyWarning
 
-            cfg = FolderConfig(src=src, dst=dst, dataset=dataset, key_ref=key_ref, scheme=scheme,
+            cfg = FolderConfig(src=src, dst=dst, dataset=dataset or "", key_ref=key_ref, scheme=scheme,
                                block_size=block_size, pad=pad)
             job = encrypt_folder if _direction == "encrypt" else decrypt_folder
             def progress(done, total):

@@ -1,4 +1,4 @@
-"""``etc-data keys new|fingerprint|space``."""
+"""``etc-data keys new|public|fingerprint|space``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..keys import load_key, new_key_file
+from .options import key_option
 from ..schemes import MIN_KEY_BITS, key_space, parse_scheme_spec, weak_key_message
 
 
@@ -21,7 +22,7 @@ def register(cli: click.Group) -> None:
     @click.option("--out", type=click.Path(dir_okay=False), default=None,
                   help="key file to create (default ~/.config/etc-data/keys/OWNER.key); never overwritten")
     def new(owner, out):
-        """Create a 256-bit key file with mode 0600; print its path and fingerprint."""
+        """Create a 256-bit key file with mode 0600; print its path, fingerprint and public key."""
         if out is None:
             base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "etc-data" / "keys"
             out = base / f"{owner}.key"
@@ -29,11 +30,25 @@ def register(cli: click.Group) -> None:
         click.echo(f"created {out}")
         click.echo(f"owner {k.owner}")
         click.echo(f"fingerprint {k.fingerprint}")
+        click.echo(f"public key {k.public_key}")
+
+    @keys.command("public")
+    @key_option()
+    @click.option("--out", type=click.Path(dir_okay=False), default=None,
+                  help="also write the public key to this file (public: no 0600 needed)")
+    def public(key_ref, out):
+        """Print the owner's public key (one line): what the cloud and model developers pin with --trust."""
+        pub = load_key(key_ref).public_key
+        if out is not None:
+            from ..storage import write_bytes
+
+            write_bytes(out, (pub + "\n").encode())
+        click.echo(pub)
 
     @keys.command("fingerprint")
     @click.argument("ref", required=False)
     def fp(ref):
-        """Print the key's fingerprint (HMAC-SHA256 of a fixed label, 16 hex chars)."""
+        """Print the key's fingerprint (SHA-256 of its public key, 32 hex chars), as manifests carry it."""
         click.echo(load_key(ref).fingerprint)
 
     @keys.command("space")

@@ -4,28 +4,34 @@ from __future__ import annotations
 
 import click
 
-from .options import key_option, storage_config_option, storage_options
+from .options import key_option, storage_config_option, storage_options, trust_option
 
 
 def register(cli: click.Group) -> None:
     @cli.command("encrypt-model")
     @key_option(help_extra="The owner key the test images are encrypted with.")
-    @click.option("--dataset", required=True, help="dataset id (the one given to prepare for the shards)")
-    @click.option("--scheme", "scheme_spec", default="blockwise", show_default=True,
-                  help="blockwise[:negpos=0|1,scramble=0|1]; scramble=1 only for ViT (permutes position embeddings)")
+    @click.option("--dataset", default=None, help="dataset id (the one given to prepare for the shards; "
+                  "default: that of --shards)")
+    @click.option("--scheme", "scheme_spec", default=None,
+                  help="blockwise[:negpos=0|1,scramble=0|1]; scramble=1 only for ViT (permutes position embeddings) "
+                       "[default: that of --shards, else blockwise]")
+    @click.option("--shards", default=None, help="the split the model is for (ROOT/test): dataset id and scheme "
+                  "come from its signed manifest, and the encrypted model must fit it")
+    @trust_option()
     @storage_config_option()
     @click.argument("in_ckpt")
     @click.argument("out_ckpt")
-    def encrypt_model_cmd(key_ref, dataset, scheme_spec, storage_config, in_ckpt, out_ckpt):
+    def encrypt_model_cmd(key_ref, dataset, scheme_spec, shards, trust, storage_config, in_ckpt, out_ckpt):
         """Encrypt a plain checkpoint so it gives the same outputs on blockwise-encrypted images
         (block size = the model's patch size). Evaluate it on shards prepared with
         --scheme blockwise[:scramble=1] --block-size PATCH and the same key and dataset id."""
         from ..modelcrypt import ModelCryptConfig, encrypt_model
 
-        res = encrypt_model(ModelCryptConfig(in_ckpt=in_ckpt, out_ckpt=out_ckpt, dataset=dataset, key_ref=key_ref,
-                                             scheme=scheme_spec, storage_options=storage_options(storage_config)))
+        res = encrypt_model(ModelCryptConfig(in_ckpt=in_ckpt, out_ckpt=out_ckpt, dataset=dataset or "", key_ref=key_ref,
+                                             scheme=scheme_spec, shards=shards, trust=list(trust),
+                                             storage_options=storage_options(storage_config)))
         s = res["scheme"]
         opts = ",".join(f"{k}={int(v)}" for k, v in s["options"].items())
-        click.echo(f"wrote {out_ckpt}: scheme {s['scheme']}:{opts} block {s['block_size']}, dataset {dataset}, "
+        click.echo(f"wrote {out_ckpt}: scheme {s['scheme']}:{opts} block {s['block_size']}, dataset {res['dataset']}, "
                    f"key fingerprint {res['key_fingerprint']}")
         click.echo(res["key_space"])

@@ -1,4 +1,4 @@
-"""Options and helpers shared by several commands (the key reference, the storage config)."""
+"""Options and helpers shared by several commands (the key reference, trusted owners, the storage config)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ import click
 def key_option(required: bool = False, help_extra: str = ""):
     return click.option("--key", "key_ref", required=required, metavar="PATH|env:NAME",
                         help="owner key file (mode 0600) or env:NAME; default $ETC_DATA_KEY. " + help_extra)
+
+
+def trust_option():
+    return click.option("--trust", "trust", multiple=True, metavar="PUBKEY|FILE",
+                        help="accept manifests signed by this owner only (a public key, ed25519:..., or a file "
+                             "holding one: etc-data keys public); repeat for several owners. Without it, the "
+                             "manifest's own public key is checked and named in a warning (trust on first use); "
+                             "--key trusts its own public key.")
 
 
 def storage_config_option():

@@ -7,7 +7,7 @@ import os
 import click
 
 from ..errors import EtcError
-from .options import key_option, storage_config_option, storage_options
+from .options import key_option, storage_config_option, storage_options, trust_option
 
 
 def _boot_ephemeral_api(key_ref: str | None):
@@ -33,7 +33,7 @@ def register(cli: click.Group) -> None:
     @click.option("--source", "sources", multiple=True, required=True,
                   help="npz, image folder/.zip/.tgz with class folders, CIFAR-10 python folder/.tar.gz; repeat to merge")
     @click.option("--owner", default=None, help="owner name (informational; the key decides)")
-    @key_option(help_extra="Not needed with --scheme plain.")
+    @key_option(help_extra="Every manifest is signed with it (also with --scheme plain).")
     @click.option("--out", required=True, help="dataset root URL: a folder, file://, s3://, gs://, memory://")
     @click.option("--dataset", default=None, help="dataset id (selects the per-dataset subkey; default: source name)")
     @click.option("--scheme", default="etc", show_default=True, help="etc, blockwise[:scramble=1], pe, ele, plain")
@@ -84,12 +84,14 @@ def register(cli: click.Group) -> None:
     @cli.command("verify")
     @click.argument("url")
     @click.option("--deep", is_flag=True, help="decode every sample, not only the first of each shard")
+    @trust_option()
     @storage_config_option()
-    def verify_cmd(url, deep, storage_config):
-        """Check a split (URL = ROOT/<split>) or every split of a dataset root against its manifest."""
+    def verify_cmd(url, deep, trust, storage_config):
+        """Check a split (URL = ROOT/<split>) or every split of a dataset root against its signed manifest."""
         from ..verify import VerifyConfig, verify_dataset
 
-        result = verify_dataset(VerifyConfig(url=url, deep=deep, storage_options=storage_options(storage_config)))
+        result = verify_dataset(VerifyConfig(url=url, deep=deep, storage_options=storage_options(storage_config),
+                                             trust=list(trust)))
         for line in result.lines():
             click.echo(line)
         if not result.ok:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .options import key_option, storage_config_option, storage_options
+from .options import key_option, storage_config_option, storage_options, trust_option
 
 
 def register(cli: click.Group) -> None:
@@ -15,7 +15,9 @@ def register(cli: click.Group) -> None:
     @cli.command("train")
     @click.option("--shards", required=True, help="train split URL (ROOT/train), any fsspec URL")
     @click.option("--test-shards", default=None, help="test split URL, evaluated every epoch")
-    @key_option(help_extra="Checked against the shards' key fingerprint before training.")
+    @key_option(help_extra="Optional: training needs no key. Given (or in $ETC_DATA_KEY), it must be the "
+                           "shards' own (checked before training), and its public key is trusted.")
+    @trust_option()
     @click.option("--model", "arch", type=click.Choice(["convmixer", "vit"]), default="convmixer", show_default=True)
     @click.option("--dim", type=int, default=256, show_default=True)
     @click.option("--depth", type=int, default=8, show_default=True)
@@ -43,8 +45,8 @@ def register(cli: click.Group) -> None:
     @click.option("--stop-after", type=int, default=None, help="stop after N epochs of this run (resume later)")
     @storage_config_option()
     @click.option("--out", required=True, help="output folder or URL (checkpoints, metrics.jsonl, curves.png)")
-    def train_cmd(shards, test_shards, key_ref, arch, dim, depth, kernel, patch, heads, vit_variant, pretrained_file,
-                  epochs, batch_size, lr, weight_decay, schedule, mixup, cutmix, cutmix_mode, workers, device, seed,
+    def train_cmd(shards, test_shards, key_ref, trust, arch, dim, depth, kernel, patch, heads, vit_variant,
+                  pretrained_file, epochs, batch_size, lr, weight_decay, schedule, mixup, cutmix, cutmix_mode, workers, device, seed,
                   resume, max_steps, stop_after, storage_config, out):
         """Train a classifier on (encrypted) WebDataset shards, streamed."""
         from ..models import convmixer_config, vit_config
@@ -52,9 +54,9 @@ def register(cli: click.Group) -> None:
 
         model = convmixer_config(dim, depth, kernel, patch) if arch == "convmixer" else \
             vit_config(vit_variant, dim, depth, heads, patch, pretrained_file)
-        cfg = TrainConfig(shards=shards, test_shards=test_shards, out=out, key_ref=key_ref, model=model,
-                          epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                          mixup=mixup, cutmix=cutmix, cutmix_mode=cutmix_mode, workers=workers, device=device,
+        cfg = TrainConfig(shards=shards, test_shards=test_shards, out=out, key_ref=key_ref, trust=list(trust),
+                          model=model, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                          schedule=schedule, mixup=mixup, cutmix=cutmix, cutmix_mode=cutmix_mode, workers=workers, device=device,
                           seed=seed, resume=resume, max_steps=max_steps, stop_after=stop_after,
                           storage_options=storage_options(storage_config))
         metrics = train_model(cfg)
@@ -65,16 +67,18 @@ def register(cli: click.Group) -> None:
     @cli.command("evaluate")
     @click.option("--checkpoint", required=True, help="checkpoint file or URL")
     @click.option("--shards", required=True, help="split URL (ROOT/test)")
-    @key_option(help_extra="Must match the shards' and the checkpoint's fingerprint.")
+    @key_option(help_extra="Optional: evaluation needs no key. Given, it must match the shards' and the "
+                           "checkpoint's fingerprint, and its public key is trusted.")
+    @trust_option()
     @click.option("--batch-size", type=int, default=256, show_default=True)
     @click.option("--workers", type=int, default=2, show_default=True)
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
     @storage_config_option()
-    def evaluate_cmd(checkpoint, shards, key_ref, batch_size, workers, device, storage_config):
+    def evaluate_cmd(checkpoint, shards, key_ref, trust, batch_size, workers, device, storage_config):
         """Print one JSON line: {"accuracy": ..., "samples": ...}."""
         from ..evaluate import EvalConfig, evaluate_checkpoint
 
-        res = evaluate_checkpoint(EvalConfig(checkpoint=checkpoint, shards=shards, key_ref=key_ref, device=device,
-                                             batch_size=batch_size, workers=workers,
+        res = evaluate_checkpoint(EvalConfig(checkpoint=checkpoint, shards=shards, key_ref=key_ref, trust=list(trust),
+                                             device=device, batch_size=batch_size, workers=workers,
                                              storage_options=storage_options(storage_config)))
         click.echo(json.dumps(res))
