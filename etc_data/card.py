@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 
-from .manifest import INFO_NAME, Manifest, ManifestError, read_manifest
+from .errors import EtcError
+from .manifest import INFO_NAME, Manifest, read_manifest
 from .readers import WIDS_SUFFIX, pillow_decodable
 from .storage import StorageError, join, read_bytes, write_bytes
 
@@ -143,8 +144,12 @@ def dataset_card(root: str, manifests: dict[str, Manifest]) -> str:
     return f"---\n{head}---\n\n{_summary(root, manifests)}"
 
 
-def committed_splits(root: str, storage_options: dict | None = None) -> dict[str, Manifest]:
-    """The manifests of every split the root's ``_info.json`` lists that is committed."""
+def committed_splits(root: str, storage_options: dict | None = None, trust=None) -> dict[str, Manifest]:
+    """The manifests of every split the root's ``_info.json`` lists that is committed and signed by
+    a signer ``trust`` (a ``trust.TrustPolicy``; None: the first split's signer) accepts."""
+    from .trust import TrustPolicy
+
+    trust = trust or TrustPolicy()
     try:
         info = json.loads(read_bytes(join(root, INFO_NAME), storage_options))
     except (StorageError, ValueError):
@@ -153,15 +158,17 @@ def committed_splits(root: str, storage_options: dict | None = None) -> dict[str
     listed = (info.get("splits") or {}) if isinstance(info, dict) else {}
     for split in sorted(listed, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s)):
         try:
-            out[split] = read_manifest(join(root, split), storage_options)
-        except ManifestError:
+            out[split] = read_manifest(join(root, split), storage_options, trust)
+            trust = trust.after_first_use(out[split].public_key)
+        except EtcError:
             continue  # listed but not (or no longer) readable: the card describes what is committed
     return out
 
 
-def write_dataset_card(root: str, storage_options: dict | None = None) -> str | None:
-    """(Re)write ``ROOT/README.md`` from the committed manifests; its URL, or None without any."""
-    manifests = committed_splits(root, storage_options)
+def write_dataset_card(root: str, storage_options: dict | None = None, trust=None) -> str | None:
+    """(Re)write ``ROOT/README.md`` from the committed manifests ``trust`` accepts; its URL, or None
+    without any."""
+    manifests = committed_splits(root, storage_options, trust)
     if not manifests:
         return None
     url = join(root, CARD_NAME)

@@ -346,7 +346,7 @@ def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: l
                  source=source.description, resize=source.resize_policy(), tool_version=__version__,
                  sample_order=dict(SAMPLE_ORDER))
     write_manifest(split_url, m, sample_index=index, storage_options=cfg.storage_options, key=key)
-    write_reader_files(cfg.out, m, cfg.storage_options)
+    write_reader_files(cfg.out, m, cfg.storage_options, TrustPolicy.from_refs(key=key))
     listed = {e["name"] for e in shards}
     for name in list_names(split_url, cfg.storage_options):
         if (name.endswith(".tar") and name not in listed) or name.endswith(".part"):

@@ -151,10 +151,11 @@ def write_wids_descriptor(split_url: str, m: Manifest, storage_options: dict | N
     return url
 
 
-def write_reader_files(root: str, m: Manifest, storage_options: dict | None = None) -> None:
-    """After a split's commit: its wids descriptor and the dataset card (``card.py``), both derived
-    from committed manifests only, so they never name a shard the manifest does not list."""
+def write_reader_files(root: str, m: Manifest, storage_options: dict | None = None, trust=None) -> None:
+    """After a split's commit: its wids descriptor and the dataset card (``card.py``, over the
+    splits signed by an owner ``trust`` accepts), both derived from committed manifests only, so
+    they never name a shard the manifest does not list."""
     from .card import write_dataset_card
 
     write_wids_descriptor(join(root, m.split), m, storage_options)
-    write_dataset_card(root, storage_options)
+    write_dataset_card(root, storage_options, trust)
