@@ -34,7 +34,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from . import __version__
 from .errors import EtcError
-from .storage import StorageError, join, list_names, read_bytes, remove, write_bytes
+from .storage import StorageError, StorageNotFound, join, list_names, read_bytes, remove, write_bytes
 
 FORMAT = "etc-data-manifest/3"  # 3: signed by the owner
 MANIFEST_NAME = "manifest.json"
@@ -200,9 +200,11 @@ def read_manifest(url: str, storage_options: dict | None = None, trust=None) -> 
     murl = manifest_url(url)
     try:
         raw = read_bytes(murl, storage_options)
-    except StorageError as e:
+    except StorageNotFound as e:
         raise ManifestMissing(f"no readable manifest at {murl} ({e}); is this a split folder written by "
                               f"etc-data prepare, e.g. ROOT/train?") from None
+    except StorageError as e:  # credentials, connection: not a question of which folder
+        raise ManifestError(f"cannot read the manifest: {e}") from None
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
