@@ -70,17 +70,34 @@ def join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 
 
+_FS_CACHE: dict = {}
+
+
 def get_fs(url: str, storage_options: dict | None = None):
+    """(filesystem, path) for a URL. Remote filesystems are kept, one per protocol and options, for
+    the life of the process (``os.getpid()`` in the key: a forked DataLoader worker makes its own):
+    a shard read reuses the connection pool instead of paying a new S3 session per object, and no
+    filesystem is dropped mid-run, whose asyncio clean-up from another thread printed "Task exception
+    was never retrieved ... attached to a different loop" (even with ``skip_instance_cache``)."""
+    import json
+
     import fsspec
 
     s3 = str(url).startswith(("s3://", "s3a://"))
     opts = s3_defaults(storage_options or {}) if s3 else (storage_options or {})
     try:
+        protocol = fsspec.core.split_protocol(str(url))[0] or "file"
+        cache_key = (os.getpid(), protocol, json.dumps(opts, sort_keys=True, default=repr))
+        if protocol != "file" and cache_key in _FS_CACHE:
+            fs = _FS_CACHE[cache_key]
+            return fs, fs._strip_protocol(str(url))
         fs, path = fsspec.core.url_to_fs(str(url), **opts)
     except (ImportError, ValueError) as e:
         raise StorageError(f"cannot open storage for {url}: {e}") from None
     if s3:
         fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option): ``retry`` retries
+    if protocol != "file":
+        _FS_CACHE[cache_key] = fs
     return fs, path
 
 
