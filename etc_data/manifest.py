@@ -136,17 +136,38 @@ class Manifest:
         if missing:
             raise ManifestError(f"{where}: manifest lacks field(s) {', '.join(missing)}")
         m = cls(**{k: v for k, v in d.items() if k in names})
+        if not isinstance(m.shards, list):
+            raise ManifestError(f"{where}: shards must be a list")
         for i, s in enumerate(m.shards):
-            if not isinstance(s, dict) or not {"name", "sha256", "bytes", "samples"} <= set(s):
-                raise ManifestError(f"{where}: shards[{i}] must have name, sha256, bytes, samples")
-            if not str(check_plain_name(s["name"], f"shards[{i}]", where)).endswith(".tar"):
-                raise ManifestError(f"{where}: bad name: shards[{i}] {s['name']!r} is not a .tar file")
+            _check_shard_entry(s, i, where)
         check_plain_name(m.split, "split", where)
         if m.sample_index_file is not None:
             check_plain_name(m.sample_index_file, "sample_index_file", where)
+        if not (isinstance(m.image_size, list) and len(m.image_size) == 2 and all(_count(v) for v in m.image_size)):
+            raise ManifestError(f"{where}: image_size must be [height, width], got {m.image_size!r}")
         if "num_samples" in d and d["num_samples"] != m.num_samples:
             raise ManifestError(f"{where}: num_samples {d['num_samples']} != sum of shard samples {m.num_samples}")
         return m
+
+
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*\.tar\Z")  # no "/", no ".."
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_shard_entry(s, i: int, where: str) -> None:
+    """A shard entry is {name: a plain .tar file name, sha256: 64 hex, bytes, samples: counts}."""
+    if not isinstance(s, dict) or not {"name", "sha256", "bytes", "samples"} <= set(s):
+        raise ManifestError(f"{where}: shards[{i}] must have name, sha256, bytes, samples")
+    if not isinstance(s["name"], str) or not SHARD_NAME.match(s["name"]):
+        raise ManifestError(f"{where}: bad name: shards[{i}].name {s['name']!r} is not a plain .tar file name")
+    if not (isinstance(s["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])):
+        raise ManifestError(f"{where}: shards[{i}].sha256 must be 64 lowercase hex digits")
+    for k in ("bytes", "samples"):
+        if not _count(s[k]):
+            raise ManifestError(f"{where}: shards[{i}].{k} must be a non-negative integer, got {s[k]!r}")
 
 
 def _format_version(fmt) -> int:
@@ -287,6 +308,12 @@ def write_manifest(split_url: str, manifest: Manifest, sample_index: dict[str, l
         pass  # a stale index is harmless: only the one the manifest names is ever read
 
 
+def info_entry(manifest: Manifest, split_dir: str) -> dict:
+    """A split's entry in ``_info.json``: what timm reads, derived from the manifest alone."""
+    return {"name": manifest.split, "num_samples": manifest.num_samples,
+            "filenames": [f"{split_dir}/{n}" for n in manifest.filenames], "shard_lengths": manifest.shard_lengths}
+
+
 def update_info(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> None:
     """Write/merge timm's ``_info.json`` at the dataset root (the split folder's parent)."""
     root, _, split_dir = split_url_of(split_url).rstrip("/").replace("\\", "/").rpartition("/")
@@ -299,9 +326,8 @@ def update_info(split_url: str, manifest: Manifest, storage_options: dict | None
     except (StorageError, json.JSONDecodeError):
         info = {}
     info.setdefault("name", manifest.dataset)
-    info.setdefault("splits", {})
-    info["splits"][manifest.split] = {
-        "name": manifest.split, "num_samples": manifest.num_samples,
-        "filenames": [f"{split_dir}/{n}" for n in manifest.filenames], "shard_lengths": manifest.shard_lengths}
+    if not isinstance(info.get("splits"), dict):
+        info["splits"] = {}
+    info["splits"][manifest.split] = info_entry(manifest, split_dir)
     info["classes"] = manifest.classes
     write_bytes(info_url, _dumps(info), storage_options)

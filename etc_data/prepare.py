@@ -15,8 +15,13 @@ Plan -> run -> commit:
   task per chunk, on threads or a Dask cluster);
 - ``commit_split`` writes the manifest last, signed with the owner key (also for ``plain``
   datasets: the signature is the owner's identity); it is the commit point, after which shards
-  that the manifest does not list (leftovers of a killed run) are removed. An append only
+  that the manifest does not list (leftovers of a killed run) are removed. It first checks that the
+  manifest it replaces is the one the run planned from (optimistic concurrency). An append only
   continues a split signed by the same owner.
+
+One writer per dataset: a run holds ``locks.dataset_lock`` on its output from planning to the
+commit, so a second run into the same output is refused with an error naming the holder (a killed
+run's lock never blocks: see ``locks``).
 
 A chunk receives a *key reference* (a path or ``env:NAME``), never the key: the key is loaded
 where the encryption happens, so no key material travels through task parameters or results.
@@ -45,13 +50,16 @@ from typing import Callable, Iterable
 from . import __version__
 from .codecs import DEFAULT_CODEC, check_scheme_codec, encode_batch, get_codec
 from .errors import EtcError
-from .manifest import Manifest, ManifestMissing, read_manifest, read_sample_index, write_manifest
+from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
+from .locks import dataset_lock
+from .manifest import Manifest, ManifestMissing, manifest_url, read_manifest, read_sample_index, write_manifest
 from .readers import ReaderWarning, reader_warning, write_reader_files
 from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spec, weak_key_message
 from .shards import write_chunk
 from .sources import BAD_IMAGE_POLICIES, Source, open_source
 from .storage import StorageError, join, list_names, remove
 from .trust import TrustPolicy
+from .verify import remove_leftovers
 
 DEFAULT_SHARD_SIZE = 10000
 POOL_MIN_IMAGES = 4000  # with workers=None, fewer images than this run in-process (a pool's start costs ~1 s)
@@ -84,10 +92,16 @@ class PrepareConfig:
     storage_options: dict = field(default_factory=dict)
     workers: int | None = None   # local worker processes: None = one per core for large runs, 1 = in this process
     verify: bool = True          # check every written split against its manifest after the commit
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # a source image past this (from its header) is a bad image
+    max_image_bytes: int = DEFAULT_MAX_BYTES    # so is an image file or archive member past this
 
     def check(self) -> None:
-        """Refuse settings no run can use, naming the field."""
-        for name in ("shard_size", "max_shard_bytes", "limit", "resize", "workers"):
+        """Refuse settings no run can use, naming the field, and key material passed as the key reference."""
+        from .keys import check_key_ref
+
+        check_key_ref(self.key_ref)
+        for name in ("shard_size", "max_shard_bytes", "limit", "resize", "workers", "max_image_pixels",
+                     "max_image_bytes"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise PrepareError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -97,7 +111,8 @@ class PrepareConfig:
             raise PrepareError("out (the dataset root URL) is required")
 
     def open_source(self) -> Source:
-        return open_source(self.source, resize=self.resize)
+        return open_source(self.source, resize=self.resize,
+                           limits=ImageLimits(self.max_image_pixels, self.max_image_bytes))
 
     def scheme_name(self) -> str:
         return parse_scheme_spec(self.scheme)[0]
@@ -198,6 +213,8 @@ def plan_split(cfg: PrepareConfig, source: Source, split: str, fingerprint: str 
         index = read_sample_index(split_url, existing, cfg.storage_options)
     done = {k for v in index.values() for k in v}
     items = source.items(split)
+    # Sources list items sorted by key, i.e. class by class for <split>/<class>/<file> layouts: written
+    # in that order every shard would hold one class and a reader's shuffle buffer could not mix them.
     rank = shuffle_rank(cfg.dataset, split)
     chosen = range(len(items)) if cfg.limit is None else stratified_limit(items, cfg.limit, rank)
     todo = sorted((i for i in chosen if items[i].key not in done), key=lambda i: rank(items[i].key))
@@ -324,6 +341,7 @@ def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: l
     """Write the sample index and manifest.json (the commit point, signed with the owner key
     ``key``), then remove unlisted shards."""
     split_url = join(cfg.out, plan.split)
+    check_planned(split_url, plan.existing, cfg.storage_options, TrustPolicy.from_refs(key=key))
     results = sorted(results, key=lambda r: r.index)
     old = plan.existing
     sizes = {tuple(r.image_size) for r in results if r.image_size}
@@ -346,14 +364,8 @@ def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: l
                  source=source.description, resize=source.resize_policy(), tool_version=__version__,
                  sample_order=dict(SAMPLE_ORDER))
     write_manifest(split_url, m, sample_index=index, storage_options=cfg.storage_options, key=key)
+    remove_leftovers(split_url, {e["name"] for e in shards}, cfg.storage_options)  # also when nothing was new
     write_reader_files(cfg.out, m, cfg.storage_options, TrustPolicy.from_refs(key=key))
-    listed = {e["name"] for e in shards}
-    for name in list_names(split_url, cfg.storage_options):
-        if (name.endswith(".tar") and name not in listed) or name.endswith(".part"):
-            try:
-                remove(join(split_url, name), cfg.storage_options)
-            except StorageError:
-                pass  # verify reports it as extra; nothing counts it
     return m
 
 
@@ -459,25 +471,19 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     for sp in splits:
         if sp not in source.splits:
             raise PrepareError(f"source {source.name} has no split {sp!r}; it has: {', '.join(source.splits)}")
-    plans = [plan_split(cfg, source, sp, fingerprint, codec.spec, trust) for sp in splits]
-    specs = [c for p in plans for c in p.chunks]
-
-    if map_chunks is not None:
-        results = []
-        for r in map_chunks(cfg, specs):
-            results.append(r)
-            if progress:
-                progress(r)
-    else:
-        results = _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_loader)
-
-    manifests, written, skipped, payload = {}, {}, {}, {}
-    for p in plans:
-        rs = [r for r in results if r.split == p.split]
-        manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(), owner)
-        written[p.split] = sum(e["samples"] for r in rs for e in r.shards)
-        skipped[p.split] = [x for r in rs for x in r.skipped]
-        payload[p.split] = sum(r.payload_bytes for r in rs)
+    with dataset_lock(cfg.out, cfg.storage_options) as lock:  # one writer per dataset, planning to commit
+        plans = [plan_split(cfg, source, sp, fingerprint, codec.spec, trust) for sp in splits]
+        specs = [c for p in plans for c in p.chunks]
+        results = _run_chunks(cfg, specs, source, scheme, fingerprint, pool, progress, map_chunks, key_loader)
+        lock.check()
+        manifests, written, skipped, payload = {}, {}, {}, {}
+        for p in plans:
+            rs = [r for r in results if r.split == p.split]
+            manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(), owner)
+            written[p.split] = sum(e["samples"] for r in rs for e in r.shards)
+            skipped[p.split] = [x for r in rs for x in r.skipped]
+            payload[p.split] = sum(r.payload_bytes for r in rs)
+        remove_root_leftovers(cfg.out, cfg.storage_options)
     size = next(iter(manifests.values())).image_size if manifests else None
     bits = scheme.key_space_bits(*size) if (size and scheme.keyed) else None
     summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size,
@@ -491,6 +497,41 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
             raise PrepareError(f"verification of {cfg.out} failed after the commit:\n" + "\n".join(result.lines()))
         summary.verified = {r.split: r.samples for r in result.reports}
     return summary
+
+
+def _run_chunks(cfg, specs, source, scheme, fingerprint, pool, progress, map_chunks, key_loader) -> list[ChunkResult]:
+    """Every planned chunk, through ``map_chunks`` when given, else locally."""
+    if map_chunks is None:
+        return _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_loader)
+    results = []
+    for r in map_chunks(cfg, specs):
+        results.append(r)
+        if progress:
+            progress(r)
+    return results
+
+
+def remove_root_leftovers(root: str, storage_options: dict | None = None) -> None:
+    """Temporary files a killed run left at the dataset root (``._info.json.*.part``); only called
+    under the dataset lock, so no other writer's temporary file is in flight."""
+    for name in list_names(root, storage_options):
+        if name.startswith(".") and name.endswith(".part"):
+            try:
+                remove(join(root, name), storage_options)
+            except StorageError:
+                pass
+
+
+def check_planned(split_url: str, planned: Manifest | None, storage_options: dict | None = None,
+                  trust: TrustPolicy | None = None) -> None:
+    """Optimistic concurrency: the manifest a commit replaces must still be the one it planned from."""
+    try:
+        current = read_manifest(split_url, storage_options, trust)
+    except ManifestMissing:
+        current = None
+    if (current and current.to_dict()) != (planned and planned.to_dict()):
+        raise PrepareError(f"{manifest_url(split_url)} changed since this run planned (another writer committed "
+                           f"there); nothing of this split was committed, run prepare again")
 
 
 def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:

@@ -1,7 +1,8 @@
 """Storage through fsspec: local paths, ``file://``, ``s3://``, ``gs://``, ``memory://``...
 
 Whole objects are written atomically:
-- local files go to a hidden temporary name in the same folder, are fsynced and renamed;
+- local files go to a hidden temporary name in the same folder (unpredictable, created with
+  ``O_EXCL``, so a planted file or symlink is never written through), are fsynced and renamed;
 - object stores get one ``pipe_file`` call: a single PUT or a multipart upload that only becomes
   visible when completed, so a failed or killed upload never leaves an object under the final name;
 - ``atomic_open`` streams large writes, and on any exception aborts the upload with ``discard()``
@@ -16,7 +17,9 @@ down (``s3_defaults``) so that these are the only ones.
 
 Credentials never live in the project's config files: they come from the environment or the
 provider's own chain (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, metadata servers).
-A storage config that contains a secret-looking field is refused.
+A storage config that contains a secret-looking field (``secret``, ``api_key``, ``passphrase``,
+``connection_string``...) or value (an Azure ``AccountKey=``/``SharedAccessSignature=``, a URL with
+``user:password@`` or a ``sig=`` signature) is refused, naming the field, never quoting the value.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
+import secrets
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,12 @@ from .errors import EtcError
 
 SECRET_FIELDS = ("key", "secret", "token", "password", "passwd", "credential", "credentials",
                  "aws_secret_access_key", "aws_session_token", "secret_access_key", "access_key",
-                 "private_key", "client_secret", "sas_token", "account_key")
+                 "private_key", "client_secret", "sas_token", "account_key", "api_key", "apikey", "secret_key",
+                 "connection_string", "conn_str", "passphrase", "sas", "sas_url", "authorization", "auth_token",
+                 "bearer_token")
+# values that carry a secret whatever their field is called
+_SECRET_VALUE = re.compile(r"AccountKey=|SharedAccessSignature=|SharedAccessKey=|[?&]sig=|://[^/@\s:]*:[^/@\s]*@",
+                           re.IGNORECASE)
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 log = logging.getLogger(__name__)
 # botocore errors no retry fixes (credentials, configuration)
@@ -198,17 +207,8 @@ def atomic_open(url: str, storage_options: dict | None = None, block_size: int |
     minimum part size is 5 MiB)."""
     url = str(url)
     if is_local(url):
-        path = _local_path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-        try:
-            with open(tmp, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_local_file(_local_path(url)) as f:
+            yield f
         return
     fs, path = get_fs(url, storage_options)
     f = retry(f"cannot write {url}", fs.open, path, "wb", **({"block_size": block_size} if block_size else {}))
@@ -226,6 +226,35 @@ def atomic_open(url: str, storage_options: dict | None = None, block_size: int |
         _abort(f)  # so that a later close() (e.g. at garbage collection) cannot complete it
         raise StorageError(f"cannot write {url}: completing the upload failed, nothing committed "
                            f"({type(e).__name__}: {e})") from e
+
+
+@contextmanager
+def atomic_local_file(path: Path):
+    """Write a local file atomically: into a new temporary file next to it (see ``create_temp``),
+    fsynced, then renamed over ``path`` (a symlink at ``path`` is replaced, never followed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty file next to ``path``: a hidden name with 64 random bits, created exclusively
+    (``O_EXCL``: an existing file or symlink there is never opened) and not inherited by children."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(16):
+        tmp = path.with_name(f".{path.name[:200]}.{secrets.token_hex(8)}.part")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file next to {path}")
 
 
 def _abort(f) -> None:
@@ -307,7 +336,7 @@ def _find_secret(obj: Any, where: str) -> str | None:
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
     for k, v in items:
         here = f"{where}[{k}]" if isinstance(obj, list) else (f"{where}.{k}" if where else str(k))
-        if isinstance(obj, dict) and _is_secret_name(k):
+        if (isinstance(obj, dict) and _is_secret_name(k)) or (isinstance(v, str) and _SECRET_VALUE.search(v)):
             return here
         found = _find_secret(v, here)
         if found:

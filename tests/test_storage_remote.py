@@ -190,3 +190,23 @@ def test_loader_checks_the_shard_list_before_the_first_epoch(s3, mini_npz, key_f
     remove(f"{url}/train/train-000001.tar", opts)
     with pytest.raises(LoaderError, match="train-000001.tar"):
         make_loader(f"{url}/train", 16, workers=0, storage_options=opts)
+
+
+def test_serve_check_reaches_the_bucket_of_a_pipeline(s3, mini_npz, key_file, tmp_path):
+    """serve --check on object storage: the bucket answers with the environment's credentials, or
+    the problem names the file, the field and the bucket. (S3 only: the fake GCS server needs a
+    `token` option, which a pipeline file refuses.)"""
+    import yaml
+
+    from etc_data.pipelines import check_pipeline, load_pipeline
+
+    def problems(bucket):
+        body = {"name": "remote", "owner": "alice", "key_ref": str(key_file), "dataset": "c10",
+                "source": str(mini_npz), "block_size": 8, "codec": "png",
+                "storage": {"url": f"s3://{bucket}/{tmp_path.name}/ds", "storage_options": s3.storage_options()}}
+        (tmp_path / "remote.yaml").write_text(yaml.safe_dump(body))
+        return check_pipeline(load_pipeline(tmp_path / "remote.yaml"))
+
+    assert problems("etc-bucket") == []
+    (found,) = problems("no-such-bucket")
+    assert found.startswith(f"{tmp_path / 'remote.yaml'}: field storage.url: ") and "no-such-bucket" in found
