@@ -7,8 +7,8 @@
 Plan -> run -> commit:
 
 - ``plan_split`` decides, per split, which source items still need sharding (incremental ingest:
-  items whose stable sample key is already in the committed dataset are skipped) and cuts them
-  into chunks, one shard each;
+  items whose stable sample key is already in the committed dataset are skipped), puts them in a
+  seeded random order and cuts them into chunks, one shard each;
 - ``run_chunk`` does one chunk end to end (load, encrypt with the owner's key, encode, write the
   shard atomically) and returns only public metadata. Chunks run in this process, in a
   ``WorkerPool`` of local processes, or wherever ``map_chunks`` sends them (the Prefect flow: one
@@ -27,13 +27,21 @@ A chunk receives a *key reference* (a path or ``env:NAME``), never the key: the 
 where the encryption happens, so no key material travels through task parameters or results.
 The same input, key and arguments always give byte-identical shards (deterministic plans, tar
 layout and codecs), which is what makes a rerun after SIGKILL end with the same manifest.
+
+Shards are written for streaming: a reader that takes the shards and their samples in order, with
+no shuffling of its own, still sees every class in every batch. The items a run adds are ranked by
+a keyed hash of their sample key (the hash key derives from the dataset id and the split), so the
+order is random-looking across and within shards, yet a pure function of the keys: a rerun, a
+resumed run and a run on another machine plan the same shards. An append orders its new items the
+same way among its new shards. ``--limit N`` takes a stratified sample (every class in proportion),
+the first N of a fixed per-split order, so a larger limit later appends to a smaller one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
-import random
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +53,7 @@ from .errors import EtcError
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from .locks import dataset_lock
 from .manifest import Manifest, ManifestMissing, manifest_url, read_manifest, read_sample_index, write_manifest
+from .readers import ReaderWarning, reader_warning, write_reader_files
 from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spec, weak_key_message
 from .shards import write_chunk
 from .sources import BAD_IMAGE_POLICIES, Source, open_source
@@ -116,7 +125,7 @@ class PrepareConfig:
 class ChunkSpec:
     split: str
     index: int           # shard index of the chunk
-    items: list[int]     # positions in the split's sorted item list
+    items: list[int]     # positions in the split's sorted item list, in the order they are written
     token: str = ""      # the split's Source.split_token when planned ("" = not checked)
     fingerprint: str | None = None  # the planner's key fingerprint (public; None = plain or not checked)
 
@@ -204,19 +213,52 @@ def plan_split(cfg: PrepareConfig, source: Source, split: str, fingerprint: str 
         index = read_sample_index(split_url, existing, cfg.storage_options)
     done = {k for v in index.values() for k in v}
     items = source.items(split)
-    if cfg.limit is not None:
-        items = items[:cfg.limit]
-    todo = [i for i, it in enumerate(items) if it.key not in done]
     # Sources list items sorted by key, i.e. class by class for <split>/<class>/<file> layouts: written
-    # in that order every shard would hold one class, and a reader's shuffle buffer (a few thousand
-    # samples) could not mix them, so each training batch would see two or three classes. A seeded
-    # shuffle of the order keeps plans deterministic (reruns write the same shards).
-    random.Random(f"{cfg.dataset}/{split}").shuffle(todo)
+    # in that order every shard would hold one class and a reader's shuffle buffer could not mix them.
+    rank = shuffle_rank(cfg.dataset, split)
+    chosen = range(len(items)) if cfg.limit is None else stratified_limit(items, cfg.limit, rank)
+    todo = sorted((i for i in chosen if items[i].key not in done), key=lambda i: rank(items[i].key))
     start = _next_index(existing)
     token = source.split_token(split)
     chunks = [ChunkSpec(split, start + n, todo[i:i + cfg.shard_size], token, fingerprint)
               for n, i in enumerate(range(0, len(todo), cfg.shard_size))]
-    return SplitPlan(split, len(items), chunks, existing, index)
+    return SplitPlan(split, len(chosen), chunks, existing, index)
+
+
+SHUFFLE_CONTEXT = b"etc-data sample order v1\0"
+SAMPLE_ORDER = {"shuffle": "seeded", "seed_from": ["dataset", "split"],
+                "method": "each run's new samples sorted by blake2b-64 of the sample key, keyed with "
+                          "sha256('etc-data sample order v1' NUL dataset NUL split)",
+                "scope": "across and within the shards a run writes; an append orders its new samples "
+                         "among its new shards"}
+
+
+def shuffle_rank(dataset: str, split: str) -> Callable[[str], bytes]:
+    """The sort key of the seeded sample order of one split: a keyed hash of the sample key (its
+    bytes compare like a uniform random number). Public and reproducible: it hides nothing, and
+    must not: it only mixes the classes."""
+    seed = hashlib.sha256(SHUFFLE_CONTEXT + f"{dataset}\0{split}".encode()).digest()
+
+    def rank(key: str) -> bytes:
+        return hashlib.blake2b(key.encode(), key=seed, digest_size=8).digest() + key.encode()
+    return rank
+
+
+def stratified_limit(items: list, limit: int, rank: Callable[[str], bytes]) -> list[int]:
+    """Positions of ``limit`` items spread over the classes in proportion to their sizes (each
+    class within one item of its share). The items of each class are taken in ``rank`` order, the
+    k-th of a class of n sits at (k + 0.5) / n in one merged order, and the first ``limit`` of that
+    order are chosen: a larger limit selects a superset (appends stay appends)."""
+    by_class: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        by_class.setdefault(it.label, []).append(i)
+    merged = []
+    for members in by_class.values():
+        members.sort(key=lambda i: rank(items[i].key))
+        n = len(members)
+        merged += [((k + 0.5) / n, rank(items[i].key), i) for k, i in enumerate(members)]
+    merged.sort()
+    return sorted(i for _, _, i in merged[:limit])
 
 
 def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme) -> ChunkResult:
@@ -237,7 +279,7 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme) -> Ch
     samples = [{"__key__": k, codec.ext: b, "cls": int(y), "json": {"cls": int(y), "source_id": k, "split": spec.split}}
                for k, b, y in zip(batch.keys, blobs, batch.labels)]
     shards = write_chunk(join(cfg.out, spec.split), spec.split, spec.index, samples, max_samples=None,
-                         max_bytes=cfg.max_shard_bytes, storage_options=cfg.storage_options)
+                         max_bytes=cfg.max_shard_bytes, storage_options=cfg.storage_options, order="given")
     return ChunkResult(spec.split, spec.index, [dict(x.entry(), keys=x.keys) for x in shards], batch.skipped,
                        list(enc.shape[1:3]), sum(len(b) for b in blobs))
 
@@ -319,9 +361,11 @@ def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: l
                  block_size=scheme_params["block_size"], scheme_options=scheme_params["options"],
                  pad=scheme_params["pad"], codec=codec_spec, key_fingerprint=fingerprint,
                  classes=list(source.classes), image_size=list(next(iter(sizes))), shards=shards,
-                 source=source.description, resize=source.resize_policy(), tool_version=__version__)
+                 source=source.description, resize=source.resize_policy(), tool_version=__version__,
+                 sample_order=dict(SAMPLE_ORDER))
     write_manifest(split_url, m, sample_index=index, storage_options=cfg.storage_options, key=key)
     remove_leftovers(split_url, {e["name"] for e in shards}, cfg.storage_options)  # also when nothing was new
+    write_reader_files(cfg.out, m, cfg.storage_options, TrustPolicy.from_refs(key=key))
     return m
 
 
@@ -336,6 +380,7 @@ class PrepareSummary:
     key_bits: float | None
     image_size: list[int] | None
     verified: dict[str, int] = field(default_factory=dict)  # samples checked per split (verify=True)
+    reader_warning: str | None = None  # the codec is not decodable by Pillow-based readers (readers.reader_warning)
 
     def rows(self) -> list[dict]:
         """One public row per split: what a table artifact, a log line or a report shows."""
@@ -394,7 +439,7 @@ class PrepareSummary:
                 "scheme": m0.scheme, "block_size": m0.block_size, "key_bits": self.key_bits,
                 "image_size": self.image_size, "weak_key_message": self.weak_key_message(),
                 "splits": {k: v.num_samples for k, v in self.manifests.items()}, "verified": self.verified,
-                "public_key": m0.public_key}
+                "public_key": m0.public_key, "reader_warning": self.reader_warning}
 
 
 MapChunks = Callable[[PrepareConfig, list[ChunkSpec]], Iterable[ChunkResult]]
@@ -417,6 +462,9 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     owner = signing_key(cfg, key_loader)
     scheme, key = build_scheme(cfg, key=owner if cfg.scheme_name() != "plain" else None)
     check_scheme_codec(scheme, codec)
+    compat = reader_warning(codec)
+    if compat:
+        warnings.warn(compat, ReaderWarning, stacklevel=2)
     fingerprint = key.fingerprint if key is not None else None
     trust = TrustPolicy.from_refs(key=owner)
     splits = cfg.splits or source.splits
@@ -438,7 +486,8 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
         remove_root_leftovers(cfg.out, cfg.storage_options)
     size = next(iter(manifests.values())).image_size if manifests else None
     bits = scheme.key_space_bits(*size) if (size and scheme.keyed) else None
-    summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size)
+    summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size,
+                             reader_warning=compat)
     if cfg.verify:
         from .verify import VerifyConfig, verify_dataset
 

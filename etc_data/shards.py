@@ -1,9 +1,10 @@
 """WebDataset tar shards: deterministic writing to any fsspec URL, reading, and verification.
 
 A sample is ``{"__key__": "train/airplane/0001", "<ext>": image bytes, "cls": label, "json": {...}}``.
-Its files in the tar are ``<key>.<ext>``, ``<key>.cls`` (label as ASCII digits) and ``<key>.json``,
-in sorted key order, with mtime 0, uid/gid 0, empty user/group names and mode 0444, so the same
-samples always give the same bytes and sha256. Shards are built in memory and written atomically
+Its files in the tar are ``<key>.<ext>``, ``<key>.cls`` (label as ASCII digits) and ``<key>.json``;
+samples go in sorted key order (or in an order the caller fixes: prepare's seeded shuffle), with
+mtime 0, uid/gid 0, empty user/group names and mode 0444, so the same samples always give the same
+bytes and sha256. Shards are built in memory and written atomically
 (see ``storage.write_bytes``): a shard is either complete under its name or absent.
 """
 
@@ -128,13 +129,17 @@ def build_tar(samples: Iterable[dict]) -> tuple[bytes, list[str]]:
     return _build_tar_files(_sorted_files(samples))
 
 
-def _sorted_files(samples: Iterable[dict]) -> list[tuple[str, list[tuple[str, bytes]]]]:
-    """(key, files) per sample in sorted key order; a duplicate key is an error."""
-    out = sorted(((s["__key__"], sample_files(s)) for s in samples), key=lambda kf: kf[0])
-    for a, b in zip(out, out[1:]):
-        if a[0] == b[0]:
-            raise ShardError(f"duplicate sample key {a[0]!r}")
-    return out
+def _sorted_files(samples: Iterable[dict], order: str = "sorted") -> list[tuple[str, list[tuple[str, bytes]]]]:
+    """(key, files) per sample, in sorted key order or (``order="given"``) in the order given; a
+    duplicate key is an error."""
+    if order not in ("sorted", "given"):
+        raise ShardError(f"sample order must be 'sorted' or 'given', got {order!r}")
+    out = [(s["__key__"], sample_files(s)) for s in samples]
+    keys = sorted(k for k, _ in out)
+    for a, b in zip(keys, keys[1:]):
+        if a == b:
+            raise ShardError(f"duplicate sample key {a!r}")
+    return sorted(out, key=lambda kf: kf[0]) if order == "sorted" else out
 
 
 def _build_tar_files(samples: list[tuple[str, list[tuple[str, bytes]]]]) -> tuple[bytes, list[str]]:
@@ -165,14 +170,16 @@ def _write_files(split_url, name, files, storage_options) -> ShardInfo:
 
 
 def write_chunk(split_url: str, split: str, index: int, samples: list[dict], max_samples: int | None = None,
-                max_bytes: int | None = None, storage_options: dict | None = None) -> list[ShardInfo]:
+                max_bytes: int | None = None, storage_options: dict | None = None,
+                order: str = "sorted") -> list[ShardInfo]:
     """Write one chunk of samples as one shard, or consecutive parts when it passes a size limit.
 
     Limits: at most ``max_samples`` samples and ``max_bytes`` bytes of sample payload per shard
-    (tar headers add 1.5 KiB per file on top). Part boundaries depend only on the samples, so a
-    rerun gives the same shards.
+    (tar headers add 1.5 KiB per file on top). Samples go in sorted key order, or with
+    ``order="given"`` in the order of ``samples`` (prepare's shuffled order). Part boundaries depend
+    only on the samples and that order, so a rerun gives the same shards.
     """
-    files = _sorted_files(samples)
+    files = _sorted_files(samples, order)
     parts, cur, cur_bytes = [], [], 0
     for kf in files:
         size = sum(len(d) for _, d in kf[1]) if max_bytes else 0
