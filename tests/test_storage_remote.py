@@ -210,3 +210,53 @@ def test_serve_check_reaches_the_bucket_of_a_pipeline(s3, mini_npz, key_file, tm
     assert problems("etc-bucket") == []
     (found,) = problems("no-such-bucket")
     assert found.startswith(f"{tmp_path / 'remote.yaml'}: field storage.url: ") and "no-such-bucket" in found
+
+
+def test_one_writer_per_dataset_on_s3_and_a_dead_writers_lock_is_taken_over(s3, mini_npz, key_file, tmp_path):
+    """The lock object on S3: created with a conditional write (of two racing runs exactly one
+    wins), refused to a second writer naming the holder, taken over when its holder is dead."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from etc_data.locks import LOCK_NAME, LockError, dataset_lock, read_lock
+    from etc_data.storage import join
+
+    opts = s3.storage_options()
+    url = f"s3://etc-bucket/{tmp_path.name}/locked"
+    cfg = PrepareConfig(source=str(mini_npz), out=url, dataset="c10", key_ref=str(key_file), codec="png",
+                        block_size=8, workers=1, storage_options=opts)
+    outcome: list[str] = []
+    start = threading.Barrier(2)
+
+    def writer():
+        start.wait()
+        try:
+            with dataset_lock(url, opts):
+                time.sleep(1.0)
+                outcome.append("held")
+        except LockError as e:
+            outcome.append(str(e))
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcome)[0] == "held" and f"pid {os.getpid()}" in sorted(outcome)[1], outcome
+    assert read_lock(url, opts) is None  # released
+
+    with dataset_lock(url, opts):
+        assert read_lock(url, opts)["pid"] == os.getpid()
+        with pytest.raises(LockError, match=rf"being written by another prepare run \(.*pid {os.getpid()}.*lease until"):
+            prepare_dataset(cfg)
+    assert not exists(join(url, "train", "manifest.json"), opts)
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)  # a run on this host that was killed with its lock held
+    write_bytes(join(url, LOCK_NAME), json.dumps({"holder": f"someone pid {dead}", "host": socket.gethostname(),
+                                                  "pid": dead, "run": "dead-run",
+                                                  "expires": time.time() + 300}).encode(), opts)
+    summary = prepare_dataset(cfg)
+    assert summary.manifests["train"].num_samples == 70 and read_lock(url, opts) is None
