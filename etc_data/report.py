@@ -168,7 +168,7 @@ class SizeReport:
 
     def markdown(self) -> str:
         n = self.cells[(self.schemes[0], self.codecs[0])].images if self.cells else 0
-        lines = [f"# Compressed size by scheme and codec", "",
+        lines = ["# Compressed size by scheme and codec", "",
                  f"- source: {self.source}", f"- images: {n}", f"- block size: {self.block_size} (etc, blockwise); "
                  f"le and ele use 4x4 blocks, pe is per pixel", f"- key: {self.key}", "",
                  "Each cell: total MB for these images, bytes per image, and the ratio to plain with the same codec."

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 from .codecs import EXT_TO_CODEC
 from .errors import EtcError
 from .manifest import ManifestError, check_plain_name
-from .storage import StorageError, join, list_names, read_bytes, write_bytes
+from .storage import StorageError, join, read_bytes, write_bytes
 
 SAMPLE_EXTS = tuple(EXT_TO_CODEC)  # the image field of a sample: one per codec (raw images are .ppm)
 
