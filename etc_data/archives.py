@@ -4,10 +4,15 @@
 member, about 4x slower on CIFAR-10's 60,000) and reads members with ``os.pread`` at their
 offsets: no memory map, so an archive truncated while it is read gives an error naming the
 member instead of killing the process with SIGBUS. Archives it does not handle (zip64,
-multi-disk, data before the archive) go through ``zipfile``.
+multi-disk, data before the archive) go through ``zipfile``. A member is never inflated past its
+declared size, and a declared size past ``ImageLimits.max_bytes`` is refused before inflating (a
+3 MB zip can hold a 3 GiB member); a member name that appears twice and a password-protected
+member are errors naming them.
 
 ``extract_archive`` unpacks a ``.tar``/``.tgz``/``.tar.gz`` once into a cache folder, under a
-file lock, because the planner and every pool worker may open the same source at once.
+file lock, because the planner and every pool worker may open the same source at once; tar's
+``data`` filter refuses links and paths that leave the folder, and a member past
+``ImageLimits.max_bytes`` stops the extraction.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SourceError
+from .images import DEFAULT_LIMITS, ImageLimits
 
 _CD_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # a central directory header (46 bytes)
 
@@ -54,7 +60,10 @@ def read_zip_directory(path: Path) -> dict[str, tuple] | None:
         pos += 46 + nlen + xlen + clen
         if 0xFFFFFFFF in (csize, usize, hoff):
             return None
-        out[raw.decode("utf-8" if flags & 0x800 else "cp437")] = (hoff, csize, method, crc, flags, usize)
+        name = raw.decode("utf-8" if flags & 0x800 else "cp437")
+        if name in out:
+            raise zipfile.BadZipFile(f"member {name} appears twice")
+        out[name] = (hoff, csize, method, crc, flags, usize)
     return out if len(out) == n_total else None
 
 
@@ -69,8 +78,12 @@ class ZipArchive:
             infos = read_zip_directory(self.path)
             if infos is None:  # zip64, prepended data, ...: zipfile's general reader
                 self._zip = zipfile.ZipFile(self.path)
+                listed = self._zip.infolist()
                 infos = {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits,
-                                      i.file_size) for i in self._zip.infolist()}
+                                      i.file_size) for i in listed}
+                if len(infos) != len(listed):
+                    dup = next(n for n in infos if sum(i.filename == n for i in listed) > 1)
+                    raise zipfile.BadZipFile(f"member {dup} appears twice")
         except (zipfile.BadZipFile, OSError) as e:
             raise SourceError(f"{self.path} is not a readable .zip file ({e})") from None
         # kept compact: name -> row of one int64 table (a tuple of 6 ints per member is ~200 bytes)
@@ -95,14 +108,14 @@ class ZipArchive:
             raise OSError(f"archive ends {n - len(data)} bytes early (truncated or changed while being read)")
         return data
 
-    def _read_fast(self, name: str) -> bytes | None:
+    def _read_fast(self, name: str, usize: int) -> bytes | None:
         """A stored or deflated member straight from its offset (zipfile's per-member open costs
-        ~50 us, this ~5 us); None when the member needs zipfile's general path."""
-        info = self._info(name)
-        if info is None or self._zip is not None:
+        ~50 us, this ~5 us), never inflated past its declared size; None when the member needs
+        zipfile's general path."""
+        if self._zip is not None:
             return None
-        off, csize, method, crc, flags, _ = info
-        if flags & 0x1 or method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        off, csize, method, crc, _, _ = self._info(name)
+        if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             return None
         head = self._pread(30, off)
         if head[:4] != b"PK\x03\x04":
@@ -110,19 +123,33 @@ class ZipArchive:
         nlen, xlen = struct.unpack("<HH", head[26:30])
         data = self._pread(csize, off + 30 + nlen + xlen)
         if method == zipfile.ZIP_DEFLATED:
-            data = zlib.decompress(data, -15)
+            inflater = zlib.decompressobj(-15)
+            data = inflater.decompress(data, usize + 1)
+            if len(data) > usize or inflater.unconsumed_tail:
+                raise SourceError(f"{self.path}:{name}: inflates past its declared size of {usize:,} bytes "
+                                  f"(a decompression bomb or a corrupt archive)")
         if zlib.crc32(data) != crc:
             raise SourceError(f"cannot read {self.path}:{name}: CRC check failed (corrupt archive)")
         return data
 
-    def read(self, name: str) -> bytes:
-        """The bytes of member ``name``; a SourceError naming ``path:name`` when it cannot be read."""
+    def read(self, name: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+        """The bytes of member ``name``; a SourceError naming ``path:name`` when it cannot be read,
+        is password-protected, or declares more than ``limits.max_bytes`` uncompressed bytes."""
+        info = self._info(name)
+        if info is None:
+            raise SourceError(f"cannot read {self.path}:{name}: no such member")
+        if info[4] & 0x1:
+            raise SourceError(f"{self.path}:{name}: the member is encrypted (password-protected zip members "
+                              f"are not supported; extract it first)")
+        limits.check_bytes(max(info[1], info[5]), f"{self.path}:{name}", "member")
         try:
-            data = self._read_fast(name)
+            data = self._read_fast(name, info[5])
             if data is None:
                 if self._zip is None:
                     self._zip = zipfile.ZipFile(self.path)
-                data = self._zip.read(name)
+                with self._zip.open(name) as f:  # zipfile reads no more than the declared size
+                    data = f.read(limits.max_bytes + 1)
+                limits.check_bytes(len(data), f"{self.path}:{name}", "member")
             return data
         except (OSError, KeyError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
             raise SourceError(f"cannot read {self.path}:{name}: {e}") from None
@@ -140,7 +167,20 @@ class ZipArchive:
         return state
 
 
-def extract_archive(path: Path) -> Path:
+def _member_filter(limits: ImageLimits):
+    """tar's ``data`` filter (no links or paths out of the folder), plus the per-member size limit."""
+    import tarfile
+
+    def check(member, dest):
+        member = tarfile.data_filter(member, dest)
+        if member.size > limits.max_bytes:
+            raise tarfile.FilterError(f"member {member.name} is {member.size:,} bytes, over the limit of "
+                                      f"{limits.max_bytes:,} (raise it with --max-image-bytes)")
+        return member
+    return check
+
+
+def extract_archive(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> Path:
     """Extract a .tar/.tgz/.tar.gz once into ~/.cache/etc-data/extracted (or $ETC_DATA_CACHE)."""
     import fcntl
     import hashlib
@@ -163,7 +203,7 @@ def extract_archive(path: Path) -> Path:
             tmp.mkdir(parents=True)
             try:
                 with tarfile.open(path) as t:
-                    t.extractall(tmp, filter="data")
+                    t.extractall(tmp, filter=_member_filter(limits))
             except (tarfile.TarError, OSError, EOFError) as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise SourceError(f"{path}: cannot extract archive ({e})") from None

@@ -4,7 +4,8 @@
     report = audit_schemes(AuditConfig(source="cifar10-lossless-subset.npz", schemes=["etc"], block_sizes=[16],
                                        sample=100, out="out/audit"))
 
-Measures per (scheme, block size) on a deterministic sample of a source:
+Measures per (scheme, block size) on a deterministic sample of a source (block sizes: the given
+ones, or each scheme's default: etc/blockwise 16, le/ele 4; pe is per pixel, block size 1):
 
 * ``none``: SSIM / PSNR of the encrypted image against the plain one;
 * ``jigsaw``: a jigsaw-puzzle solver (Chuman et al.) that reassembles the scrambled blocks by edge
@@ -14,12 +15,19 @@ Measures per (scheme, block size) on a deterministic sample of a source:
   (exhaustive over placements and variants); larger ones greedily in raster order from a few seeds.
   The whole-image dihedral / negative-positive / channel order is ambiguous for any solver; the
   score is the max SSIM over those 96 global transforms (an upper bound on what the attacker sees).
+  Not applicable with block size 1 (PE).
 * ``fr``: a feature-reconstruction attack (Chang & Case): per block, the channel-averaged absolute
   differences between neighbouring pixels (invariant to negative-positive and channel shuffling,
   rotated/flipped with the block) rendered as a grayscale edge image; scored by grayscale SSIM vs
-  the plain image, max over the two polarities.
+  the plain image, max over the two polarities. With block size 1 (PE), where no two pixels share
+  a block, the per-pixel fold min(v, 255 - v) averaged over channels (Chang & Case's basic attack).
+* ``itn`` (on request, ``attacks=["itn"]``): the inverse transformation network (``etc_data.itn``),
+  trained on public images (``itn_train``, default the source's other split) encrypted under fresh
+  random keys, within a time budget shared by all configurations (or a step count), then applied
+  to the sample's ciphertexts; scored by RGB SSIM.
 
-No key is ever needed: the ciphertexts are made with an ephemeral random subkey.
+No key is ever needed: the ciphertexts are made with an ephemeral random subkey, which the ITN's
+training never sees either.
 """
 
 from __future__ import annotations
@@ -33,10 +41,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EtcError
-from .schemes import (CPERMS, MIN_KEY_BITS, blocks_to_image_order, dihedral, image_to_blocks, key_space,
-                      make_scheme, weak_key_message)
+from .schemes import (CPERMS, MIN_KEY_BITS, SCHEMES, blocks_to_image_order, dihedral, image_to_blocks, key_space,
+                      make_scheme, parse_scheme_spec, weak_key_message)
 
-ATTACKS = ("none", "jigsaw", "fr")
+ATTACKS = ("none", "jigsaw", "fr", "itn")
+LEARNED_ATTACKS = ("itn",)
 
 
 class AuditError(EtcError):
@@ -155,7 +164,13 @@ def jigsaw_attack(enc: np.ndarray, B: int, seeds: int = 2) -> np.ndarray:
 
 
 def fr_attack(enc: np.ndarray, B: int) -> np.ndarray:
-    """Feature reconstruction: per-block, channel-averaged |neighbour differences| as a gray image."""
+    """Feature reconstruction: per-block, channel-averaged |neighbour differences| as a gray image.
+    Block size 1 (PE) has no pixel pair inside a block: there, Chang & Case's basic per-pixel attack,
+    every value folded onto min(v, 255 - v) (what negative-positive leaves) and averaged over the
+    channels (what the per-pixel channel shuffle leaves), scaled to 0..254."""
+    if B == 1:
+        v = enc.astype(np.int16)
+        return (2 * np.minimum(v, 255 - v).mean(axis=2)).astype(np.uint8)
     x = enc.astype(np.float32)
     h, w = x.shape[:2]
     gx = np.zeros((h, w), np.float32)
@@ -202,13 +217,28 @@ def best_global(ref: np.ndarray, img: np.ndarray) -> tuple[float, float, np.ndar
 class AuditConfig:
     source: str
     schemes: list[str] = field(default_factory=lambda: ["etc"])
-    block_sizes: list[int] = field(default_factory=lambda: [16])
+    block_sizes: list[int] | None = None  # None: each scheme's own (etc/blockwise 16, le/ele 4); pe is always 1
     out: str | None = None        # folder for audit.json, audit.md, ssim_boxplot.png, examples.png
     sample: int = 16
     split: str | None = None
     seed: int = 0
     seeds: int = 2
-    lpips_weights: str | None = None
+    attacks: list[str] = field(default_factory=list)  # learned attacks added to jigsaw and fr: "itn"
+    itn_train: str | None = None  # public images for the ITN (default: the source's other split, e.g. train)
+    itn_images: int = 50000       # at most this many of them (a deterministic sample)
+    itn_seconds: float = 300.0    # ITN training time over all (scheme, block size) configurations together
+    itn_steps: int | None = None  # instead of the time budget: this many steps per configuration
+    itn_device: str = "auto"
+
+    def check(self) -> None:
+        if self.sample < 1:
+            raise AuditError(f"--sample must be >= 1, got {self.sample}")
+        bad = sorted(set(self.attacks) - set(LEARNED_ATTACKS))
+        if bad:
+            raise AuditError(f"unknown attack(s) {', '.join(bad)}; jigsaw and fr always run, learned attacks to add: "
+                             f"{', '.join(LEARNED_ATTACKS)}")
+        if self.itn_images < 1:
+            raise AuditError(f"--itn-images must be >= 1, got {self.itn_images}")
 
 
 def _sample(src, split, n, seed):
@@ -220,68 +250,119 @@ def _sample(src, split, n, seed):
     return src.load([items[i] for i in idx])
 
 
+def _configs(cfg: AuditConfig, h: int, w: int, name: str) -> list[tuple[str, int]]:
+    """(spec, block size) pairs: the given block sizes, or each scheme's default; PE is per pixel."""
+    out = []
+    for spec in cfg.schemes:
+        cls = SCHEMES[parse_scheme_spec(spec)[0]]
+        sizes = [1] if cls.default_block_size == 1 else (cfg.block_sizes or [cls.default_block_size or 16])
+        for B in sizes:
+            if B < 1 or h % B or w % B:
+                raise AuditError(f"block size {B} does not divide image size {h}x{w} of {name}")
+            out.append((spec, B))
+    return out
+
+
+def _itn_images(cfg: AuditConfig, src, split: str, h: int, w: int) -> tuple[np.ndarray, str]:
+    """The attacker's public training images: ``cfg.itn_train`` or the audited source's other split."""
+    from .sources import open_source
+
+    tsrc, same = src, True
+    if cfg.itn_train:
+        tsrc, same = open_source(cfg.itn_train), Path(cfg.itn_train).resolve() == Path(cfg.source).resolve()
+    others = [s for s in tsrc.splits if not (same and s == split)]  # never the audited images themselves
+    if not others:
+        raise AuditError(f"ITN: source {tsrc.name} has no split besides the audited {split!r} to train on; give "
+                         f"--itn-train with public images of the same size ({h}x{w})")
+    tsplit = "train" if "train" in others else others[0]
+    batch = _sample(tsrc, tsplit, cfg.itn_images, cfg.seed + 1)
+    if batch.images.shape[1:3] != (h, w):
+        raise AuditError(f"ITN: training images of {tsrc.name} are {batch.images.shape[1]}x{batch.images.shape[2]}, "
+                         f"the audited images {h}x{w}: give --itn-train with images of that size")
+    return batch.images, f"{tsrc.name}/{tsplit}"
+
+
+def _score_fr(plain: np.ndarray, fr: np.ndarray) -> tuple[float, float]:
+    g = _gray(plain)
+    s1, p1 = ssim_psnr(g, fr.astype(np.float32))
+    s2, p2 = ssim_psnr(g, 255 - fr.astype(np.float32))
+    return (s1, p1) if s1 >= s2 else (s2, p2)
+
+
+def _attack_config(plain, enc, B, seeds, label, progress) -> tuple[dict, list]:
+    """Scores of the key-less attacks on one configuration, and example rows for the first images."""
+    scores = {"none": [], "fr": []} if B < 2 else {"none": [], "jigsaw": [], "fr": []}
+    examples = []
+    for i in range(len(plain)):
+        scores["none"].append(ssim_psnr(plain[i], enc[i]))
+        row = {"plain": plain[i], "encrypted": enc[i], "jigsaw": None}
+        if "jigsaw" in scores:
+            s, p, row["jigsaw"] = best_global(plain[i], jigsaw_attack(enc[i], B, seeds))
+            scores["jigsaw"].append((s, p))
+        row["fr"] = fr_attack(enc[i], B)
+        scores["fr"].append(_score_fr(plain[i], row["fr"]))
+        if i < 4:
+            examples.append(row)
+        if progress:
+            progress(label, i + 1, len(plain))
+    return scores, examples
+
+
 def audit_schemes(cfg: AuditConfig, progress=None) -> dict:
     """Encrypt a deterministic sample under an ephemeral key per scheme and block size, run the
     attacks, and write the report to ``cfg.out`` when given; returns the report dict."""
+    from .itn import ITNConfig, itn_restore, train_itn
     from .sources import open_source
-    if cfg.sample < 1:
-        raise AuditError(f"--sample must be >= 1, got {cfg.sample}")
+
+    cfg.check()
     src = open_source(cfg.source)
     split = cfg.split or ("test" if "test" in src.splits else ("val" if "val" in src.splits else src.splits[0]))
     if split not in src.splits:
         raise AuditError(f"source {src.name}: no split {split!r} (has {', '.join(src.splits)})")
-    batch = _sample(src, split, cfg.sample, cfg.seed)
-    plain = batch.images
+    plain = _sample(src, split, cfg.sample, cfg.seed).images
     h, w = plain.shape[1:3]
-    lpips_note = _lpips_note(cfg.lpips_weights)
+    configs = _configs(cfg, h, w, src.name)
+    itn = None
+    if "itn" in cfg.attacks:
+        images, where = _itn_images(cfg, src, split, h, w)
+        per = None if cfg.itn_steps else cfg.itn_seconds / len(configs)
+        itn = {"train_source": where, "train_images": len(images), "steps_per_config": cfg.itn_steps,
+               "seconds_per_config": per, "configs": {}}
     results, per_image, examples, key_bits, warnings_out = [], {}, {}, {}, []
-    for spec in cfg.schemes:
-        for B in cfg.block_sizes:
-            if h % B or w % B:
-                raise AuditError(f"block size {B} does not divide image size {h}x{w} of {src.name}")
-            label = f"{spec}/B{B}"
-            scheme = make_scheme(spec, subkey=os.urandom(32), block_size=B)  # ephemeral key
-            bits = key_space(spec, (h, w), B)
-            key_bits[label] = bits
-            if bits < MIN_KEY_BITS:
-                warnings_out.append(weak_key_message(spec, bits, h, w, B))
-            enc = scheme.encrypt(plain, item=src.name)
-            scores = {a: [] for a in ATTACKS}
-            ex = None
-            for i in range(len(plain)):
-                s, p = ssim_psnr(plain[i], enc[i])
-                scores["none"].append((s, p))
-                jig = jigsaw_attack(enc[i], B, cfg.seeds)
-                s, p, jig_best = best_global(plain[i], jig)
-                scores["jigsaw"].append((s, p))
-                fr = fr_attack(enc[i], B)
-                g = _gray(plain[i])
-                s1, p1 = ssim_psnr(g, fr.astype(np.float32))
-                s2, p2 = ssim_psnr(g, 255 - fr.astype(np.float32))
-                scores["fr"].append((s1, p1) if s1 >= s2 else (s2, p2))
-                if i < 4:
-                    ex = ex or []
-                    ex.append((plain[i], enc[i], jig_best, fr))
-                if progress:
-                    progress(label, i + 1, len(plain))
-            examples[label] = ex
-            for a in ATTACKS:
-                arr = np.array(scores[a])
-                r = {"scheme": spec, "block_size": B, "ssim_mean": float(arr[:, 0].mean()),
-                     "psnr_mean": float(arr[:, 1].mean()), "ssim_std": float(arr[:, 0].std()),
-                     "n": len(arr)}
-                r["measure" if a == "none" else "attack"] = a
-                r["attack"] = a
-                if a == "jigsaw":
-                    r["recovered_fraction"] = float((arr[:, 0] > 0.99).mean())
-                results.append(r)
-                per_image[f"{label}/{a}"] = arr[:, 0].tolist()
+    for spec, B in configs:
+        label = f"{spec}/B{B}"
+        scheme = make_scheme(spec, subkey=os.urandom(32), block_size=B)  # ephemeral key
+        key_bits[label] = bits = key_space(spec, (h, w), B)
+        if bits < MIN_KEY_BITS:
+            warnings_out.append(weak_key_message(spec, bits, h, w, B))
+        enc = scheme.encrypt(plain, item=src.name)
+        scores, examples[label] = _attack_config(plain, enc, B, cfg.seeds, label, progress)
+        if itn is not None:
+            net, itn["configs"][label] = train_itn(spec, B, images, ITNConfig(
+                seconds=per, steps=cfg.itn_steps, device=cfg.itn_device, seed=cfg.seed))
+            restored = itn_restore(net, enc)
+            scores["itn"] = [ssim_psnr(p, r) for p, r in zip(plain, restored)]
+            for row, r in zip(examples[label], restored):
+                row["itn"] = r
+        for a, vals in scores.items():
+            arr = np.array(vals)
+            r = {"scheme": spec, "block_size": B, "attack": a, "ssim_mean": float(arr[:, 0].mean()),
+                 "psnr_mean": float(arr[:, 1].mean()), "ssim_std": float(arr[:, 0].std()), "n": len(arr)}
+            if a == "none":
+                r["measure"] = a
+            if a == "jigsaw":
+                r["recovered_fraction"] = float((arr[:, 0] > 0.99).mean())
+            results.append(r)
+            per_image[f"{label}/{a}"] = arr[:, 0].tolist()
     report = {"key_bits": key_bits if len(key_bits) > 1 else next(iter(key_bits.values())),
               "key_bits_by_config": key_bits, "min_key_bits": MIN_KEY_BITS, "weak_key_warnings": warnings_out,
               "results": results, "source": src.name, "split": split, "sample": len(plain),
-              "image_size": [int(h), int(w)], "lpips": lpips_note,
-              "jigsaw_scoring": "max SSIM over the 96 global dihedral/negpos/channel transforms",
-              "fr_scoring": "grayscale SSIM, max over the two polarities"}
+              "image_size": [int(h), int(w)], "attacks": ["none", "jigsaw", "fr"] + list(cfg.attacks),
+              "jigsaw_scoring": "max SSIM over the 96 global dihedral/negpos/channel transforms; not applicable "
+                                "with block size 1 (nothing to reassemble)",
+              "fr_scoring": "grayscale SSIM, max over the two polarities; block size 1: the per-pixel fold "
+                            "min(v, 255 - v) averaged over channels",
+              "itn": itn, "itn_scoring": "RGB SSIM of the network's output vs the plain image"}
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -290,18 +371,6 @@ def audit_schemes(cfg: AuditConfig, progress=None) -> dict:
         _boxplot(per_image, out / "ssim_boxplot.png")
         _grid(examples, out / "examples.png")
     return report
-
-
-def _lpips_note(weights: str | None) -> str:
-    if not weights:
-        return "LPIPS skipped: no local weights"
-    if not Path(weights).is_file():
-        raise AuditError(f"--lpips-weights {weights}: no such file")
-    try:
-        import lpips  # noqa: F401
-    except ImportError:
-        return "LPIPS skipped: the lpips package is not installed"
-    return "LPIPS skipped: not implemented in this version"
 
 
 def _write_md(rep: dict, path: Path) -> None:
@@ -315,8 +384,14 @@ def _write_md(rep: dict, path: Path) -> None:
                      f"{r['ssim_std']:.3f} | {r['psnr_mean']:.2f} | {rec} |")
     lines += ["", "Key space (log2):"] + [f"- {k}: {v:.1f} bits" for k, v in rep["key_bits_by_config"].items()]
     lines += [f"- WARNING: {w}" for w in rep["weak_key_warnings"]]
-    lines += ["", f"- {rep['lpips']}", f"- jigsaw: {rep['jigsaw_scoring']}", f"- fr: {rep['fr_scoring']}",
-              "- No provable security: these are the attacks implemented here, not all attacks."]
+    lines += ["", f"- jigsaw: {rep['jigsaw_scoring']}", f"- fr: {rep['fr_scoring']}"]
+    itn = rep.get("itn")
+    if itn:
+        lines.append(f"- itn: {rep['itn_scoring']}; trained on {itn['train_images']} images of {itn['train_source']} "
+                     f"under fresh random keys (never the audited key):")
+        lines += [f"  - {lab}: {i['steps']} steps of {i['batch_size']} images, {i['keys']} keys, {i['seconds']} s on "
+                  f"{i['device']}" for lab, i in itn["configs"].items()]
+    lines.append("- No provable security: these are the attacks implemented here, not all attacks.")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -324,9 +399,9 @@ def _boxplot(per_image: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(per_image)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(per_image)), 4.5))
     ax.boxplot(list(per_image.values()))
-    ax.set_xticks(range(1, len(per_image) + 1), list(per_image.keys()), rotation=45, ha="right")
+    ax.set_xticks(range(1, len(per_image) + 1), list(per_image.keys()), rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("SSIM vs plain")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -338,12 +413,17 @@ def _grid(examples: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [(lab, e) for lab, ex in examples.items() for e in ex]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2 * len(rows)), squeeze=False)
+    cols = list(rows[0][1]) if rows else []
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2 * len(cols), 2 * len(rows)), squeeze=False)
     for r, (lab, imgs) in enumerate(rows):
-        for c, (im, title) in enumerate(zip(imgs, ("plain", "encrypted", "jigsaw", "fr"))):
-            axes[r, c].imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=255)
-            axes[r, c].set_axis_off()
-            axes[r, c].set_title(f"{lab} {title}" if c == 0 else title, fontsize=7)
+        for c, title in enumerate(cols):
+            ax, im = axes[r, c], imgs.get(title)
+            ax.set_axis_off()
+            if im is None:
+                title += " (n/a)"
+            else:
+                ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=255)
+            ax.set_title(f"{lab} {title}" if c == 0 else title, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -23,6 +23,9 @@ raw        ppm    yes       (none) uncompressed binary PPM (a 13-byte header + H
 =========  =====  ========  ==========================================================================
 
 Batch helpers spread images over threads: simplejpeg and imagecodecs release the GIL while coding.
+Before decoding, the image's width and height are read from its header (``images.image_dims``) and
+an image past ``images.DEFAULT_MAX_PIXELS`` is refused: a hostile shard cannot make a reader
+allocate gigabytes.
 """
 
 from __future__ import annotations
@@ -153,8 +156,10 @@ class Codec:
         return out
 
     def decode(self, data: bytes) -> np.ndarray:
+        data = data if isinstance(data, bytes) else bytes(data)
+        self._check_header(data)
         try:
-            out = _DECODERS[self.name](data if isinstance(data, bytes) else bytes(data), self.params)
+            out = _DECODERS[self.name](data, self.params)
         except CodecError:
             raise
         except Exception as e:  # noqa: BLE001 - any decoder failure means corrupt data
@@ -162,6 +167,19 @@ class Codec:
         if out.ndim == 2:
             out = np.repeat(out[..., None], 3, -1)
         return out
+
+    def _check_header(self, data) -> None:
+        """Refuse an image whose header is unreadable or whose size is past the pixel limit."""
+        if self.name == "raw":
+            return  # a PPM is checked against its own length
+        from .images import DEFAULT_MAX_PIXELS, image_dims
+
+        dims = image_dims(data)
+        if dims is None:
+            raise CodecError(f"{self.name}: cannot decode {len(data)} bytes: no readable {self.name} header")
+        if dims[0] * dims[1] > DEFAULT_MAX_PIXELS:
+            raise CodecError(f"{self.name}: header says {dims[1]}x{dims[0]} pixels, over the limit of "
+                             f"{DEFAULT_MAX_PIXELS:,}; not decoded")
 
 
 def get_codec(spec: str | Codec) -> Codec:

@@ -75,9 +75,11 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     matching_fingerprint(m, key, split_url)
     ck_scheme = ck.get("scheme") or {}
     if m.scheme != "plain" or ck_scheme.get("scheme", "plain") != "plain":
-        if ck_scheme.get("scheme") != m.scheme or ck_scheme.get("block_size") != m.block_size:
-            raise EvalError(f"checkpoint expects scheme {ck_scheme.get('scheme')} block {ck_scheme.get('block_size')}, "
-                            f"shards at {split_url} are {m.scheme} block {m.block_size}")
+        if (ck_scheme.get("scheme"), ck_scheme.get("block_size"), ck_scheme.get("options") or {}) != \
+                (m.scheme, m.block_size, m.scheme_options or {}):
+            raise EvalError(f"checkpoint expects scheme {ck_scheme.get('scheme')} block {ck_scheme.get('block_size')} "
+                            f"options {ck_scheme.get('options') or {}}, shards at {split_url} are {m.scheme} block "
+                            f"{m.block_size} options {m.scheme_options or {}}")
     if ck.get("key_fingerprint") != m.key_fingerprint:
         raise EvalError(f"checkpoint {cfg.checkpoint} was made for key fingerprint {ck.get('key_fingerprint')}, "
                         f"the shards at {split_url} carry {m.key_fingerprint}; refused")

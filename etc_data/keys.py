@@ -11,6 +11,11 @@ own label. Its public key (``ed25519:<64 hex>``, one line: ``etc-data keys publi
 owner hands to the cloud and to model developers; manifests are signed with the private half
 (``OwnerKey.sign``). The *fingerprint* that manifests and checkpoints carry is a SHA-256 of the
 public key: anyone holding the public key can check it, and nothing secret can be derived from it.
+
+A *key reference* (a path or ``env:NAME``) is what travels: in configs, flow parameters and logs.
+Errors never echo it either (a user may have passed the secret itself where the reference goes):
+they say "the key given with --key". ``check_key_ref`` refuses a reference that looks like key
+material (hex, a key file's JSON) before anything stores or logs it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 import time
@@ -39,10 +45,20 @@ _SIGNING_INFO = b"etc-data/owner-signing-key/v1"
 _HKDF_SALT = b"etc-data/hkdf-salt/v1"
 PUBLIC_KEY_PREFIX = "ed25519:"
 FINGERPRINT_HEX = 32  # 128 bits of SHA-256: a second key with the same fingerprint cannot be searched for
+KEY_GIVEN = "the key given with --key"  # how errors name a key file reference (never by its text)
+_LOOKS_SECRET = re.compile(r"\s*(0x)?[0-9a-fA-F]{32,}\s*\Z|\s*\{|.*\n|.*\"secret\"", re.DOTALL)
 
 
 class KeyFileError(EtcError):
-    """A key could not be created or loaded (the message names the file or variable)."""
+    """A key could not be created or loaded (the message names the variable, or "the key given with --key")."""
+
+
+def check_key_ref(ref) -> None:
+    """Refuse key material passed where a key reference (a path, env:NAME) is expected, without
+    quoting it."""
+    if ref is not None and _LOOKS_SECRET.match(str(ref)):
+        raise KeyFileError(f"{KEY_GIVEN} looks like key material, not a reference to it: pass the path of a key "
+                           f"file (etc-data keys new) or env:NAME; the value was not used, stored or logged")
 
 
 @dataclass(frozen=True)
@@ -171,7 +187,8 @@ def new_key_file(path: str | os.PathLike, owner: str) -> OwnerKey:
 
 
 def parse_key_text(text: str, source: str) -> OwnerKey:
-    """Parse a key file's content or a bare hex secret; ``source`` names it in errors."""
+    """Parse a key file's content or a bare hex secret; ``source`` names it in errors (e.g.
+    "environment variable ETC_DATA_KEY"), which never quote the text."""
     text = text.strip()
     try:
         doc = json.loads(text)
@@ -179,16 +196,17 @@ def parse_key_text(text: str, source: str) -> OwnerKey:
         doc = None
     if isinstance(doc, dict):
         if doc.get("format") != KEY_FORMAT:
-            raise KeyFileError(f"key {source}: unknown format {doc.get('format')!r} (expected {KEY_FORMAT!r})")
+            raise KeyFileError(f"{source} is not a valid key file: its format is not {KEY_FORMAT!r}")
         hexs, owner = doc.get("secret", ""), str(doc.get("owner", "unknown"))
     else:  # a bare hex secret, as used in environment variables
         hexs, owner = text, "env"
     try:
         secret = bytes.fromhex(hexs)
     except (ValueError, TypeError):
-        raise KeyFileError(f"key {source}: secret is not valid hex") from None
+        secret = b""
     if len(secret) != SECRET_BYTES:
-        raise KeyFileError(f"key {source}: secret must be {SECRET_BYTES} bytes ({2 * SECRET_BYTES} hex chars)")
+        raise KeyFileError(f"{source} is not a valid key file (a key file from `etc-data keys new`, or "
+                           f"{2 * SECRET_BYTES} hex characters)")
     return OwnerKey(owner, secret, source=source)
 
 
@@ -197,14 +215,20 @@ def load_key_file(path: str | os.PathLike) -> OwnerKey:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise KeyFileError(f"key file {path} does not exist") from None
+        raise KeyFileError(f"{KEY_GIVEN} does not exist (expected a key file path or env:NAME)") from None
+    except OSError as e:
+        raise KeyFileError(f"{KEY_GIVEN} cannot be read ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise KeyFileError(f"key file {path} is not a regular file")
+        raise KeyFileError(f"{KEY_GIVEN} is not a regular file")
     if st.st_mode & 0o077:
         raise KeyFileError(
-            f"key file {path} is readable or writable by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run: chmod 600 {path}")
-    return parse_key_text(path.read_text(), f"file {path}")
+            f"{KEY_GIVEN} is a key file readable or writable by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run chmod 600 on it")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        raise KeyFileError(f"{KEY_GIVEN} is not a valid key file (unreadable as text)") from None
+    return parse_key_text(text, KEY_GIVEN)
 
 
 def key_env_var(ref: str | os.PathLike | None) -> str | None:
@@ -221,12 +245,13 @@ def load_key(ref: str | os.PathLike | None = None) -> OwnerKey:
 
     The reference is safe to log and to pass as a Prefect parameter; the key is not.
     """
+    check_key_ref(ref)
     name = key_env_var(ref)
     if name is not None:
         value = os.environ.get(name)
         if not value:
             raise KeyFileError(f"environment variable {name} is not set (expected a key file's content or a hex secret)")
-        return parse_key_text(value, f"env:{name}")
+        return parse_key_text(value, f"environment variable {name}")
     return load_key_file(str(ref))
 
 

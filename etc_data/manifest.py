@@ -34,12 +34,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from . import __version__
 from .errors import EtcError
-from .storage import StorageError, join, list_names, read_bytes, remove, write_bytes
+from .storage import StorageError, StorageNotFound, join, list_names, read_bytes, remove, write_bytes
 
 FORMAT = "etc-data-manifest/3"  # 3: signed by the owner
 MANIFEST_NAME = "manifest.json"
 INFO_NAME = "_info.json"
 SAMPLE_INDEX_PREFIX = "samples-"
+OPTIONAL_FIELDS = ("sample_order",)  # written (and signed) only when set; older manifests lack them
 _SIGNED_CONTEXT = b"etc-data manifest signature v1\0"
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*")
 
@@ -84,6 +85,7 @@ class Manifest:
     tool_version: str = __version__
     created: str = ""
     format: str = FORMAT
+    sample_order: dict | None = None  # how samples were ordered into shards (prepare.SAMPLE_ORDER); optional
     public_key: str = ""     # the signer's (keys.OwnerKey.public_key)
     signature: str = ""      # Ed25519 over signed_bytes(every other field)
 
@@ -111,9 +113,10 @@ class Manifest:
         d["filenames"] = self.filenames
         order = ["format", "dataset", "split", "num_samples", "shard_lengths", "filenames", "shards", "scheme",
                  "block_size", "scheme_options", "pad", "codec", "key_fingerprint", "classes", "image_size",
-                 "source", "resize", "sample_index_file", "sample_index_sha256", "tool_version", "created",
-                 "public_key", "signature"]
-        return {k: d[k] for k in order}
+                 "source", "resize", "sample_index_file", "sample_index_sha256", "tool_version", "created"]
+        tail = ["public_key", "signature"]
+        return ({k: d[k] for k in order} | {k: d[k] for k in OPTIONAL_FIELDS if d[k] is not None}
+                | {k: d[k] for k in tail})
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "Manifest":
@@ -133,17 +136,38 @@ class Manifest:
         if missing:
             raise ManifestError(f"{where}: manifest lacks field(s) {', '.join(missing)}")
         m = cls(**{k: v for k, v in d.items() if k in names})
+        if not isinstance(m.shards, list):
+            raise ManifestError(f"{where}: shards must be a list")
         for i, s in enumerate(m.shards):
-            if not isinstance(s, dict) or not {"name", "sha256", "bytes", "samples"} <= set(s):
-                raise ManifestError(f"{where}: shards[{i}] must have name, sha256, bytes, samples")
-            if not str(check_plain_name(s["name"], f"shards[{i}]", where)).endswith(".tar"):
-                raise ManifestError(f"{where}: bad name: shards[{i}] {s['name']!r} is not a .tar file")
+            _check_shard_entry(s, i, where)
         check_plain_name(m.split, "split", where)
         if m.sample_index_file is not None:
             check_plain_name(m.sample_index_file, "sample_index_file", where)
+        if not (isinstance(m.image_size, list) and len(m.image_size) == 2 and all(_count(v) for v in m.image_size)):
+            raise ManifestError(f"{where}: image_size must be [height, width], got {m.image_size!r}")
         if "num_samples" in d and d["num_samples"] != m.num_samples:
             raise ManifestError(f"{where}: num_samples {d['num_samples']} != sum of shard samples {m.num_samples}")
         return m
+
+
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*\.tar\Z")  # no "/", no ".."
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_shard_entry(s, i: int, where: str) -> None:
+    """A shard entry is {name: a plain .tar file name, sha256: 64 hex, bytes, samples: counts}."""
+    if not isinstance(s, dict) or not {"name", "sha256", "bytes", "samples"} <= set(s):
+        raise ManifestError(f"{where}: shards[{i}] must have name, sha256, bytes, samples")
+    if not isinstance(s["name"], str) or not SHARD_NAME.match(s["name"]):
+        raise ManifestError(f"{where}: bad name: shards[{i}].name {s['name']!r} is not a plain .tar file name")
+    if not (isinstance(s["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])):
+        raise ManifestError(f"{where}: shards[{i}].sha256 must be 64 lowercase hex digits")
+    for k in ("bytes", "samples"):
+        if not _count(s[k]):
+            raise ManifestError(f"{where}: shards[{i}].{k} must be a non-negative integer, got {s[k]!r}")
 
 
 def _format_version(fmt) -> int:
@@ -197,9 +221,11 @@ def read_manifest(url: str, storage_options: dict | None = None, trust=None) -> 
     murl = manifest_url(url)
     try:
         raw = read_bytes(murl, storage_options)
-    except StorageError as e:
+    except StorageNotFound as e:
         raise ManifestMissing(f"no readable manifest at {murl} ({e}); is this a split folder written by "
                               f"etc-data prepare, e.g. ROOT/train?") from None
+    except StorageError as e:  # credentials, connection: not a question of which folder
+        raise ManifestError(f"cannot read the manifest: {e}") from None
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -282,6 +308,12 @@ def write_manifest(split_url: str, manifest: Manifest, sample_index: dict[str, l
         pass  # a stale index is harmless: only the one the manifest names is ever read
 
 
+def info_entry(manifest: Manifest, split_dir: str) -> dict:
+    """A split's entry in ``_info.json``: what timm reads, derived from the manifest alone."""
+    return {"name": manifest.split, "num_samples": manifest.num_samples,
+            "filenames": [f"{split_dir}/{n}" for n in manifest.filenames], "shard_lengths": manifest.shard_lengths}
+
+
 def update_info(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> None:
     """Write/merge timm's ``_info.json`` at the dataset root (the split folder's parent)."""
     root, _, split_dir = split_url_of(split_url).rstrip("/").replace("\\", "/").rpartition("/")
@@ -294,9 +326,8 @@ def update_info(split_url: str, manifest: Manifest, storage_options: dict | None
     except (StorageError, json.JSONDecodeError):
         info = {}
     info.setdefault("name", manifest.dataset)
-    info.setdefault("splits", {})
-    info["splits"][manifest.split] = {
-        "name": manifest.split, "num_samples": manifest.num_samples,
-        "filenames": [f"{split_dir}/{n}" for n in manifest.filenames], "shard_lengths": manifest.shard_lengths}
+    if not isinstance(info.get("splits"), dict):
+        info["splits"] = {}
+    info["splits"][manifest.split] = info_entry(manifest, split_dir)
     info["classes"] = manifest.classes
     write_bytes(info_url, _dumps(info), storage_options)

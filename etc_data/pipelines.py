@@ -1,22 +1,30 @@
 """Declarative pipeline specs (``pipelines/*.yaml``), validated with pydantic.
 
 One file = one pipeline: owner, key *reference*, source, splits, scheme, block size, codec,
-storage URL + storage options, shard size, schedule (cron). Relative paths are relative to the
-YAML file. A bad field is an error naming the file and the field; a field that holds a secret
-(or a key reference that is really a key) is refused.
+storage URL + storage options, shard size, schedule (cron and IANA timezone). Relative paths are
+relative to the YAML file. A bad field is an error naming the file and the field; a field that
+holds a secret (or a key reference that is really a key) is refused.
+
+Loading checks what the file says; ``check_pipeline`` checks what a run will meet when it starts
+(``etc-data serve --check``): the key reference resolves to a key (a key file with mode 0600),
+the sources open and have the splits asked for, the storage answers, and a dataset already there
+was made with this key and these settings.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .codecs import get_codec
 from .errors import EtcError
 from .schemes import parse_scheme_spec
-from .storage import is_local, read_config_yaml
+from .storage import StorageError, get_fs, is_local, list_names, read_config_yaml
 
 
 class PipelineError(EtcError):
@@ -52,15 +60,29 @@ class Storage(BaseModel):
     storage_options: dict = Field(default_factory=dict)
 
 
+@lru_cache(maxsize=1)
+def _timezones() -> frozenset[str]:
+    import zoneinfo
+
+    return frozenset(zoneinfo.available_timezones())  # the names Prefect's server accepts
+
+
 class Schedule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cron: str
-    timezone: str = "UTC"
+    timezone: str = "UTC"  # IANA name; the cron's hours are local time there (DST included)
 
     @field_validator("cron")
     @classmethod
     def _cron(cls, v):
         check_cron(v)
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v):
+        if v not in _timezones():
+            raise ValueError(f"{v!r} is not an IANA timezone name (e.g. UTC, Europe/Paris, America/New_York)")
         return v
 
 
@@ -78,8 +100,10 @@ class Pipeline(BaseModel):
     resize: int | None = None
     shard_size: int = Field(default=10000, ge=1)
     on_bad_image: str = Field(default="stop", pattern="^(stop|skip)$")
+    workers: int | None = Field(default=None, ge=1)  # local worker processes per run (default: one per core)
     storage: Storage
     schedule: Schedule | None = None
+    _file: str = PrivateAttr(default="")  # the YAML file it was loaded from (for messages)
 
     @field_validator("source", mode="before")
     @classmethod
@@ -105,12 +129,17 @@ class Pipeline(BaseModel):
                              "or prefect-secret:BLOCK")
         return v
 
+    @property
+    def file(self) -> str:
+        return self._file or self.name
+
     def flow_parameters(self) -> dict:
         """Prefect parameters of the prepare flow: public settings and the key reference only."""
         return {"source": self.source, "out": self.storage.url, "dataset": self.dataset, "owner": self.owner,
                 "key_ref": self.key_ref, "scheme": self.scheme, "block_size": self.block_size, "codec": self.codec,
                 "shard_size": self.shard_size, "splits": self.splits, "resize": self.resize,
-                "on_bad_image": self.on_bad_image, "storage_options": self.storage.storage_options}
+                "on_bad_image": self.on_bad_image, "storage_options": self.storage.storage_options,
+                "workers": self.workers}
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -136,17 +165,122 @@ def load_pipeline(path: str | Path) -> Pipeline:
     p.storage.url = resolve(p.storage.url)
     if p.key_ref and not p.key_ref.startswith(("env:", "prefect-secret:")):
         p.key_ref = str(Path(p.key_ref).expanduser()) if p.key_ref.startswith("~") else resolve(p.key_ref)
+    p._file = str(path)
     return p
 
 
 def load_pipelines(folder: str | Path) -> list[Pipeline]:
-    folder = Path(folder)
-    files = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")) if folder.is_dir() else [folder]
-    if not files:
-        raise PipelineError(f"{folder}: no pipeline files (*.yaml)")
-    pipes = [load_pipeline(f) for f in files]
+    pipes = [load_pipeline(f) for f in pipeline_files(folder)]
+    check_unique_names(folder, pipes)
+    return pipes
+
+
+def check_unique_names(folder: str | Path, pipes: list[Pipeline]) -> None:
     names = [p.name for p in pipes]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise PipelineError(f"{folder}: pipeline name(s) used twice: {', '.join(sorted(dup))}")
-    return pipes
+
+
+def pipeline_files(folder: str | Path) -> list[Path]:
+    """The pipeline files of a folder (``*.yaml``, ``*.yml``), or the file itself."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")) if folder.is_dir() else [folder]
+    if not files:
+        raise PipelineError(f"{folder}: no pipeline files (*.yaml)")
+    return files
+
+
+def check_pipeline(p: Pipeline, key_loader: Callable | None = None) -> list[str]:
+    """What a run of ``p`` needs, checked now: one message per problem, naming the file and the
+    field ([] = ready). ``key_loader(ref)`` resolves the key reference (default: a key file or
+    env:NAME); the key itself appears in no message."""
+    problems: list[str] = []
+
+    def problem(field: str, err) -> None:
+        problems.append(f"{p.file}: field {field}: {err}")
+
+    fingerprint = None
+    if p.scheme.split(":")[0] != "plain":
+        from .keys import load_key
+
+        try:
+            fingerprint = (key_loader or load_key)(p.key_ref).fingerprint
+        except EtcError as e:
+            problem("key_ref", e)
+    source = None
+    try:
+        from .sources import open_source
+
+        source = open_source(p.source, resize=p.resize)
+        missing = [s for s in (p.splits or []) if s not in source.splits]
+        if missing or not source.splits:
+            problem("splits", f"source has no split {', '.join(missing) or '(none found)'}; it has: "
+                              f"{', '.join(source.splits) or 'nothing'}")
+    except EtcError as e:
+        problem("source", e)
+    try:
+        _check_storage(p.storage.url, p.storage.storage_options)
+    except EtcError as e:
+        problem("storage.url", e)
+        return problems
+    if source is not None and (fingerprint is not None or p.scheme.split(":")[0] == "plain"):
+        problems += [f"{p.file}: {e}" for e in _committed_conflicts(p, source, fingerprint)]
+    return problems
+
+
+def _check_storage(url: str, storage_options: dict) -> None:
+    """The dataset root can be written: a local folder (or its nearest existing parent) that is
+    writable, or an object-store bucket that answers a listing with the environment's credentials."""
+    if is_local(url):
+        path = Path(url[len("file://"):] if url.startswith("file://") else url)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+            raise StorageError(f"{url}: {path} is not a writable folder")
+        return
+    fs, root = get_fs(url, storage_options)
+    bucket = root.split("/", 1)[0]
+    list_names(f"{url.split('://', 1)[0]}://{bucket}", storage_options)  # credentials, endpoint, bucket
+    if not fs.exists(bucket):
+        raise StorageError(f"{url}: bucket {bucket} does not exist")
+
+
+def _committed_conflicts(p: Pipeline, source, fingerprint: str | None) -> list[str]:
+    """Splits already committed at the storage URL with another key or other settings (a run
+    would refuse to append to them)."""
+    from .codecs import get_codec
+    from .manifest import ManifestMissing, read_manifest
+    from .prepare import PrepareConfig, check_compatible
+    from .storage import join
+
+    cfg = PrepareConfig(**p.flow_parameters())
+    out = []
+    for split in p.splits or source.splits:
+        url = join(p.storage.url, split)
+        try:
+            check_compatible(read_manifest(url, p.storage.storage_options), cfg, fingerprint,
+                             get_codec(cfg.codec).spec, url)
+        except ManifestMissing:
+            continue
+        except EtcError as e:
+            out.append(f"field storage.url: {e}")
+    return out
+
+
+def check_folder(folder: str | Path, key_loader: Callable | None = None) -> tuple[list[Pipeline], list[str]]:
+    """Every pipeline file of ``folder`` loaded and checked (``check_pipeline``): the pipelines
+    that load, and every problem found in any file (a bad file does not hide the others')."""
+    pipes, problems = [], []
+    for f in pipeline_files(folder):
+        try:
+            pipes.append(load_pipeline(f))
+        except PipelineError as e:
+            problems.append(str(e))
+    try:
+        check_unique_names(folder, pipes)
+    except PipelineError as e:
+        problems.append(str(e))
+    for p in pipes:
+        problems += check_pipeline(p, key_loader)
+    return pipes, problems

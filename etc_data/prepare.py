@@ -7,26 +7,40 @@
 Plan -> run -> commit:
 
 - ``plan_split`` decides, per split, which source items still need sharding (incremental ingest:
-  items whose stable sample key is already in the committed dataset are skipped) and cuts them
-  into chunks, one shard each;
+  items whose stable sample key is already in the committed dataset are skipped), puts them in a
+  seeded random order and cuts them into chunks, one shard each;
 - ``run_chunk`` does one chunk end to end (load, encrypt with the owner's key, encode, write the
   shard atomically) and returns only public metadata. Chunks run in this process, in a
   ``WorkerPool`` of local processes, or wherever ``map_chunks`` sends them (the Prefect flow: one
   task per chunk, on threads or a Dask cluster);
 - ``commit_split`` writes the manifest last, signed with the owner key (also for ``plain``
   datasets: the signature is the owner's identity); it is the commit point, after which shards
-  that the manifest does not list (leftovers of a killed run) are removed. An append only
+  that the manifest does not list (leftovers of a killed run) are removed. It first checks that the
+  manifest it replaces is the one the run planned from (optimistic concurrency). An append only
   continues a split signed by the same owner.
+
+One writer per dataset: a run holds ``locks.dataset_lock`` on its output from planning to the
+commit, so a second run into the same output is refused with an error naming the holder (a killed
+run's lock never blocks: see ``locks``).
 
 A chunk receives a *key reference* (a path or ``env:NAME``), never the key: the key is loaded
 where the encryption happens, so no key material travels through task parameters or results.
 The same input, key and arguments always give byte-identical shards (deterministic plans, tar
 layout and codecs), which is what makes a rerun after SIGKILL end with the same manifest.
+
+Shards are written for streaming: a reader that takes the shards and their samples in order, with
+no shuffling of its own, still sees every class in every batch. The items a run adds are ranked by
+a keyed hash of their sample key (the hash key derives from the dataset id and the split), so the
+order is random-looking across and within shards, yet a pure function of the keys: a rerun, a
+resumed run and a run on another machine plan the same shards. An append orders its new items the
+same way among its new shards. ``--limit N`` takes a stratified sample (every class in proportion),
+the first N of a fixed per-split order, so a larger limit later appends to a smaller one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import warnings
@@ -34,14 +48,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from . import __version__
-from .codecs import DEFAULT_CODEC, check_scheme_codec, encode_batch, get_codec
+from .codecs import DEFAULT_CODEC, check_scheme_codec, get_codec
 from .errors import EtcError
-from .manifest import Manifest, ManifestMissing, read_manifest, read_sample_index, write_manifest
+from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
+from .locks import dataset_lock
+from .manifest import Manifest, ManifestMissing, manifest_url, read_manifest, read_sample_index, write_manifest
+from .readers import ReaderWarning, reader_warning, write_reader_files
 from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spec, weak_key_message
 from .shards import ShardStream, sample_files_maker
 from .sources import BAD_IMAGE_POLICIES, Source, open_source
 from .storage import StorageError, join, list_names, remove
 from .trust import TrustPolicy
+from .verify import remove_leftovers
 
 DEFAULT_SHARD_SIZE = 10000
 POOL_MIN_IMAGES = 4000  # with workers=None, fewer images than this run in-process (a pool's start costs ~1 s)
@@ -79,10 +97,16 @@ class PrepareConfig:
     storage_options: dict = field(default_factory=dict)
     workers: int | None = None   # local worker processes: None = one per core for large runs, 1 = in this process
     verify: bool = True          # check every written split against its manifest after the commit
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # a source image past this (from its header) is a bad image
+    max_image_bytes: int = DEFAULT_MAX_BYTES    # so is an image file or archive member past this
 
     def check(self) -> None:
-        """Refuse settings no run can use, naming the field."""
-        for name in ("shard_size", "max_shard_bytes", "limit", "resize", "workers"):
+        """Refuse settings no run can use, naming the field, and key material passed as the key reference."""
+        from .keys import check_key_ref
+
+        check_key_ref(self.key_ref)
+        for name in ("shard_size", "max_shard_bytes", "limit", "resize", "workers", "max_image_pixels",
+                     "max_image_bytes"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise PrepareError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -92,7 +116,8 @@ class PrepareConfig:
             raise PrepareError("out (the dataset root URL) is required")
 
     def open_source(self) -> Source:
-        return open_source(self.source, resize=self.resize)
+        return open_source(self.source, resize=self.resize,
+                           limits=ImageLimits(self.max_image_pixels, self.max_image_bytes))
 
     def scheme_name(self) -> str:
         return parse_scheme_spec(self.scheme)[0]
@@ -105,7 +130,7 @@ class PrepareConfig:
 class ChunkSpec:
     split: str
     index: int           # shard index of the chunk
-    items: list[int]     # positions in the split's sorted item list
+    items: list[int]     # positions in the split's sorted item list, in the order they are written
     token: str = ""      # the split's Source.split_token when planned ("" = not checked)
     fingerprint: str | None = None  # the planner's key fingerprint (public; None = plain or not checked)
 
@@ -193,14 +218,52 @@ def plan_split(cfg: PrepareConfig, source: Source, split: str, fingerprint: str 
         index = read_sample_index(split_url, existing, cfg.storage_options)
     done = {k for v in index.values() for k in v}
     items = source.items(split)
-    if cfg.limit is not None:
-        items = items[:cfg.limit]
-    todo = [i for i, it in enumerate(items) if it.key not in done]
+    # Sources list items sorted by key, i.e. class by class for <split>/<class>/<file> layouts: written
+    # in that order every shard would hold one class and a reader's shuffle buffer could not mix them.
+    rank = shuffle_rank(cfg.dataset, split)
+    chosen = range(len(items)) if cfg.limit is None else stratified_limit(items, cfg.limit, rank)
+    todo = sorted((i for i in chosen if items[i].key not in done), key=lambda i: rank(items[i].key))
     start = _next_index(existing)
     token = source.split_token(split)
     chunks = [ChunkSpec(split, start + n, todo[i:i + cfg.shard_size], token, fingerprint)
               for n, i in enumerate(range(0, len(todo), cfg.shard_size))]
-    return SplitPlan(split, len(items), chunks, existing, index)
+    return SplitPlan(split, len(chosen), chunks, existing, index)
+
+
+SHUFFLE_CONTEXT = b"etc-data sample order v1\0"
+SAMPLE_ORDER = {"shuffle": "seeded", "seed_from": ["dataset", "split"],
+                "method": "each run's new samples sorted by blake2b-64 of the sample key, keyed with "
+                          "sha256('etc-data sample order v1' NUL dataset NUL split)",
+                "scope": "across and within the shards a run writes; an append orders its new samples "
+                         "among its new shards"}
+
+
+def shuffle_rank(dataset: str, split: str) -> Callable[[str], bytes]:
+    """The sort key of the seeded sample order of one split: a keyed hash of the sample key (its
+    bytes compare like a uniform random number). Public and reproducible: it hides nothing, and
+    must not: it only mixes the classes."""
+    seed = hashlib.sha256(SHUFFLE_CONTEXT + f"{dataset}\0{split}".encode()).digest()
+
+    def rank(key: str) -> bytes:
+        return hashlib.blake2b(key.encode(), key=seed, digest_size=8).digest() + key.encode()
+    return rank
+
+
+def stratified_limit(items: list, limit: int, rank: Callable[[str], bytes]) -> list[int]:
+    """Positions of ``limit`` items spread over the classes in proportion to their sizes (each
+    class within one item of its share). The items of each class are taken in ``rank`` order, the
+    k-th of a class of n sits at (k + 0.5) / n in one merged order, and the first ``limit`` of that
+    order are chosen: a larger limit selects a superset (appends stay appends)."""
+    by_class: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        by_class.setdefault(it.label, []).append(i)
+    merged = []
+    for members in by_class.values():
+        members.sort(key=lambda i: rank(items[i].key))
+        n = len(members)
+        merged += [((k + 0.5) / n, rank(items[i].key), i) for k, i in enumerate(members)]
+    merged.sort()
+    return sorted(i for _, _, i in merged[:limit])
 
 
 STREAM_BATCH = 64  # images a chunk loads, encrypts and encodes at once: memory does not grow with the shard
@@ -244,7 +307,7 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threa
         raise PrepareError(f"source {source.name}, split {spec.split}: changed since this run was planned "
                            f"(chunk {spec.index}); run prepare again")
     all_items = source.items(spec.split)
-    items = sorted((all_items[i] for i in spec.items), key=lambda it: it.key)  # the tar's member order
+    items = [all_items[i] for i in spec.items]  # the plan's order is the tar's member order
     where = f"{spec.split} chunk {spec.index}"
 
     def work(part):
@@ -254,7 +317,7 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threa
         return batch, codec.encode_many(scheme.encrypt(batch.images, item=where))
 
     stream = ShardStream(join(cfg.out, spec.split), "", None, cfg.max_shard_bytes, cfg.storage_options,
-                         split=spec.split, index=spec.index)
+                         split=spec.split, index=spec.index, order="given")
     files = sample_files_maker(codec.ext, spec.split)
     skipped, size, payload = [], None, 0
     parts = [items[i:i + STREAM_BATCH] for i in range(0, len(items), STREAM_BATCH)]
@@ -336,6 +399,7 @@ def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: l
     """Write the sample index and manifest.json (the commit point, signed with the owner key
     ``key``), then remove unlisted shards."""
     split_url = join(cfg.out, plan.split)
+    check_planned(split_url, plan.existing, cfg.storage_options, TrustPolicy.from_refs(key=key))
     results = sorted(results, key=lambda r: r.index)
     old = plan.existing
     sizes = {tuple(r.image_size) for r in results if r.image_size}
@@ -355,15 +419,11 @@ def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: l
                  block_size=scheme_params["block_size"], scheme_options=scheme_params["options"],
                  pad=scheme_params["pad"], codec=codec_spec, key_fingerprint=fingerprint,
                  classes=list(source.classes), image_size=list(next(iter(sizes))), shards=shards,
-                 source=source.description, resize=source.resize_policy(), tool_version=__version__)
+                 source=source.description, resize=source.resize_policy(), tool_version=__version__,
+                 sample_order=dict(SAMPLE_ORDER))
     write_manifest(split_url, m, sample_index=index, storage_options=cfg.storage_options, key=key)
-    listed = {e["name"] for e in shards}
-    for name in list_names(split_url, cfg.storage_options):
-        if (name.endswith(".tar") and name not in listed) or name.endswith(".part"):
-            try:
-                remove(join(split_url, name), cfg.storage_options)
-            except StorageError:
-                pass  # verify reports it as extra; nothing counts it
+    remove_leftovers(split_url, {e["name"] for e in shards}, cfg.storage_options)  # also when nothing was new
+    write_reader_files(cfg.out, m, cfg.storage_options, TrustPolicy.from_refs(key=key))
     return m
 
 
@@ -378,6 +438,7 @@ class PrepareSummary:
     key_bits: float | None
     image_size: list[int] | None
     verified: dict[str, int] = field(default_factory=dict)  # samples checked per split (verify=True)
+    reader_warning: str | None = None  # the codec is not decodable by Pillow-based readers (readers.reader_warning)
 
     def rows(self) -> list[dict]:
         """One public row per split: what a table artifact, a log line or a report shows."""
@@ -436,7 +497,7 @@ class PrepareSummary:
                 "scheme": m0.scheme, "block_size": m0.block_size, "key_bits": self.key_bits,
                 "image_size": self.image_size, "weak_key_message": self.weak_key_message(),
                 "splits": {k: v.num_samples for k, v in self.manifests.items()}, "verified": self.verified,
-                "public_key": m0.public_key}
+                "public_key": m0.public_key, "reader_warning": self.reader_warning}
 
 
 MapChunks = Callable[[PrepareConfig, list[ChunkSpec]], Iterable[ChunkResult]]
@@ -459,34 +520,32 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     owner = signing_key(cfg, key_loader)
     scheme, key = build_scheme(cfg, key=owner if cfg.scheme_name() != "plain" else None)
     check_scheme_codec(scheme, codec)
+    compat = reader_warning(codec)
+    if compat:
+        warnings.warn(compat, ReaderWarning, stacklevel=2)
     fingerprint = key.fingerprint if key is not None else None
     trust = TrustPolicy.from_refs(key=owner)
     splits = cfg.splits or source.splits
     for sp in splits:
         if sp not in source.splits:
             raise PrepareError(f"source {source.name} has no split {sp!r}; it has: {', '.join(source.splits)}")
-    plans = [plan_split(cfg, source, sp, fingerprint, codec.spec, trust) for sp in splits]
-    specs = [c for p in plans for c in p.chunks]
-
-    if map_chunks is not None:
-        results = []
-        for r in map_chunks(cfg, specs):
-            results.append(r)
-            if progress:
-                progress(r)
-    else:
-        results = _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_loader)
-
-    manifests, written, skipped, payload = {}, {}, {}, {}
-    for p in plans:
-        rs = [r for r in results if r.split == p.split]
-        manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(), owner)
-        written[p.split] = sum(e["samples"] for r in rs for e in r.shards)
-        skipped[p.split] = [x for r in rs for x in r.skipped]
-        payload[p.split] = sum(r.payload_bytes for r in rs)
+    with dataset_lock(cfg.out, cfg.storage_options) as lock:  # one writer per dataset, planning to commit
+        plans = [plan_split(cfg, source, sp, fingerprint, codec.spec, trust) for sp in splits]
+        specs = [c for p in plans for c in p.chunks]
+        results = _run_chunks(cfg, specs, source, scheme, fingerprint, pool, progress, map_chunks, key_loader)
+        lock.check()
+        manifests, written, skipped, payload = {}, {}, {}, {}
+        for p in plans:
+            rs = [r for r in results if r.split == p.split]
+            manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(), owner)
+            written[p.split] = sum(e["samples"] for r in rs for e in r.shards)
+            skipped[p.split] = [x for r in rs for x in r.skipped]
+            payload[p.split] = sum(r.payload_bytes for r in rs)
+        remove_root_leftovers(cfg.out, cfg.storage_options)
     size = next(iter(manifests.values())).image_size if manifests else None
     bits = scheme.key_space_bits(*size) if (size and scheme.keyed) else None
-    summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size)
+    summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size,
+                             reader_warning=compat)
     if cfg.verify:
         from .verify import VerifyConfig, verify_dataset
 
@@ -496,6 +555,41 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
             raise PrepareError(f"verification of {cfg.out} failed after the commit:\n" + "\n".join(result.lines()))
         summary.verified = {r.split: r.samples for r in result.reports}
     return summary
+
+
+def _run_chunks(cfg, specs, source, scheme, fingerprint, pool, progress, map_chunks, key_loader) -> list[ChunkResult]:
+    """Every planned chunk, through ``map_chunks`` when given, else locally."""
+    if map_chunks is None:
+        return _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_loader)
+    results = []
+    for r in map_chunks(cfg, specs):
+        results.append(r)
+        if progress:
+            progress(r)
+    return results
+
+
+def remove_root_leftovers(root: str, storage_options: dict | None = None) -> None:
+    """Temporary files a killed run left at the dataset root (``._info.json.*.part``); only called
+    under the dataset lock, so no other writer's temporary file is in flight."""
+    for name in list_names(root, storage_options):
+        if name.startswith(".") and name.endswith(".part"):
+            try:
+                remove(join(root, name), storage_options)
+            except StorageError:
+                pass
+
+
+def check_planned(split_url: str, planned: Manifest | None, storage_options: dict | None = None,
+                  trust: TrustPolicy | None = None) -> None:
+    """Optimistic concurrency: the manifest a commit replaces must still be the one it planned from."""
+    try:
+        current = read_manifest(split_url, storage_options, trust)
+    except ManifestMissing:
+        current = None
+    if (current and current.to_dict()) != (planned and planned.to_dict()):
+        raise PrepareError(f"{manifest_url(split_url)} changed since this run planned (another writer committed "
+                           f"there); nothing of this split was committed, run prepare again")
 
 
 def use_worker_pool(cfg: PrepareConfig) -> bool:

@@ -26,11 +26,11 @@ import numpy as np
 
 from .codecs import check_scheme_codec, get_codec
 from .errors import EtcError
-from .schemes import SCHEMES, WeakKeyWarning, make_scheme, parse_scheme_spec
+from .schemes import SCHEMES, WeakKeyWarning, make_scheme, parse_scheme_spec, spec_label
 from .sources import BAD_IMAGE_POLICIES, Source, open_source
 
 PSNR_CAP = 100.0  # dB, for images decoded without error
-DEFAULT_SCHEMES = ["plain", "etc", "ele", "pe"]
+DEFAULT_SCHEMES = ["plain", "etc", "etc:common=1", "le", "ele", "pe"]
 DEFAULT_CODECS = ["jpeg:q=85,sub=444", "jpeg:q=80,sub=444", "jpegls", "j2k", "raw"]
 
 
@@ -113,7 +113,7 @@ class ReportConfig:
     out: str | None = None                 # folder for sizes.json/.md/.png (None: not written)
     schemes: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEMES))
     codecs: list[str] = field(default_factory=lambda: list(DEFAULT_CODECS))
-    block_size: int | None = 16            # of the block-wise schemes (etc, blockwise)
+    block_size: int | None = 16            # of the JPEG-aligned schemes (etc, blockwise); le/ele use 4, pe 1
     key_ref: str | None = None             # None: an ephemeral random key that is never stored
     dataset: str | None = None             # dataset id for the subkey (default: the source name)
     splits: list[str] | None = None
@@ -172,9 +172,9 @@ class SizeReport:
 
     def markdown(self) -> str:
         n = self.cells[(self.schemes[0], self.codecs[0])].images if self.cells else 0
-        lines = [f"# Compressed size by scheme and codec", "",
+        lines = ["# Compressed size by scheme and codec", "",
                  f"- source: {self.source}", f"- images: {n}", f"- block size: {self.block_size} (etc, blockwise); "
-                 f"ele uses 4x4 blocks", f"- key: {self.key}", "",
+                 f"le and ele use 4x4 blocks, pe is per pixel", f"- key: {self.key}", "",
                  "Each cell: total MB for these images, bytes per image, and the ratio to plain with the same codec."
                  " PSNR (dB) of the decoded and decrypted image against the plain image for lossy codecs.", ""]
         lines.append("| codec | " + " | ".join(self.schemes) + " |")
@@ -253,7 +253,7 @@ def measure_sizes(source: Source, schemes: list[str], codecs: list[str], block_s
     ephemeral random key; ``psnr=False``: lossy codecs are not decoded and scored."""
     if not schemes or not codecs:
         raise ReportError("give at least one scheme and one codec")
-    names = [parse_scheme_spec(s)[0] for s in schemes]
+    names = [spec_label(s) for s in schemes]  # one column per spec: etc and etc:common=1 are different schemes
     codec_objs = [get_codec(c) for c in codecs]
     dataset = dataset or source.name
     ephemeral = secrets.token_bytes(32) if key is None else None

@@ -1,9 +1,11 @@
 """Learnable image encryption schemes over uint8 RGB batches ``(N, H, W, 3)``.
 
-Every scheme here is, for a fixed key and image size, a *permutation of the H*W*3 values* followed
-by a *negative-positive mask* (q -> 255 - q, which for uint8 is q XOR 0xFF). So each scheme only
-builds a plan ``(idx, mask)`` once per image size and the batch transform is one gather plus one
-XOR, vectorised over the whole batch:
+Every scheme here is, for a fixed key and image size, a *permutation of the image's values*
+followed by a *negative-positive mask* over them. The values are the H*W*3 bytes (q -> 255 - q is
+q XOR 0xFF), except for ``le``, whose values are the H*W*6 four-bit nibbles (upper and lower half
+of every byte; p -> 15 - p is p XOR 0xF). So each scheme only builds a plan ``(idx, mask)`` once per
+image size and the batch transform is one gather plus one XOR, vectorised over the whole batch
+(``le`` splits the bytes into nibbles before and merges them after):
 
     encrypt:  y.flat[j] = x.flat[idx[j]] ^ mask[j]
     decrypt:  x.flat[idx[j]] = y.flat[j] ^ mask[j]      (i.e. x = (y ^ mask)[argsort(idx)])
@@ -18,11 +20,25 @@ Schemes (the details chosen where the papers leave room are all in this module):
          a horizontal flip). The public reference code draws rotation and flip from one key and so
          reaches only 4 of the 8; we draw all 8; (3) negative-positive per block with probability
          1/2; (4) one of the 6 colour-channel permutations per block. Key space:
-         log2(n!) + n*(3 + 1 + log2 6) bits for n blocks.
+         log2(n!) + n*(3 + 1 + log2 6) bits for n blocks. Option ``scramble=0`` drops step (1).
+         ``common=1``: steps (2)-(4) use one key shared by every block (the same rotation/flip,
+         negative-positive bit and colour order everywhere; 96 choices), so that a patch embedding
+         absorbs them (``modelcrypt``); block scrambling stays optional (``scramble``, default on).
+         ``common=1,sub=S``: the two-level form of Hamano, Imaizumi & Kiya (Sensors 23(7) 3400,
+         2023): every main block (B, the model's patch) is split into S x S sub blocks, which are
+         translocated inside the main block and each rotated/flipped, negative-positive transformed
+         and colour-shuffled, all with keys shared by every main block (one key per sub-block
+         position); then the main blocks are translocated (``scramble``). Both keep JPEG's block
+         structure when S (or B) is a multiple of the MCU.
 ``blockwise`` One common key for all blocks (MaungMaung & Kiya; Iijima & Kiya's model encryption):
          a permutation of the B*B*3 values inside every block (row, col, channel order), an
          optional negative-positive mask over those values (``negpos``, default on), optional block
          scrambling (``scramble``, default off; needed for ViT, impossible to absorb for ConvMixer).
+         Not JPEG-friendly: the values of an 8x8 DCT block are shuffled across it and across colours.
+``le``   Learnable image encryption (Tanaka 2018): B x B blocks (default 4); every byte is split
+         into its upper and lower 4 bits, giving a 6-channel block of B*B*6 nibbles; key-chosen
+         nibbles are intensity-reversed (p -> 15 - p) and the nibbles are shuffled inside the block,
+         with one key for every block; the 6 channels are merged back into 3 bytes.
 ``pe``   Pixel-based encryption (Sirichotedumrong et al.): negative-positive of every value with
          probability 1/2 and one of the 6 channel permutations per pixel. Sirichotedumrong et al.
          draw a fresh key per image; here, as for all schemes, one key per owner and dataset.
@@ -156,45 +172,56 @@ def check_jpeg_compat(scheme: "Scheme | str", block_size: int | None, subsamplin
     """Refuse a block-wise scheme whose blocks do not align with the JPEG MCU.
 
     The MCU is 16x16 with 4:2:0 chroma subsampling (16 wide with 4:2:2) and 8x8 with 4:4:4 or
-    grayscale: the block size must be a multiple of it, else block edges fall inside an MCU and
-    the encryption is not compression-friendly (block 16 works with both, block 8 with 4:2:0
-    does not). Schemes that are not block-aligned by design (``pe``, ``ele``) are allowed, since
-    they are compressed only to measure that cost.
+    grayscale: the block size (for ``etc:common=1,sub=S`` the sub-block size S, the unit that is
+    transformed) must be a multiple of it, else block edges fall inside an MCU and the encryption
+    is not compression-friendly (block 16 works with both, block 8 with 4:2:0 does not). Aligned
+    blocks are necessary, not sufficient: ``blockwise`` is checked too but shuffles the values of
+    every block and so does not compress well anyway. Schemes that are not block-aligned by design
+    (``le``, ``pe``, ``ele``) are allowed, since they are compressed only to measure that cost. ``scheme``: a Scheme or a spec string.
     """
-    cls = scheme if isinstance(scheme, Scheme) else SCHEMES.get(str(scheme))
-    if cls is None:
-        raise SchemeError(f"unknown scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+    if isinstance(scheme, Scheme):
+        cls, sub_bs = type(scheme), scheme.jpeg_unit()
+    else:
+        name, opts = parse_scheme_spec(str(scheme))
+        cls, sub_bs = SCHEMES[name], opts.get("sub")
     sub = str(subsampling)
     if sub not in JPEG_MCU:
         raise SchemeError(f"unknown chroma subsampling {subsampling!r}; valid: {', '.join(JPEG_MCU)}")
     if not cls.jpeg_block_aligned or block_size is None:
         return
+    unit = int(sub_bs) if sub_bs else int(block_size)
+    what = "sub-block size" if sub_bs and int(sub_bs) != int(block_size) else "block size"
     mcu = JPEG_MCU[sub]
-    if block_size % mcu:
-        raise SchemeError(
-            f"scheme {cls.name} with block size {block_size} is not JPEG-compliant with {sub} subsampling: "
-            f"the block size must be a multiple of the {mcu}x{mcu} MCU (use block size {mcu * max(1, -(-block_size // mcu))}"
-            f" or subsampling 444)")
+    if unit % mcu:
+        fix = f"use {what} {mcu * max(1, -(-unit // mcu))}"
+        if unit % JPEG_MCU["444"] == 0:  # only a 4:4:4 or grayscale MCU (8x8) would fit this size
+            fix += " or subsampling 444"
+        raise SchemeError(f"scheme {cls.name} with {what} {unit} is not JPEG-compliant with {sub} subsampling: "
+                          f"the {what} must be a multiple of the {mcu}x{mcu} MCU ({fix})")
 
 
 # ----------------------------------------------------------------------------- schemes
 
 @dataclass(frozen=True)
 class Plan:
-    """A scheme's transform for one image size: y.flat = x.flat[idx] ^ mask."""
+    """A scheme's transform for one image size: y.flat = x.flat[idx] ^ mask (over its values)."""
 
-    idx: np.ndarray       # (H*W*3,) source index for every output value
-    mask: np.ndarray | None  # (H*W*3,) uint8 0 or 255, or None for no negative-positive
+    idx: np.ndarray       # (H*W*C,) source index for every output value (C = values per pixel)
+    mask: np.ndarray | None  # (H*W*C,) uint8 0 or the value's all-ones (255, or 15 for nibbles), or None
     inv: np.ndarray       # argsort(idx)
     inv_mask: np.ndarray | None  # mask[inv], so that decrypt is also one gather + one XOR
 
 
 class Scheme:
-    """Base class: subclasses implement ``_build(h, w) -> (idx, mask)`` and ``key_space_bits``."""
+    """Base class: subclasses implement ``_build(h, w) -> (idx, mask)`` and ``key_space_bits``.
+
+    A plan permutes the ``values_per_pixel`` values of every pixel (3 bytes; ``le``: 6 nibbles,
+    made by ``_to_values`` and merged back by ``_from_values``)."""
 
     name: ClassVar[str] = ""
     keyed: ClassVar[bool] = True
     jpeg_block_aligned: ClassVar[bool] = False
+    values_per_pixel: ClassVar[int] = 3
     default_block_size: ClassVar[int | None] = None
     option_names: ClassVar[tuple[str, ...]] = ()
 
@@ -229,6 +256,10 @@ class Scheme:
     def key_space_bits(self, h: int, w: int) -> float:
         raise NotImplementedError
 
+    def jpeg_unit(self) -> int | None:
+        """The block size JPEG alignment is checked against (``etc:common=1,sub=S``: S)."""
+        return self.block_size
+
     # -- geometry
     def padded_size(self, h: int, w: int, item: str = "batch") -> tuple[int, int]:
         B = self.block_size or 1
@@ -255,6 +286,13 @@ class Scheme:
         raise NotImplementedError
 
     # -- transforms
+    def _to_values(self, x: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, H*W*values_per_pixel) values the plan permutes."""
+        return x.reshape(len(x), -1)
+
+    def _from_values(self, v: np.ndarray, h: int, w: int) -> np.ndarray:
+        return v.reshape(len(v), h, w, 3)
+
     def encrypt(self, x: np.ndarray, item: str = "batch") -> np.ndarray:
         x = ensure_rgb(x, item)
         n, h, w, _ = x.shape
@@ -263,7 +301,7 @@ class Scheme:
             mode = "edge" if self.pad == "edge" else "constant"
             x = np.pad(x, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode=mode)
         p = self.plan(ph, pw)
-        return _gather_xor(x.reshape(n, -1), p.idx, p.mask).reshape(n, ph, pw, 3)
+        return self._from_values(_gather_xor(self._to_values(x), p.idx, p.mask), ph, pw)
 
     def decrypt(self, y: np.ndarray, item: str = "batch", size: tuple[int, int] | None = None) -> np.ndarray:
         """Invert ``encrypt``. ``size`` = original (H, W) when a pad policy enlarged the images."""
@@ -272,7 +310,7 @@ class Scheme:
         if self.padded_size(h, w, item) != (h, w):
             raise SchemeError(f"{item}: encrypted size {h}x{w} is not a multiple of block size {self.block_size}")
         p = self.plan(h, w)
-        x = _gather_xor(y.reshape(n, -1), p.inv, p.inv_mask).reshape(n, h, w, 3)
+        x = self._from_values(_gather_xor(self._to_values(y), p.inv, p.inv_mask), h, w)
         if size is not None:
             x = x[:, : size[0], : size[1]]
         return x
@@ -288,6 +326,45 @@ def weak_key_message(name: str, bits: float, h: int, w: int, block_size: int | N
     return (f"WARNING: scheme {name} with {h}x{w} images and block size {block_size} has a key space of only "
             f"{bits:.1f} bits (< {MIN_KEY_BITS}): an attacker who knows the algorithm can search it or solve "
             f"it as a puzzle; see the README's threat model")
+
+
+@dataclass(frozen=True)
+class BlockKeys:
+    """One transform shared by every B x B block: output value k of a block (its m = B*B*C values in
+    (row, col, channel) order) is input value ``inner[k]``, reversed where ``negpos[k]``; with block
+    scrambling, output block i is input block ``perm[i]``. What a patch embedding absorbs."""
+
+    inner: np.ndarray          # (m,)
+    negpos: np.ndarray | None  # (m,) bool, or None
+    perm: np.ndarray | None    # (n blocks,), or None
+
+
+def _common_block_plan(h: int, w: int, B: int, keys: BlockKeys, channels: int = 3,
+                       ones: int = 255) -> tuple[np.ndarray, np.ndarray | None]:
+    """The (idx, mask) plan of a transform shared by every block (``BlockKeys``)."""
+    m = B * B * channels
+    src = image_to_blocks(np.arange(h * w * channels).reshape(h, w, channels), B).reshape(-1, m)
+    if keys.perm is not None:
+        src = src[keys.perm]
+    hb, wb = h // B, w // B
+    idx = blocks_to_image_order(src[:, keys.inner].reshape(-1, B, B, channels), hb, wb).reshape(-1)
+    if keys.negpos is None:
+        return idx, None
+    mask = np.broadcast_to(np.where(keys.negpos, ones, 0), src.shape).reshape(-1, B, B, channels)
+    return idx, blocks_to_image_order(mask, hb, wb).reshape(-1)
+
+
+def _transform_blocks(src: np.ndarray, dih: np.ndarray, cperm: np.ndarray,
+                      negpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """EtC steps (2)-(4) on (n, B, B, 3) blocks (of value indices): dihedral ``dih[i]``, colour
+    order ``CPERMS[cperm[i]]`` and negative-positive ``negpos[i]`` per block -> (blocks, mask)."""
+    out = np.empty_like(src)
+    for t in range(8):  # a loop over the 8 transform types, not over blocks
+        sel = dih == t
+        if sel.any():
+            out[sel] = dihedral(src[sel], t)
+    out = np.take_along_axis(out, CPERMS[cperm][:, None, None, :], axis=3)
+    return out, np.broadcast_to(np.where(negpos, 255, 0)[:, None, None, None], out.shape)
 
 
 class Plain(Scheme):
@@ -310,45 +387,6 @@ class Plain(Scheme):
         return 0.0
 
 
-class EtC(Scheme):
-    name = "etc"
-    jpeg_block_aligned = True
-    default_block_size = 16
-
-    @dataclass(frozen=True)
-    class Keys:
-        perm: np.ndarray      # K1: output block i = input block perm[i]
-        dihedral: np.ndarray  # K2: transform 0..7 per output block
-        negpos: np.ndarray    # K3: bool per output block
-        cperm: np.ndarray     # K4: index into CPERMS per output block
-
-    def keys_for(self, h: int, w: int) -> "EtC.Keys":
-        B = self.block_size
-        n = (h // B) * (w // B)
-        tag = f"etc/{h}x{w}/B{B}"
-        k = self._subkey
-        return EtC.Keys(key_permutation(k, tag + "/K1", n), key_choice(k, tag + "/K2", n, 8),
-                        key_bits(k, tag + "/K3", n), key_choice(k, tag + "/K4", n, 6))
-
-    def _build(self, h, w):
-        B = self.block_size
-        keys = self.keys_for(h, w)
-        src = image_to_blocks(np.arange(h * w * 3).reshape(h, w, 3), B)[keys.perm]  # (n, B, B, 3)
-        out = np.empty_like(src)
-        for t in range(8):  # a loop over the 8 transform types, not over blocks
-            sel = keys.dihedral == t
-            if sel.any():
-                out[sel] = dihedral(src[sel], t)
-        out = np.take_along_axis(out, CPERMS[keys.cperm][:, None, None, :], axis=3)
-        mask = np.broadcast_to(np.where(keys.negpos, 255, 0)[:, None, None, None], out.shape)
-        hb, wb = h // B, w // B
-        return blocks_to_image_order(out, hb, wb).reshape(-1), blocks_to_image_order(mask, hb, wb).reshape(-1)
-
-    def key_space_bits(self, h, w):
-        n = (h // self.block_size) * (w // self.block_size)
-        return log2_factorial(n) + n * (3 + 1 + math.log2(6))
-
-
 def _bool_option(scheme: str, name: str, value) -> bool:
     if isinstance(value, bool):
         return value
@@ -360,24 +398,126 @@ def _bool_option(scheme: str, name: str, value) -> bool:
     raise SchemeError(f"scheme {scheme}: option {name} must be true/false, got {value!r}")
 
 
+N_BLOCK_TRANSFORMS = 8 * 2 * 6  # EtC's per-block choices: dihedral x negative-positive x colour order
+
+
+class EtC(Scheme):
+    name = "etc"
+    jpeg_block_aligned = True
+    default_block_size = 16
+    option_names = ("common", "scramble", "sub")
+
+    def __init__(self, subkey=None, block_size=None, pad="error", **options):
+        super().__init__(subkey, block_size, pad, **options)
+        common = _bool_option(self.name, "common", self.options.get("common", False))
+        scramble = _bool_option(self.name, "scramble", self.options.get("scramble", True))
+        sub = self.options.get("sub")
+        if sub is not None:
+            try:
+                sub = int(sub)
+            except (TypeError, ValueError):
+                raise SchemeError(f"scheme etc: option sub must be a sub-block size in pixels, got {sub!r}") from None
+            if not common:
+                raise SchemeError("scheme etc: sub-blocks (sub=S) are the two-level form with keys shared by every "
+                                  "main block: give common=1 too")
+            if sub < 1 or self.block_size % sub:
+                raise SchemeError(f"scheme etc: sub-block size {sub} must divide the block size {self.block_size}")
+            sub = None if sub == self.block_size else sub
+        self.common, self.scramble, self.sub = common, scramble, sub
+        # what a manifest records: nothing for the default (per-block keys, scrambled), as before
+        opts = {}
+        if common:
+            opts = {"common": True, "scramble": scramble}
+            if sub is not None:
+                opts["sub"] = sub
+        elif not scramble:
+            opts = {"scramble": False}
+        self.options = opts
+
+    def jpeg_unit(self):
+        return self.sub or self.block_size
+
+    @dataclass(frozen=True)
+    class Keys:
+        perm: np.ndarray      # K1: output block i = input block perm[i]
+        dihedral: np.ndarray  # K2: transform 0..7 per output block
+        negpos: np.ndarray    # K3: bool per output block
+        cperm: np.ndarray     # K4: index into CPERMS per output block
+
+    def keys_for(self, h: int, w: int) -> "EtC.Keys":
+        """The per-block keys (``common=0``); ``perm`` is the identity with ``scramble=0``."""
+        if self.common:
+            raise SchemeError("scheme etc:common=1 has one key for every block: use patch_keys(h, w)")
+        B = self.block_size
+        n = (h // B) * (w // B)
+        tag = f"etc/{h}x{w}/B{B}"
+        k = self._subkey
+        perm = key_permutation(k, tag + "/K1", n) if self.scramble else np.arange(n)
+        return EtC.Keys(perm, key_choice(k, tag + "/K2", n, 8), key_bits(k, tag + "/K3", n),
+                        key_choice(k, tag + "/K4", n, 6))
+
+    def patch_keys(self, h: int, w: int) -> BlockKeys:
+        """``common=1``: the one transform of every B x B block as a value permutation + sign mask.
+
+        Sub-block level (S = sub, or B): the (B/S)^2 sub blocks of a main block are translocated
+        (output sub block j = input sub block ``K1[j]``), then output sub block j gets its own
+        dihedral (K2), negative-positive (K3) and colour-order (K4) keys; all of it independent of
+        the image size and shared by every main block. Main-block scrambling (K5, ``scramble``) is
+        per image size, as EtC's.
+        """
+        if not self.common:
+            raise SchemeError("scheme etc uses a different key per block; only etc:common=1 has one per-block "
+                              "transform (patch_keys)")
+        B, k = self.block_size, self._subkey
+        S = self.sub or B
+        ns = (B // S) ** 2
+        tag = f"etc-common/B{B}/S{S}"
+        sub = image_to_blocks(np.arange(B * B * 3).reshape(B, B, 3), S)  # (ns, S, S, 3) value indices
+        if ns > 1:
+            sub = sub[key_permutation(k, tag + "/K1", ns)]
+        out, mask = _transform_blocks(sub, key_choice(k, tag + "/K2", ns, 8), key_choice(k, tag + "/K4", ns, 6),
+                                      key_bits(k, tag + "/K3", ns))
+        inner = blocks_to_image_order(out, B // S, B // S).reshape(-1)
+        negpos = blocks_to_image_order(mask, B // S, B // S).reshape(-1) == 255
+        perm = key_permutation(k, f"etc-common/{h}x{w}/B{B}/K5", (h // B) * (w // B)) if self.scramble else None
+        return BlockKeys(inner, negpos, perm)
+
+    def _build(self, h, w):
+        B = self.block_size
+        if self.common:
+            return _common_block_plan(h, w, B, self.patch_keys(h, w))
+        keys = self.keys_for(h, w)
+        src = image_to_blocks(np.arange(h * w * 3).reshape(h, w, 3), B)[keys.perm]  # (n, B, B, 3)
+        out, mask = _transform_blocks(src, keys.dihedral, keys.cperm, keys.negpos)
+        hb, wb = h // B, w // B
+        return blocks_to_image_order(out, hb, wb).reshape(-1), blocks_to_image_order(mask, hb, wb).reshape(-1)
+
+    def sub_blocks(self) -> int:
+        """Sub blocks per main block (1 unless ``common=1,sub=S`` with S < B)."""
+        return (self.block_size // (self.sub or self.block_size)) ** 2
+
+    def key_space_bits(self, h, w):
+        n = (h // self.block_size) * (w // self.block_size)
+        order = log2_factorial(n) if self.scramble else 0.0
+        if not self.common:
+            return order + n * math.log2(N_BLOCK_TRANSFORMS)
+        ns = self.sub_blocks()
+        return order + log2_factorial(ns) + ns * math.log2(N_BLOCK_TRANSFORMS)
+
+
 class Blockwise(Scheme):
     name = "blockwise"
     jpeg_block_aligned = True
     default_block_size = 16
     option_names = ("negpos", "scramble")
+    Keys = BlockKeys
 
     def __init__(self, subkey=None, block_size=None, pad="error", **options):
         super().__init__(subkey, block_size, pad, **options)
         self.options = {"negpos": _bool_option(self.name, "negpos", self.options.get("negpos", True)),
                         "scramble": _bool_option(self.name, "scramble", self.options.get("scramble", False))}
 
-    @dataclass(frozen=True)
-    class Keys:
-        inner: np.ndarray         # (B*B*3,) output value k of a block = input value inner[k] (row, col, ch order)
-        negpos: np.ndarray | None  # (B*B*3,) bool, or None
-        perm: np.ndarray | None    # block scrambling: output block i = input block perm[i], or None
-
-    def keys_for(self, h: int, w: int) -> "Blockwise.Keys":
+    def keys_for(self, h: int, w: int) -> BlockKeys:
         B = self.block_size
         k = self._subkey
         m = B * B * 3
@@ -386,23 +526,13 @@ class Blockwise(Scheme):
         perm = None
         if self.options["scramble"]:
             perm = key_permutation(k, f"blockwise/{h}x{w}/B{B}/scramble", (h // B) * (w // B))
-        return Blockwise.Keys(inner, neg, perm)
+        return BlockKeys(inner, neg, perm)
+
+    def patch_keys(self, h: int, w: int) -> BlockKeys:
+        return self.keys_for(h, w)
 
     def _build(self, h, w):
-        B = self.block_size
-        keys = self.keys_for(h, w)
-        src = image_to_blocks(np.arange(h * w * 3).reshape(h, w, 3), B).reshape(-1, B * B * 3)
-        if keys.perm is not None:
-            src = src[keys.perm]
-        out = src[:, keys.inner]
-        mask = None
-        if keys.negpos is not None:
-            mask = np.broadcast_to(np.where(keys.negpos, 255, 0), out.shape)
-        hb, wb = h // B, w // B
-        idx = blocks_to_image_order(out.reshape(-1, B, B, 3), hb, wb).reshape(-1)
-        if mask is not None:
-            mask = blocks_to_image_order(mask.reshape(-1, B, B, 3), hb, wb).reshape(-1)
-        return idx, mask
+        return _common_block_plan(h, w, self.block_size, self.keys_for(h, w))
 
     def key_space_bits(self, h, w):
         m = self.block_size ** 2 * 3
@@ -410,6 +540,43 @@ class Blockwise(Scheme):
         if self.options["scramble"]:
             bits += log2_factorial((h // self.block_size) * (w // self.block_size))
         return bits
+
+
+class LE(Scheme):
+    """Tanaka's learnable image encryption on the 6-channel nibble image (see the module docstring).
+
+    Tanaka's reference code keeps, per block, the B*B*3 lower nibbles and then the B*B*3 upper ones
+    in one vector, derives the reversed positions from the shuffle key (key values above half) and
+    reverses them both before and after shuffling; that too is one fixed nibble permutation plus a
+    reversal mask. Here the reversal bits are drawn from the key independently of the shuffle (the
+    paper's "randomly selected" values), which only adds key space."""
+
+    name = "le"
+    default_block_size = 4
+    values_per_pixel = 6
+
+    def keys_for(self, h: int = 0, w: int = 0) -> BlockKeys:
+        """Shared by every block and every image size: a shuffle of the B*B*6 nibbles (row, col, and
+        channel order R, G, B upper halves then R, G, B lower halves) and their reversal bits."""
+        B, k = self.block_size, self._subkey
+        m = B * B * 6
+        return BlockKeys(key_permutation(k, f"le/B{B}/shuffle", m), key_bits(k, f"le/B{B}/reverse", m), None)
+
+    def _to_values(self, x):
+        return np.concatenate([x >> 4, x & 0x0F], axis=-1).reshape(len(x), -1)
+
+    def _from_values(self, v, h, w):
+        v = v.reshape(len(v), h, w, 6)
+        out = v[..., :3] << 4
+        out |= v[..., 3:]
+        return out
+
+    def _build(self, h, w):
+        return _common_block_plan(h, w, self.block_size, self.keys_for(h, w), channels=6, ones=0x0F)
+
+    def key_space_bits(self, h, w):
+        m = self.block_size ** 2 * 6
+        return log2_factorial(m) + m
 
 
 class PE(Scheme):
@@ -455,7 +622,7 @@ class ELE(Scheme):
         return log2_factorial(n) + n * (log2_factorial(m) + m)
 
 
-SCHEMES: dict[str, type[Scheme]] = {c.name: c for c in (Plain, EtC, Blockwise, PE, ELE)}
+SCHEMES: dict[str, type[Scheme]] = {c.name: c for c in (Plain, EtC, Blockwise, LE, PE, ELE)}
 
 
 def parse_scheme_spec(spec: str) -> tuple[str, dict]:
@@ -477,6 +644,32 @@ def parse_scheme_spec(spec: str) -> tuple[str, dict]:
         raise SchemeError(f"scheme {name}: unknown option(s) {', '.join(sorted(bad))}; "
                           f"valid: {', '.join(cls.option_names) or 'none'}")
     return name, opts
+
+
+def spec_label(spec: str) -> str:
+    """A spec in one canonical spelling (``" ETC: common=1 "`` -> ``"etc:common=1"``), for reports."""
+    name, opts = parse_scheme_spec(spec)
+    return name + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
+
+
+def split_scheme_list(values) -> list[str]:
+    """Scheme specs from comma-separated text (or a list of such texts): commas separate schemes and
+    also one scheme's options, so a part with ``=`` and no ``:`` continues the previous scheme:
+    ``"plain,etc:common=1,sub=8,le"`` -> ``["plain", "etc:common=1,sub=8", "le"]``."""
+    out: list[str] = []
+    for text in ([values] if isinstance(values, str) else values):
+        for part in (p.strip() for p in str(text).split(",")):
+            if not part:
+                continue
+            if "=" in part and ":" not in part:
+                if not out:
+                    raise SchemeError(f"scheme option {part!r} comes before any scheme name")
+                out[-1] += ("," if ":" in out[-1] else ":") + part
+            else:
+                out.append(part)
+    for spec in out:
+        parse_scheme_spec(spec)
+    return out
 
 
 def make_scheme(spec: str, *, key=None, dataset: str | None = None, block_size: int | None = None,

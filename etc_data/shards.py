@@ -1,10 +1,11 @@
 """WebDataset tar shards: deterministic writing to any fsspec URL, reading, and verification.
 
 A sample is ``{"__key__": "train/airplane/0001", "<ext>": image bytes, "cls": label, "json": {...}}``.
-Its files in the tar are ``<key>.<ext>``, ``<key>.cls`` (label as ASCII digits) and ``<key>.json``,
-in sorted key order, with mtime 0, uid/gid 0, empty user/group names and mode 0444, so the same
-samples always give the same bytes and sha256. Shards are built in memory and written atomically
-(see ``storage.write_bytes``): a shard is either complete under its name or absent.
+Its files in the tar are ``<key>.<ext>``, ``<key>.cls`` (label as ASCII digits) and ``<key>.json``;
+samples go in sorted key order (or in an order the caller fixes: prepare's seeded shuffle), with
+mtime 0, uid/gid 0, empty user/group names and mode 0444, so the same samples always give the same
+bytes and sha256. Shards are streamed to storage as they grow (``ShardStream``) and committed
+atomically (see ``storage.staged_open``): a shard is either complete under its name or absent.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Iterable, Iterator
 from .codecs import EXT_TO_CODEC
 from .errors import EtcError
 from .manifest import ManifestError, check_plain_name
-from .storage import StorageError, join, list_names, read_bytes, write_bytes
+from .storage import StorageError, join, read_bytes
 
 SAMPLE_EXTS = tuple(EXT_TO_CODEC)  # the image field of a sample: one per codec (raw images are .ppm)
 
@@ -145,13 +146,17 @@ def build_tar(samples: Iterable[dict]) -> tuple[bytes, list[str]]:
     return _build_tar_files(_sorted_files(samples))
 
 
-def _sorted_files(samples: Iterable[dict]) -> list[tuple[str, list[tuple[str, bytes]]]]:
-    """(key, files) per sample in sorted key order; a duplicate key is an error."""
-    out = sorted(((s["__key__"], sample_files(s)) for s in samples), key=lambda kf: kf[0])
-    for a, b in zip(out, out[1:]):
-        if a[0] == b[0]:
-            raise ShardError(f"duplicate sample key {a[0]!r}")
-    return out
+def _sorted_files(samples: Iterable[dict], order: str = "sorted") -> list[tuple[str, list[tuple[str, bytes]]]]:
+    """(key, files) per sample, in sorted key order or (``order="given"``) in the order given; a
+    duplicate key is an error."""
+    if order not in ("sorted", "given"):
+        raise ShardError(f"sample order must be 'sorted' or 'given', got {order!r}")
+    out = [(s["__key__"], sample_files(s)) for s in samples]
+    keys = sorted(k for k, _ in out)
+    for a, b in zip(keys, keys[1:]):
+        if a == b:
+            raise ShardError(f"duplicate sample key {a!r}")
+    return sorted(out, key=lambda kf: kf[0]) if order == "sorted" else out
 
 
 def _build_tar_files(samples: list[tuple[str, list[tuple[str, bytes]]]]) -> tuple[bytes, list[str]]:
@@ -174,7 +179,8 @@ def write_shard(split_url: str, name: str, samples: list[dict], storage_options:
 
 
 class ShardStream:
-    """Writes samples, already in sorted key order, as one shard streamed to storage, or as
+    """Writes samples, in sorted key order (``order="given"``: in the order added, e.g. prepare's
+    seeded shuffle), as one shard streamed to storage, or as
     consecutive parts ``<name>``, ``<split>-<index>-1.tar``... when a part would pass ``max_samples``
     samples or ``max_bytes`` bytes of sample payload. Each part is hashed while it is written and
     committed atomically when it is complete (``storage.staged_open``), so memory stays at one
@@ -187,8 +193,12 @@ class ShardStream:
     FLUSH_BYTES = 4 << 20
 
     def __init__(self, split_url: str, name: str, max_samples: int | None = None, max_bytes: int | None = None,
-                 storage_options: dict | None = None, split: str | None = None, index: int | None = None):
+                 storage_options: dict | None = None, split: str | None = None, index: int | None = None,
+                 order: str = "sorted"):
+        if order not in ("sorted", "given"):
+            raise ShardError(f"sample order must be 'sorted' or 'given', got {order!r}")
         self.split_url, self.storage_options = split_url, storage_options
+        self._seen: set[str] | None = set() if order == "given" else None
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self._names = (lambda p: shard_name(split, index, p)) if split is not None else (lambda p: name)
         self.shards: list[ShardInfo] = []
@@ -219,7 +229,11 @@ class ShardStream:
             self._bytes += len(data)
 
     def add(self, key: str, files: list[tuple[str, bytes]]) -> None:
-        if self._last is not None and key <= self._last:
+        if self._seen is not None:
+            if key in self._seen:
+                raise ShardError(f"duplicate sample key {key!r}")
+            self._seen.add(key)
+        elif self._last is not None and key <= self._last:
             raise ShardError(f"duplicate sample key {key!r}" if key == self._last else
                              f"samples must come in sorted key order ({key!r} after {self._last!r})")
         self._last = key
@@ -287,15 +301,18 @@ class ShardStream:
 
 
 def write_chunk(split_url: str, split: str, index: int, samples: list[dict], max_samples: int | None = None,
-                max_bytes: int | None = None, storage_options: dict | None = None) -> list[ShardInfo]:
+                max_bytes: int | None = None, storage_options: dict | None = None,
+                order: str = "sorted") -> list[ShardInfo]:
     """Write one chunk of samples as one shard, or consecutive parts when it passes a size limit.
 
     Limits: at most ``max_samples`` samples and ``max_bytes`` bytes of sample payload per shard
-    (tar headers add 1.5 KiB per file on top). Part boundaries depend only on the samples, so a
-    rerun gives the same shards.
+    (tar headers add 1.5 KiB per file on top). Samples go in sorted key order, or with
+    ``order="given"`` in the order of ``samples`` (prepare's shuffled order). Part boundaries depend
+    only on the samples and that order, so a rerun gives the same shards.
     """
-    stream = ShardStream(split_url, "", max_samples, max_bytes, storage_options, split=split, index=index)
-    return stream.write_files(_sorted_files(samples))
+    stream = ShardStream(split_url, "", max_samples, max_bytes, storage_options, split=split, index=index,
+                         order=order)
+    return stream.write_files(_sorted_files(samples, order))
 
 
 class ShardWriter:

@@ -5,6 +5,19 @@ order) and, per split, a sorted list of items. Each item knows its split and has
 key derived from where it comes from (path or index), never from its pixels, so re-running over
 a source that gained images finds the ones already done.
 
+Sample keys (``sample_key``, the one place they are made) are readable, stable, unique per source
+file and unique as basenames: ``<split>_<class>_<stem>`` (``train_airplane_0000`` for
+``train/airplane/0000.jpg``; ``<split>_<index>`` for arrays), with no ``/`` and no ``.``, so that
+tools that key samples by basename cannot merge two classes. Only letters, digits, ``-`` and ``_``
+are kept; when that loses anything (other characters, a ``_`` inside a split or class name, a
+nested path) the key ends in ``~`` and 8 hex digits of a SHA-256 of the source path, and a file
+other than ``.jpg`` carries its extension (``~png``), so ``猫.jpg``/``犬.jpg``, ``a.b.jpg``/``a_b.jpg``
+and ``x.jpg``/``x.png`` get distinct keys. Two source files with one key are an error naming both.
+
+Folders: symlinks, to files or folders, are followed when they resolve inside the source folder
+(a class folder linked to another one is read under both names); one that points outside it, and
+a symlink loop, are errors naming the link.
+
 Supported here (``open_source`` picks one from the path):
 - ``.npz`` with ``x_<split>`` (N, H, W, 3 or N, H, W) uint8 and ``y_<split>`` arrays (e.g. the
   exact-pixel CIFAR-10 subset);
@@ -18,6 +31,7 @@ Decoding and resizing live in ``images``, zip and tar reading in ``archives``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import zipfile
@@ -29,7 +43,7 @@ import numpy as np
 
 from .archives import ZipArchive, extract_archive
 from .errors import SourceError
-from .images import IMAGE_EXTS, decode_image, decode_jpeg_into, resize_shorter_center_crop
+from .images import DEFAULT_LIMITS, IMAGE_EXTS, ImageLimits, decode_image, decode_jpeg_into, resize_shorter_center_crop
 
 __all__ = ["Batch", "CifarSource", "FolderSource", "Item", "MultiSource", "NpzSource", "Source", "SourceError",
            "open_source", "sample_key", "CIFAR10_CLASSES"]
@@ -42,7 +56,7 @@ BAD_IMAGE_POLICIES = ("stop", "skip")
 @dataclass(frozen=True, slots=True)
 class Item:
     split: str    # the split the item belongs to, e.g. "train"
-    key: str      # stable sample key, e.g. "train/airplane/0001"
+    key: str      # stable sample key, e.g. "train_airplane_0001"
     label: int
     ref: object   # where the pixels are: a path, a name inside a zip, or an array index
 
@@ -56,16 +70,45 @@ class Batch:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
-_SAFE = re.compile(r"[A-Za-z0-9_\-]+\Z").match
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9-]+\Z").match    # a split or class name kept as it is ("_" joins parts)
+_PLAIN_STEM = re.compile(r"[A-Za-z0-9_-]+\Z").match   # a file stem kept as it is
+_PLAIN_EXT = re.compile(r"\.[A-Za-z0-9]{1,5}\Z").match
+BARE_EXT = ".jpg"  # the one extension a key leaves out (CIFAR-10's python batches match the JPEG copies)
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z").match  # a split becomes a folder and shard names
 
 
 def _key_part(p: str) -> str:
-    return p if _SAFE(p) else _UNSAFE.sub("_", p)
+    return _UNSAFE.sub("_", p) or "_"
 
 
-def sample_key(*parts: str) -> str:
-    """A WebDataset-safe key: '/'-joined parts with dots and odd characters replaced."""
-    return "/".join(_key_part(p) for p in parts if p != "")
+def sample_key(*parts: str, ext: str = "") -> str:
+    """The key of the sample at ``parts`` (split, [class,] stem or index) from a file with extension
+    ``ext`` ("" for arrays): readable, no ``/`` or ``.``, and unique per (parts, ext) (see the module
+    docstring): ``sample_key("train", "cat", "0001", ext=".jpg") == "train_cat_0001"``."""
+    *head, stem = parts
+    readable = "_".join(_key_part(p) for p in parts)
+    if all(_PLAIN_NAME(p) for p in head) and _PLAIN_STEM(stem):
+        if ext in ("", BARE_EXT):
+            return readable
+        if _PLAIN_EXT(ext):
+            return f"{readable}~{ext[1:]}"
+    digest = hashlib.sha256("\0".join((*parts, ext)).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{readable}~{digest}"
+
+
+def _file_key(split: str, cls: str, rest: str) -> str:
+    stem, ext = os.path.splitext(rest)
+    return sample_key(split, cls, stem, ext=ext)
+
+
+def check_unique_keys(items: list["Item"], name_of) -> None:
+    """A SourceError naming both source files when two items share a key."""
+    seen: dict[str, Item] = {}
+    for it in items:
+        other = seen.setdefault(it.key, it)
+        if other is not it:
+            raise SourceError(f"{name_of(other)} and {name_of(it)} both give sample key {it.key!r}; "
+                              f"rename one of them")
 
 
 class Source:
@@ -78,6 +121,7 @@ class Source:
     description: str = ""
     classes: list[str]
     resize: int | None = None
+    limits: ImageLimits = DEFAULT_LIMITS  # what one image may cost (pixels, bytes) before it is decoded
 
     def __init__(self):
         self._cache: dict[str, list[Item]] = {}
@@ -180,6 +224,10 @@ class NpzSource(Source):
         self._splits = sorted(k[2:] for k in self._npz.files if k.startswith("x_") and f"y_{k[2:]}" in self._npz.files)
         if not self._splits:
             raise SourceError(f"{self.path}: no x_<split>/y_<split> array pairs found (has: {', '.join(self._npz.files)})")
+        for sp in self._splits:
+            if not SPLIT_NAME(sp):
+                raise SourceError(f"{self.path}: array x_{sp} names split {sp!r}; a split name may only hold "
+                                  f"letters, digits, '-' and '_' (it becomes a folder and shard names)")
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.name = self.path.stem
         nlab = int(max(int(self._y(s).max()) for s in self._splits)) + 1
@@ -206,8 +254,7 @@ class NpzSource(Source):
     def _items(self, split):
         self._x(split)
         y = self._arrays[split][1].tolist()
-        prefix = sample_key(split) + "/"
-        return [Item(split, f"{prefix}{i:06d}", int(lab), i) for i, lab in enumerate(y)]
+        return [Item(split, sample_key(split, f"{i:06d}"), int(lab), i) for i, lab in enumerate(y)]
 
     def _read(self, item):
         img = self._x(item.split)[item.ref]
@@ -246,16 +293,17 @@ def _common_folders(names: list[str]) -> int:
 class FolderSource(Source):
     """``<split>/<class>/<file>`` or ``<class>/<file>`` in a directory or a .zip file."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS):
         super().__init__()
         self.path = Path(path)
+        self.limits = limits
         self.is_zip = self.path.is_file()
         self._zip: ZipArchive | None = None
         if self.is_zip:
             self._zip = ZipArchive(self.path)
             names = self._zip.names
         elif self.path.is_dir():
-            names = [str(p.relative_to(self.path)).replace(os.sep, "/") for p in self.path.rglob("*") if p.is_file()]
+            names = list_folder(self.path)
         else:
             raise SourceError(f"source {self.path} does not exist")
         names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTS) and "__MACOSX" not in n)
@@ -276,12 +324,12 @@ class FolderSource(Source):
 
         self.classes = sorted({place(n)[1] for n in names})
         cidx = {c: i for i, c in enumerate(self.classes)}
-        prefix: dict[tuple[str, str], str] = {}
         self._by_split: dict[str, list[Item]] = {}
         for name in names:
             sp, c, r = place(name)
-            pre = prefix.get((sp, c)) or prefix.setdefault((sp, c), sample_key(sp, c) + "/")
-            self._by_split.setdefault(sp, []).append(Item(sp, pre + _key_part(os.path.splitext(r)[0]), cidx[c], name))
+            self._by_split.setdefault(sp, []).append(Item(sp, _file_key(sp, c, r), cidx[c], name))
+        for v in self._by_split.values():
+            check_unique_keys(v, self.item_name)
         self.name = self.path.stem
         kind = "zip" if self.is_zip else "folder"
         self.description = f"image {kind} {self.path.name} ({', '.join(f'{s}: {len(v)}' for s, v in sorted(self._by_split.items()))})"
@@ -298,18 +346,21 @@ class FolderSource(Source):
 
     def read_bytes(self, item: Item) -> bytes:
         if self._zip is not None:
-            return self._zip.read(item.ref)
+            return self._zip.read(item.ref, self.limits)
         try:
-            return (self.path / item.ref).read_bytes()
+            with open(self.path / item.ref, "rb") as f:
+                self.limits.check_bytes(os.fstat(f.fileno()).st_size, self.item_name(item))
+                return f.read()
         except OSError as e:
             raise SourceError(f"cannot read {self.item_name(item)}: {e}") from None
 
     def _read(self, item):
-        return decode_image(self.read_bytes(item), self.item_name(item))
+        return decode_image(self.read_bytes(item), self.item_name(item), self.limits)
 
     def _read_into(self, item, out):
         data = self.read_bytes(item)
-        return None if decode_jpeg_into(data, out) else decode_image(data, self.item_name(item))
+        name = self.item_name(item)
+        return None if decode_jpeg_into(data, out, name, self.limits) else decode_image(data, name, self.limits)
 
 
 _CIFAR_PICKLE_GLOBALS = {
@@ -368,12 +419,11 @@ class CifarSource(Source):
         return ["train", "test"]
 
     def _items(self, split):
-        # keys follow the official batch order, per class, like the shared JPEG copies: <split>/<class>/NNNN
-        prefix = [sample_key(split, c) + "/" for c in self.classes]
+        # keys follow the official batch order, per class, like the shared JPEG copies: <split>_<class>_NNNN
         counts = [0] * len(self.classes)
         out = []
         for i, lab in enumerate(np.asarray(self._y[split]).tolist()):
-            out.append(Item(split, f"{prefix[lab]}{counts[lab]:04d}", lab, i))
+            out.append(Item(split, sample_key(split, self.classes[lab], f"{counts[lab]:04d}"), lab, i))
             counts[lab] += 1
         return out
 
@@ -412,9 +462,7 @@ class MultiSource(Source):
 
     def _items(self, split):
         items = [Item(split, it.key, it.label, (i, it)) for i, p in enumerate(self._owner[split]) for it in p.items(split)]
-        keys = [it.key for it in items]
-        if len(set(keys)) != len(keys):
-            raise SourceError(f"split {split}: the same sample key comes from more than one source")
+        check_unique_keys(items, self.item_name)
         return items
 
     def item_name(self, item):
@@ -433,25 +481,58 @@ class MultiSource(Source):
         return self._owner[item.split][i]._read_into(inner, out)
 
 
-def _open_one(p: Path) -> Source:
+def _open_one(p: Path, limits: ImageLimits) -> Source:
     if not p.exists():
         raise SourceError(f"source {p} does not exist")
     low = p.name.lower()
     if low.endswith(".npz"):
         return NpzSource(p)
     if low.endswith((".tar.gz", ".tgz", ".tar")):
-        p = extract_archive(p)
+        p = extract_archive(p, limits)
     if p.is_dir() and ((p / "batches.meta").exists() or (p / "cifar-10-batches-py" / "batches.meta").exists()):
         return CifarSource(p)
-    return FolderSource(p)
+    return FolderSource(p, limits)
 
 
-def open_source(spec, resize: int | None = None) -> Source:
+def list_folder(root: Path) -> list[str]:
+    """Relative names of the files under ``root``, following symlinks that resolve inside it; a
+    symlink to outside ``root`` and a symlink loop (a folder inside itself) are SourceErrors naming
+    them. Dangling links are listed (reading them names them)."""
+    real_root = os.path.realpath(root)
+    out: list[str] = []
+
+    def visit(folder: str, rel: str, above: tuple[str, ...]) -> None:
+        real = os.path.realpath(folder)
+        if real in above:
+            raise SourceError(f"source {root}: {rel.rstrip('/')} leads back to {real}, a folder it is inside "
+                              f"(a symlink loop)")
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            name = rel + entry.name
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if os.path.commonpath([target, real_root]) != real_root:
+                    raise SourceError(f"source {root}: {name} is a symlink to {target}, outside the source folder "
+                                      f"(only links inside it are followed); copy the files in, or pass that "
+                                      f"folder as its own --source")
+                if not os.path.exists(entry.path):
+                    out.append(name)
+                    continue
+            if entry.is_dir():
+                visit(entry.path, name + "/", above + (real,))
+            elif entry.is_file():
+                out.append(name)
+
+    visit(str(root), "", ())
+    return out
+
+
+def open_source(spec, resize: int | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> Source:
     """Open a source: an ``.npz``; an image folder, ``.zip`` or ``.tgz`` with class folders (e.g.
     Imagenette's ``imagenette2-160``); CIFAR-10's python folder or ``.tar.gz``; or several of those
-    (a list, or paths joined with commas) merged into one source. ``resize`` = shorter side + centre crop."""
+    (a list, or paths joined with commas) merged into one source. ``resize`` = shorter side + centre
+    crop; ``limits`` = what one image may cost before it is decoded (pixels, bytes)."""
     specs = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
-    parts = [_open_one(Path(str(x).strip())) for x in specs if str(x).strip()]
+    parts = [_open_one(Path(str(x).strip()), limits) for x in specs if str(x).strip()]
     if not parts:
         raise SourceError("no source given")
     src = parts[0] if len(parts) == 1 else MultiSource(parts)

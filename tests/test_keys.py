@@ -25,9 +25,9 @@ def test_new_key_file_is_0600_and_never_overwritten(tmp_path):
 
 def test_group_or_world_readable_key_is_refused(key_file):
     os.chmod(key_file, 0o644)
-    with pytest.raises(KeyFileError, match=r"chmod 600") as e:
+    with pytest.raises(KeyFileError, match=r"the key given with --key .*chmod 600") as e:
         load_key(key_file)
-    assert str(key_file) in str(e.value)
+    assert str(key_file) not in str(e.value)  # a key reference is never echoed
     os.chmod(key_file, 0o640)
     with pytest.raises(KeyFileError):
         load_key(key_file)
@@ -119,3 +119,33 @@ def test_public_keys_load_from_text_or_file_never_from_a_secret_key_file(key_fil
     for bad in ("ed25519:abcd", "ed25519:" + "zz" * 32, str(tmp_path / "missing.pub")):
         with pytest.raises(KeyFileError, match="public key"):
             load_public_key(bad)
+
+
+def test_key_material_passed_as_a_reference_is_refused_without_quoting_it(key_file):
+    """A secret pasted where a key file path goes (``--key 5e3a...``) must not end up in an error,
+    a log or Prefect's database: it is refused before it is used, and never quoted."""
+    from etc_data.keys import check_key_ref
+
+    doc = json.loads(key_file.read_text())
+    for ref in (doc["secret"], doc["secret"].upper(), key_file.read_text(), f" {doc['secret']}\n"):
+        with pytest.raises(KeyFileError, match="looks like key material") as e:
+            load_key(ref)
+        assert doc["secret"] not in str(e.value).lower()
+        with pytest.raises(KeyFileError):
+            check_key_ref(ref)
+    for ok in (str(key_file), "env:OWNER_KEY", None, "prefect-secret:owner", "keys/0123abcd0123abcd.key"):
+        check_key_ref(ok)
+
+
+def test_missing_or_corrupt_key_files_say_what_they_are_without_naming_the_reference(tmp_path, key_file):
+    secret = json.loads(key_file.read_text())["secret"]
+    with pytest.raises(KeyFileError, match="the key given with --key does not exist") as e:
+        load_key(tmp_path / "nope.key")
+    assert "nope.key" not in str(e.value)
+    for text in ("not a key at all", '{"format": "etc-data-key/1", "secret": "zz"}', secret[:40], "{"):
+        bad = tmp_path / "bad.key"
+        bad.write_text(text)
+        os.chmod(bad, 0o600)
+        with pytest.raises(KeyFileError, match="the key given with --key is not a valid key file") as e:
+            load_key(bad)
+        assert "hex" not in str(e.value).split("(")[0] and "bad.key" not in str(e.value)

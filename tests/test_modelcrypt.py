@@ -1,6 +1,7 @@
-"""Model encryption: the encrypted model on blockwise-encrypted real images reproduces the plain
-model on plain images (fp32 logits within 1e-4), for ConvMixer and ViT, both normalisations; the
-checkpoint records scheme/key; the CLI end to end with the project's trainer and evaluate."""
+"""Model encryption: the encrypted model on encrypted real images (blockwise, and the JPEG-compressible
+etc:common=1[,sub=8]) reproduces the plain model on plain images (fp32 logits within 1e-4), for
+ConvMixer and ViT, both normalisations; the checkpoint records scheme/key; the CLI end to end with the
+project's trainer and evaluate."""
 
 import json
 
@@ -78,13 +79,31 @@ def test_small_vit_exact(cifar_exact, key, norm, scramble):
         assert torch.equal(v.pos_embed[0, 1:], pe_before[0, 1:][perm])
 
 
-def test_vit_patch16_224_exact(imagenette_batch, key):
+@pytest.mark.parametrize("spec", ["blockwise:scramble=1", "etc:common=1", "etc:common=1,sub=8"])
+def test_vit_patch16_224_exact(imagenette_batch, key, spec):
+    """ViT with patch 16 at 224 px (ImageNet normalisation) on real Imagenette images; etc:common=1 is the
+    compressible case: the same rotation/flip, negative-positive and colour order in every 16x16 block
+    (or in every 8x8 sub-block position), blocks scrambled through the position embeddings."""
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(2)
     v = VisionTransformer(img_size=224, patch_size=16, embed_dim=96, depth=2, num_heads=3, num_classes=10)
-    s = make_scheme("blockwise:scramble=1", key=key, dataset="inet", block_size=16)
+    s = make_scheme(spec, key=key, dataset="inet", block_size=16)
+    pe_before = v.pos_embed.detach().clone()
     _check(v, s, np.asarray(imagenette_batch)[:8], IMAGENET)
+    assert torch.equal(v.pos_embed[0, 1:], pe_before[0, 1:][torch.as_tensor(s.patch_keys(224, 224).perm)])
+
+
+@pytest.mark.parametrize("norm", [HALF, IMAGENET], ids=["half", "imagenet"])
+@pytest.mark.parametrize("spec,patch", [("etc:common=1,scramble=0", 8), ("etc:common=1,scramble=0,sub=4", 8),
+                                        ("etc:common=1,scramble=0", 16)])
+def test_convmixer_exact_etc_common(cifar_exact, key, spec, patch, norm):
+    """ConvMixer absorbs etc:common=1 without scrambling (patch 8 or 16: JPEG-aligned blocks)."""
+    from timm.models.convmixer import ConvMixer
+
+    torch.manual_seed(patch)
+    m = ConvMixer(dim=48, depth=2, kernel_size=3, patch_size=patch, num_classes=10)
+    _check(m, make_scheme(spec, key=key, dataset="c10", block_size=patch), cifar_exact["x_test"][:16], norm)
 
 
 def test_refusals(key):
@@ -95,8 +114,12 @@ def test_refusals(key):
         encrypt_timm_model(m, make_scheme("blockwise:scramble=1", key=key, dataset="d", block_size=4), 32)
     with pytest.raises(ModelCryptError, match="block size 2 must equal the model's patch size 4"):
         encrypt_timm_model(m, make_scheme("blockwise", key=key, dataset="d", block_size=2), 32)
-    with pytest.raises(ModelCryptError, match="blockwise scheme, not etc"):
+    with pytest.raises(ModelCryptError, match="not etc: it uses a different key per block"):
         encrypt_timm_model(m, make_scheme("etc", key=key, dataset="d", block_size=4), 32)
+    with pytest.raises(ModelCryptError, match="not le"):
+        encrypt_timm_model(m, make_scheme("le", key=key, dataset="d", block_size=4), 32)
+    with pytest.raises(ModelCryptError, match="use etc with scramble=0 for ConvMixer"):
+        encrypt_timm_model(m, make_scheme("etc:common=1", key=key, dataset="d", block_size=4), 32)
     with pytest.raises(ModelCryptError, match="30x30 is not a multiple of the patch size 4"):
         encrypt_timm_model(m, make_scheme("blockwise", key=key, dataset="d", block_size=4), 30)
 
@@ -106,6 +129,14 @@ def test_key_space_note(key):
     assert "(3)!" in n1 and "essentially no protection" in n1
     n4 = key_space_note(make_scheme("blockwise", key=key, dataset="d", block_size=4), 32, 32)
     assert "(48)!" in n4 and "WARNING" not in n4
+    # etc:common=1: 96 per-block transforms; the ViT-B/16 headline case at 224 px: 196! block orders x 96
+    vit = key_space_note(make_scheme("etc:common=1", key=key, dataset="d", block_size=16), 224, 224)
+    assert "96 block transforms" in vit and "(196)! block orders = 2^1214.8" in vit and "total 2^1221.4" in vit
+    assert "WARNING" not in vit
+    weak = key_space_note(make_scheme("etc:common=1,scramble=0", key=key, dataset="d", block_size=16), 224, 224)
+    assert "WARNING: below 128 bits (only 96 keys" in weak
+    two = key_space_note(make_scheme("etc:common=1,sub=8,scramble=0", key=key, dataset="d", block_size=16), 224, 224)
+    assert "(4)! orders of the 8x8 sub blocks" in two and "96^4" in two and "total 2^30.9" in two and "WARNING" in two
 
 
 def _plain_ckpt(config, norm=HALF):
@@ -151,7 +182,8 @@ def test_checkpoint_records_scheme_and_key(tmp_path, key, cifar_exact):
 
 
 def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
-    """Train a tiny ConvMixer (patch 2) on plain real CIFAR shards, encrypt it with the CLI, evaluate."""
+    """Train a tiny ConvMixer (patch 2) on plain real CIFAR shards, encrypt it with the CLI for blockwise and
+    for etc:common=1,scramble=0, evaluate on shards prepared with each."""
     from etc_data.prepare import PrepareConfig, prepare_dataset
     from etc_data.checkpoint import load_checkpoint, model_from_checkpoint
     from etc_data.evaluate import evaluate_model
@@ -164,8 +196,10 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
     ka, kb = tmp_path / "a.key", tmp_path / "b.key"
     new_key_file(ka, "alice")
     new_key_file(kb, "bob")
+    common = "etc:common=1,scramble=0"
     for name, scheme, k, splits in [("plain", "plain", ka, None), ("enc", "blockwise", ka, ["test"]),
-                                    ("other", "blockwise", kb, ["test"])]:
+                                    ("other", "blockwise", kb, ["test"]), ("common", common, ka, ["test"]),
+                                    ("etc", "etc", ka, ["test"])]:
         prepare_dataset(PrepareConfig(source=str(npz), out=str(tmp_path / name), dataset="c10", scheme=scheme, block_size=2,
                          key_ref=str(k), codec="png", shard_size=400, splits=splits))
     cfg = TrainConfig(shards=str(tmp_path / "plain" / "train"), test_shards=None, out=str(tmp_path / "run"),
@@ -176,6 +210,9 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
     enc_ck = tmp_path / "enc.pt"
     rc = main(["encrypt-model", "--key", str(ka), "--dataset", "c10", str(plain_ck), str(enc_ck)])
     assert rc == 0
+    common_ck = tmp_path / "common.pt"
+    assert main(["encrypt-model", "--key", str(ka), "--dataset", "c10", "--scheme", common, str(plain_ck),
+                 str(common_ck)]) == 0
 
     def ev(ck, name, key=None):
         rc = main(["evaluate", "--checkpoint", str(ck), "--shards", str(tmp_path / name / "test"), "--device", "cpu",
@@ -194,6 +231,10 @@ def test_end_to_end_trainer_encrypt_model_evaluate(tmp_path, cifar_exact):
 
     plain = ev_json(plain_ck, "plain")
     enc = ev_json(enc_ck, "enc", ka)
+    assert ev_json(common_ck, "common", ka) == plain
+    # a checkpoint for etc:common=1 does not fit EtC shards with a key per block (same key, same block size)
+    assert main(["evaluate", "--checkpoint", str(common_ck), "--shards", str(tmp_path / "etc" / "test"),
+                 "--key", str(ka), "--device", "cpu", "--workers", "0"]) == 2
     # evaluate refuses the encrypted model with another key's shards
     assert main(["evaluate", "--checkpoint", str(enc_ck), "--shards", str(tmp_path / "other" / "test"),
                  "--key", str(kb), "--device", "cpu", "--workers", "0"]) == 2
@@ -227,7 +268,8 @@ def test_cli_prints_key_space_and_refuses_bad_inputs(tmp_path, capsys):
     # existing output, already-encrypted input, wrong scheme, scrambling on ConvMixer: exit 2 naming the item
     cases = [([str(tmp_path / "plain.pt"), str(tmp_path / "enc.pt")], "enc.pt exists"),
              ([str(tmp_path / "enc.pt"), str(tmp_path / "x.pt")], "already for scheme blockwise"),
-             (["--scheme", "etc", str(tmp_path / "plain.pt"), str(tmp_path / "y.pt")], "must be blockwise"),
+             (["--scheme", "pe", str(tmp_path / "plain.pt"), str(tmp_path / "y.pt")], "must be blockwise"),
+             (["--scheme", "etc", str(tmp_path / "plain.pt"), str(tmp_path / "y.pt")], "different key per block"),
              (["--scheme", "blockwise:scramble=1", str(tmp_path / "plain.pt"), str(tmp_path / "z.pt")],
               "plain.pt: convmixer cannot absorb block scrambling")]
     for args, msg in cases:

@@ -111,3 +111,30 @@ def test_report_without_psnr_gives_the_same_sizes_and_no_psnr(tmp_path, cifar_ex
     assert [(r["scheme"], r["codec"], r["total_bytes"]) for r in fast] == \
         [(r["scheme"], r["codec"], r["total_bytes"]) for r in full]
     assert all(r["psnr"] is None for r in fast) and any(r["psnr"] for r in full)
+
+
+def test_etc_common_compresses_like_plain_jpeg_and_blockwise_le_do_not(shared_dir):
+    """docs/sizes.md method on all 5,000 exact CIFAR-10 images, JPEG QF85 4:4:4, block 16: the schemes a
+    patch embedding absorbs (etc:common=1, its two-level form) stay within 1 % of plain; blockwise (the
+    one model encryption used before) and Tanaka's LE cost ~1.9x. Spec columns keep their options."""
+    import hashlib
+
+    src = open_source(shared_dir / "cifar10-lossless-subset.npz")
+    specs = ["plain", "etc:common=1", "etc:common=1,scramble=0", "etc:common=1,sub=8", "blockwise", "le"]
+    ratios = {}
+    for k in range(2):  # two keys: the ratio moves by a few tenths of a percent with the key
+
+        class Key:
+            fingerprint = "test"
+
+            def subkey(self, dataset, scheme, bs, k=k):
+                return hashlib.sha256(f"{k}/{scheme}/{bs}".encode()).digest()
+        rep = size_report(src, specs, ["jpeg:q=85,sub=444"], block_size=16, key=Key(), workers=1)
+        assert rep.schemes == specs
+        base = rep.cells[("plain", "jpeg:q=85,sub=444,fastdct=0")].total_bytes
+        for s in specs:
+            ratios.setdefault(s, []).append(rep.cells[(s, "jpeg:q=85,sub=444,fastdct=0")].total_bytes / base)
+    print("\nQF85 4:4:4 size / plain:", {s: [round(r, 4) for r in v] for s, v in ratios.items()})
+    for s in ("etc:common=1", "etc:common=1,scramble=0", "etc:common=1,sub=8"):
+        assert max(ratios[s]) <= 1.01, (s, ratios[s])
+    assert min(ratios["blockwise"]) > 1.8 and min(ratios["le"]) > 1.8

@@ -8,13 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etc_data.schemes import (
-    CPERMS, SCHEMES, SchemeError, WeakKeyWarning, check_jpeg_compat, dihedral, image_to_blocks,
-    key_space, make_scheme, parse_scheme_spec, scheme_from_params,
+    CPERMS, SCHEMES, SchemeError, WeakKeyWarning, blocks_to_image_order, check_jpeg_compat, dihedral,
+    image_to_blocks, key_space, log2_factorial, make_scheme, parse_scheme_spec, scheme_from_params,
+    split_scheme_list,
 )
 
 K1, K2 = b"\x01" * 32, b"\x02" * 32
 SPECS = [("etc", 16), ("etc", 8), ("etc", 4), ("blockwise", 4), ("blockwise:scramble=1", 8),
-         ("blockwise:negpos=0", 2), ("pe", None), ("ele", 4), ("plain", None)]
+         ("blockwise:negpos=0", 2), ("pe", None), ("ele", 4), ("plain", None), ("le", 4), ("le", 2),
+         ("etc:common=1", 16), ("etc:common=1,scramble=0", 8), ("etc:common=1,sub=8", 16),
+         ("etc:common=1,sub=4,scramble=0", 16), ("etc:scramble=0", 8)]
 
 
 @pytest.mark.parametrize("spec,bs", SPECS)
@@ -28,7 +31,8 @@ def test_round_trip_on_exact_cifar(cifar_exact, spec, bs):
         assert (y != x).mean() > 0.5  # it really changed the images
 
 
-@pytest.mark.parametrize("spec,bs", [("etc", 16), ("blockwise", 16), ("ele", 4), ("pe", None)])
+@pytest.mark.parametrize("spec,bs", [("etc", 16), ("blockwise", 16), ("ele", 4), ("pe", None), ("le", 4),
+                                     ("le", 16), ("etc:common=1", 16), ("etc:common=1,sub=8", 16)])
 def test_round_trip_on_imagenette_224(imagenette_batch, spec, bs):
     s = make_scheme(spec, subkey=K1, block_size=bs)
     assert np.array_equal(s.decrypt(s.encrypt(imagenette_batch)), imagenette_batch)
@@ -62,6 +66,102 @@ def test_etc_structure_each_block_is_a_transformed_copy_of_one_plain_block(cifar
             assert np.array_equal(b, eb[i])
 
 
+def _le_reference(img, B, perm, rev):
+    """Tanaka's LE written block by block, as the paper describes it: split every byte of a block into
+    its upper and lower 4 bits (a 6-channel block), reverse the chosen nibbles, shuffle, merge."""
+    out = np.empty_like(img)
+    for r in range(0, img.shape[0], B):
+        for c in range(0, img.shape[1], B):
+            blk = img[r:r + B, c:c + B].astype(np.int64)
+            nib = np.concatenate([blk >> 4, blk & 15], axis=-1).reshape(-1)  # (row, col, [R,G,B hi, R,G,B lo])
+            nib = np.where(rev, 15 - nib, nib)[perm].reshape(B, B, 6)
+            out[r:r + B, c:c + B] = (nib[..., :3] << 4) | nib[..., 3:]
+    return out
+
+
+def test_le_matches_a_block_by_block_reference(cifar_exact, imagenette_batch):
+    for x, B in ((cifar_exact["x_test"][:20], 4), (np.asarray(imagenette_batch)[:2], 16)):
+        s = make_scheme("le", subkey=K1, block_size=B)
+        k = s.keys_for()
+        # reversal then shuffle of the nibbles = shuffle then reversal at the shuffled positions
+        y = s.encrypt(x)
+        for img, enc in zip(x, y):
+            assert np.array_equal(_le_reference(img, B, k.inner, k.negpos[np.argsort(k.inner)]), enc)
+        assert 0.3 < k.negpos.mean() < 0.7 and sorted(k.inner) == list(range(B * B * 6))
+    # one key for every block: two blocks with equal content encrypt equally, wherever they are
+    z = np.zeros((1, 8, 8, 3), np.uint8) + 77
+    e = make_scheme("le", subkey=K1, block_size=4).encrypt(z)[0]
+    assert np.array_equal(e[:4, :4], e[4:, 4:]) and not np.array_equal(e[:4, :4], z[0, :4, :4])
+    assert key_space("le", 32, 4) == pytest.approx(log2_factorial(96) + 96)
+
+
+def _etc_common_reference(img, B, S, sub_perm, dih, neg, cp, perm):
+    """Hamano, Imaizumi & Kiya's two-level EtC step by step (keys shared by every main block)."""
+    n = B // S
+    mains = image_to_blocks(img, B)
+    enc = []
+    for m in mains:
+        subs = image_to_blocks(m, S)[sub_perm]                                 # i-2 translocate sub blocks
+        subs = np.stack([dihedral(sb[None], int(t))[0] for sb, t in zip(subs, dih)])  # i-3 rotate / flip
+        subs = np.stack([255 - sb if ng else sb for sb, ng in zip(subs, neg)])   # i-4 negative-positive
+        subs = np.stack([sb[..., CPERMS[c]] for sb, c in zip(subs, cp)])          # i-6 colour shuffle
+        enc.append(blocks_to_image_order(subs, n, n))
+    enc = np.stack(enc)[perm]                                                   # i-7 translocate main blocks
+    return blocks_to_image_order(enc, img.shape[0] // B, img.shape[1] // B)     # i-8 integrate
+
+
+@pytest.mark.parametrize("spec,B,S", [("etc:common=1", 16, 16), ("etc:common=1,sub=8", 16, 8),
+                                      ("etc:common=1,sub=4,scramble=0", 16, 4), ("etc:common=1,sub=8", 32, 8)])
+def test_etc_common_matches_the_step_by_step_definition(cifar_exact, imagenette_batch, spec, B, S):
+    from etc_data.schemes import key_bits, key_choice, key_permutation
+
+    x = np.asarray(imagenette_batch)[:2] if B == 32 else cifar_exact["x_test"][:10]
+    h = x.shape[1]
+    s = make_scheme(spec, subkey=K2, block_size=B)
+    ns = (B // S) ** 2
+    tag = f"etc-common/B{B}/S{S}"
+    sub_perm = key_permutation(K2, tag + "/K1", ns) if ns > 1 else np.arange(1)
+    dih, neg, cp = key_choice(K2, tag + "/K2", ns, 8), key_bits(K2, tag + "/K3", ns), key_choice(K2, tag + "/K4", ns, 6)
+    perm = s.patch_keys(h, h).perm
+    perm = np.arange((h // B) ** 2) if perm is None else perm
+    assert ("scramble=0" in spec) == (s.patch_keys(h, h).perm is None)
+    for img, enc in zip(x, s.encrypt(x)):
+        assert np.array_equal(_etc_common_reference(img, B, S, sub_perm, dih, neg, cp, perm), enc)
+
+
+def _assert_rebuilt_from_params(s, size):
+    """A scheme rebuilt from its params() (what a manifest records) encrypts the same."""
+    class FakeKey:
+        def subkey(self, dataset, scheme, bs):
+            return K1
+    r = scheme_from_params(s.params(), key=FakeKey(), dataset="d")
+    x = np.random.default_rng(2).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    assert np.array_equal(r.encrypt(x), s.encrypt(x))
+
+
+def test_etc_common_key_space_and_options(key_file):
+    n = 196
+    assert key_space("etc:common=1", 224, 16) == pytest.approx(log2_factorial(n) + np.log2(96))   # 196! x 96
+    assert key_space("etc:common=1,scramble=0", 224, 16) == pytest.approx(np.log2(96))            # 96 keys
+    assert key_space("etc:common=1,sub=8", 224, 16) == pytest.approx(log2_factorial(n) + np.log2(24) + 4 * np.log2(96))
+    assert key_space("etc:scramble=0", 32, 8) == pytest.approx(16 * np.log2(96))
+    s = make_scheme("etc:common=1,sub=8", subkey=K1, block_size=16)
+    assert s.params()["options"] == {"common": True, "scramble": True, "sub": 8}
+    assert make_scheme("etc", subkey=K1).params()["options"] == {}  # manifests of plain EtC unchanged
+    _assert_rebuilt_from_params(s, 32)
+    with pytest.raises(SchemeError, match="give common=1 too"):
+        make_scheme("etc:sub=8", subkey=K1)
+    with pytest.raises(SchemeError, match="sub-block size 6 must divide the block size 16"):
+        make_scheme("etc:common=1,sub=6", subkey=K1)
+    with pytest.raises(SchemeError, match="valid: common, scramble, sub"):
+        parse_scheme_spec("etc:foo=1")
+    assert split_scheme_list("plain,etc:common=1,sub=8,le, etc:common=1,scramble=0") == \
+        ["plain", "etc:common=1,sub=8", "le", "etc:common=1,scramble=0"]
+    assert split_scheme_list(["etc", "pe,ele"]) == ["etc", "pe", "ele"]
+    with pytest.raises(SchemeError, match="before any scheme"):
+        split_scheme_list("sub=8,etc")
+
+
 def test_etc_uses_all_8_dihedral_transforms():
     s = make_scheme("etc", subkey=K1, block_size=4)
     k = s.keys_for(64, 64)  # 256 blocks
@@ -73,7 +173,7 @@ def test_etc_uses_all_8_dihedral_transforms():
 
 def test_key_sensitivity_and_wrong_key(cifar_exact):
     x = cifar_exact["x_test"][:100]
-    for spec in ("etc", "blockwise", "pe", "ele"):
+    for spec in ("etc", "blockwise", "pe", "ele", "le", "etc:common=1,sub=8"):
         a, b = make_scheme(spec, subkey=K1), make_scheme(spec, subkey=K2)
         ya, yb = a.encrypt(x), b.encrypt(x)
         assert (ya != yb).mean() > 0.3, spec
@@ -95,7 +195,7 @@ def test_determinism_across_processes():
     code = ("import numpy as np, hashlib; from etc_data.schemes import make_scheme;"
             "x=np.arange(2*32*32*3,dtype=np.uint64).astype(np.uint8).reshape(2,32,32,3);"
             "print(hashlib.sha256(b''.join(make_scheme(s, subkey=b'\\x01'*32).encrypt(x).tobytes() for s in "
-            "['etc','blockwise:scramble=1','pe','ele'])).hexdigest())")
+            "['etc','blockwise:scramble=1','pe','ele','le','etc:common=1,sub=8'])).hexdigest())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}
     assert len(outs) == 1
@@ -129,9 +229,18 @@ def test_jpeg_compliance_check():
     check_jpeg_compat("etc", 8, "444")
     with pytest.raises(SchemeError, match=r"block size 8.*420.*16x16"):
         check_jpeg_compat("etc", 8, "420")
-    with pytest.raises(SchemeError):
+    with pytest.raises(SchemeError) as e:
         check_jpeg_compat("blockwise", 4, "444")
+    # 4:4:4 is already in use: the message must not suggest it (it used to say "or subsampling 444")
+    assert "use block size 8)" in str(e.value) and "subsampling 444" not in str(e.value)
+    with pytest.raises(SchemeError, match=r"block size 4.*420.*use block size 16\)$"):
+        check_jpeg_compat("etc", 4, "420")
     check_jpeg_compat("ele", 4, "420")  # not block-aligned by design: compressed only to measure the cost
+    check_jpeg_compat("le", 4, "444")
+    # the two-level form transforms 8x8 sub blocks: aligned with 4:4:4, not with 4:2:0's 16x16 MCU
+    check_jpeg_compat(make_scheme("etc:common=1,sub=8", subkey=K1, block_size=16), 16, "444")
+    with pytest.raises(SchemeError, match="sub-block size 8 .*420.*use sub-block size 16 or subsampling 444"):
+        check_jpeg_compat("etc:common=1,sub=8", 16, "420")
     with pytest.raises(SchemeError, match="subsampling"):
         check_jpeg_compat("etc", 16, "411")
 
@@ -157,13 +266,7 @@ def test_spec_parsing_and_params_round_trip():
     s = make_scheme("blockwise:scramble=1", subkey=K1, block_size=4)
     assert s.params() == {"scheme": "blockwise", "block_size": 4, "pad": "error",
                           "options": {"negpos": True, "scramble": True}}
-
-    class FakeKey:
-        def subkey(self, dataset, scheme, bs):
-            return K1
-    r = scheme_from_params(s.params(), key=FakeKey(), dataset="d")
-    x = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    assert np.array_equal(r.encrypt(x), s.encrypt(x))
+    _assert_rebuilt_from_params(s, 8)
     with pytest.raises(SchemeError, match="needs a key"):
         make_scheme("etc")
     assert "01010101" not in repr(s)

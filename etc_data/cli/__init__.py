@@ -1,12 +1,15 @@
 """The ``etc-data`` command line. Each concept registers its commands from its own module here.
 
-Every ``EtcError`` (a bad input named in its message) is printed as ``error: ...`` with exit
-status 2; no traceback, and never key material.
+One error line: every ``EtcError`` (a bad input named in its message) and every ``OSError`` (a
+read-only or full disk, a permission: the message names the file) is printed as ``error: ...``
+with exit status 2; no traceback, and never key material. ``etc-data --debug ...`` (or
+``ETC_DATA_DEBUG=1``) prints the traceback as well.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 
@@ -21,8 +24,11 @@ COMMAND_MODULES = ["keys", "crypt", "prepare", "report", "train", "modelcrypt", 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="etc-data")
-def cli():
+@click.option("--debug", is_flag=True, help="on an error, print its traceback too (also ETC_DATA_DEBUG=1)")
+def cli(debug):
     """Encrypt image datasets for privacy-preserving training (EtC), shard, report, train."""
+    if debug:
+        os.environ["ETC_DATA_DEBUG"] = "1"
 
 
 for _name in COMMAND_MODULES:
@@ -42,14 +48,34 @@ def _warning_printer(fallback):
     return show
 
 
+def debugging() -> bool:
+    return os.environ.get("ETC_DATA_DEBUG", "") not in ("", "0")
+
+
+def _error(message: str) -> int:
+    if debugging():
+        import traceback
+
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    return 2
+
+
+def os_error_message(e: OSError) -> str:
+    """An OSError as one line naming its file: ``out/train: Read-only file system``."""
+    what = e.strerror or str(e)
+    return f"{e.filename}: {what}" if e.filename else what
+
+
 def main(argv: list[str] | None = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _warning_printer(shown)
     try:
         cli.main(args=argv, prog_name="etc-data", standalone_mode=False)
     except EtcError as e:
-        click.echo(f"error: {e}", err=True)
-        return 2
+        return _error(str(e))
+    except OSError as e:
+        return _error(os_error_message(e))
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130

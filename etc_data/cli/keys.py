@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ..keys import load_key, new_key_file
+from ..schemes import MIN_KEY_BITS, key_space, parse_scheme_spec, spec_label, weak_key_message
 from .options import key_option
-from ..schemes import MIN_KEY_BITS, key_space, parse_scheme_spec, weak_key_message
 
 
 def register(cli: click.Group) -> None:
@@ -59,7 +59,8 @@ def register(cli: click.Group) -> None:
         """Print log2 and log10 of a configuration's key space."""
         name, _ = parse_scheme_spec(scheme)
         bits = key_space(scheme, image_size, block_size)
-        click.echo(f"scheme {name} image {image_size}x{image_size} block {block_size or 'default'}: "
+        label = spec_label(scheme)
+        click.echo(f"scheme {label} image {image_size}x{image_size} block {block_size or 'default'}: "
                    f"log2 = {bits:.1f}, log10 = {bits * 0.30103:.1f}")
         if name != "plain" and bits < MIN_KEY_BITS:
-            click.secho(weak_key_message(name, bits, image_size, image_size, block_size), fg="red", err=True)
+            click.secho(weak_key_message(label, bits, image_size, image_size, block_size), fg="red", err=True)

@@ -1,4 +1,5 @@
-"""``etc-data encrypt-model``: a plain-trained checkpoint -> one for blockwise-encrypted images."""
+"""``etc-data encrypt-model``: a plain-trained checkpoint -> one for images encrypted with one key shared by
+every block (``blockwise`` or the JPEG-compressible ``etc:common=1``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def register(cli: click.Group) -> None:
     @click.option("--dataset", default=None, help="dataset id (the one given to prepare for the shards; "
                   "default: that of --shards)")
     @click.option("--scheme", "scheme_spec", default=None,
-                  help="blockwise[:negpos=0|1,scramble=0|1]; scramble=1 only for ViT (permutes position embeddings) "
+                  help="blockwise[:negpos=0|1,scramble=0|1] or etc:common=1[,scramble=0|1][,sub=S] (compresses like "
+                       "plain JPEG); scramble=1 only for ViT (permutes position embeddings) "
                        "[default: that of --shards, else blockwise]")
     @click.option("--shards", default=None, help="the split the model is for (ROOT/test): dataset id and scheme "
                   "come from its signed manifest, and the encrypted model must fit it")
@@ -22,9 +24,9 @@ def register(cli: click.Group) -> None:
     @click.argument("in_ckpt")
     @click.argument("out_ckpt")
     def encrypt_model_cmd(key_ref, dataset, scheme_spec, shards, trust, storage_config, in_ckpt, out_ckpt):
-        """Encrypt a plain checkpoint so it gives the same outputs on blockwise-encrypted images
-        (block size = the model's patch size). Evaluate it on shards prepared with
-        --scheme blockwise[:scramble=1] --block-size PATCH and the same key and dataset id."""
+        """Encrypt a plain checkpoint so it gives the same outputs on encrypted images (block size =
+        the model's patch size). Evaluate it on shards prepared with the same --scheme,
+        --block-size PATCH, key and dataset id."""
         from ..modelcrypt import ModelCryptConfig, encrypt_model
 
         res = encrypt_model(ModelCryptConfig(in_ckpt=in_ckpt, out_ckpt=out_ckpt, dataset=dataset or "", key_ref=key_ref,

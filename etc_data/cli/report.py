@@ -16,10 +16,12 @@ def register(cli: click.Group) -> None:
 
     @report.command("sizes")
     @click.option("--source", "sources", multiple=True, required=True, help="any source etc-data prepare reads")
-    @click.option("--schemes", default=",".join(DEFAULT_SCHEMES), show_default=True, help="comma-separated scheme names")
+    @click.option("--schemes", default=",".join(DEFAULT_SCHEMES), show_default=True,
+                  help="comma-separated scheme specs (options too: plain,etc,etc:common=1,sub=8,le)")
     @click.option("--codec", "codecs", multiple=True, help="codec spec; repeat (parameters contain commas). "
                   f"Default: {', '.join(DEFAULT_CODECS)}")
-    @click.option("--block-size", type=int, default=16, show_default=True, help="block size of etc / blockwise")
+    @click.option("--block-size", type=int, default=16, show_default=True,
+                  help="block size of etc / blockwise (le and ele use 4, pe is per pixel)")
     @key_option(help_extra="Default: an ephemeral random key, never stored.")
     @click.option("--dataset", default=None, help="dataset id for the subkey (with --key)")
     @click.option("--split", "splits", multiple=True, help="only these splits (default: all)")
@@ -36,9 +38,10 @@ def register(cli: click.Group) -> None:
         from tqdm import tqdm
 
         from ..report import ReportConfig, size_report
+        from ..schemes import split_scheme_list
         from ..sources import open_source
 
-        cfg = ReportConfig(source=list(sources), out=out, schemes=[s.strip() for s in schemes.split(",") if s.strip()],
+        cfg = ReportConfig(source=list(sources), out=out, schemes=split_scheme_list(schemes),
                            codecs=list(codecs) or list(DEFAULT_CODECS), block_size=block_size, key_ref=key_ref,
                            dataset=dataset, splits=list(splits) or None, limit=limit, resize=resize, workers=workers,
                            on_bad_image=on_bad_image, psnr=psnr)
