@@ -14,7 +14,7 @@ from etc_data.keys import load_key
 from etc_data.manifest import read_manifest
 from etc_data.prepare import STREAM_BATCH, PrepareConfig, prepare_dataset
 from etc_data.schemes import make_scheme
-from etc_data.shards import build_tar
+from etc_data.shards import _build_tar_files, _sorted_files, iter_tar
 from etc_data.sources import open_source
 
 
@@ -38,19 +38,21 @@ def test_streamed_shards_equal_the_reference_path_for_every_scheme(tmp_path, rea
     m = read_manifest(str(out / "train"))
     assert len(m.shards) == 1 and m.num_samples == STREAM_BATCH + 9
 
+    data = (out / "train" / m.shards[0]["name"]).read_bytes()
+    order = [s["__key__"] for s in iter_tar(data, "t.tar")]  # the plan's (seeded, shuffled) order
     src = open_source(str(real_zip))
-    items = src.items("train")
+    by_key = {it.key: it for it in src.items("train")}
+    items = [by_key[k] for k in order]
     with zipfile.ZipFile(real_zip) as z:
         plain = np.stack([decode_image(z.read(it.ref), it.ref) for it in items])
     assert any(np.array_equal(im[..., 0], im[..., 1]) for im in plain)  # grayscale JPEGs are in the set
     scheme = make_scheme(spec, key=load_key(key_file) if spec != "plain" else None, dataset="d")
     enc = scheme.encrypt(plain)
     png = get_codec("png")
-    ref, _ = build_tar([{"__key__": it.key, "png": png.encode(e), "cls": it.label,
-                         "json": {"cls": it.label, "source_id": it.key, "split": "train"}}
-                        for it, e in zip(items, enc)])
-    data = (out / "train" / m.shards[0]["name"]).read_bytes()
-    assert data == ref  # bit-identical: decoding, encryption, encoding and tar layout
+    ref, _ = _build_tar_files(_sorted_files([{"__key__": it.key, "png": png.encode(e), "cls": it.label,
+                                              "json": {"cls": it.label, "source_id": it.key, "split": "train"}}
+                                             for it, e in zip(items, enc)], order="given"))
+    assert sorted(order) == sorted(by_key) and data == ref  # bit-identical: decoding, encryption, coding, tar
     assert m.shards[0]["sha256"] == hashlib.sha256(ref).hexdigest() and m.shards[0]["bytes"] == len(ref)
     if spec != "plain":
         assert np.array_equal(scheme.decrypt(enc), plain)
