@@ -293,11 +293,8 @@ class ShardStream:
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+    def __exit__(self, exc_type, *_):  # close on success, abort on an error
+        (self.close if exc_type is None else self.abort)()
 
 
 def write_chunk(split_url: str, split: str, index: int, samples: list[dict], max_samples: int | None = None,

@@ -227,8 +227,5 @@ class WorkerPool:
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
-            self.terminate()
+    def __exit__(self, exc_type, *_):  # close on success, terminate on an error
+        (self.close if exc_type is None else self.terminate)()
