@@ -4,8 +4,10 @@ For each codec, on the 5,000 exact CIFAR-10 images and on 300 Imagenette 224 px 
 - bare: the codec library called directly in a loop, the loop split over one thread per core
   (simplejpeg / imagecodecs / Pillow release the GIL);
 - report: ``etc_data.report.measure_sizes`` for the plain scheme with that codec (which also sums
-  sizes and, for lossy codecs, decodes and computes PSNR: its bare twin does the same decode).
-Target (issue 3): report time <= 1.2x bare. Best of up to 7 alternating runs each.
+  sizes and, for lossy codecs, decodes and computes PSNR: its bare twin does the same decode);
+- for lossy codecs also ``measure_sizes(psnr=False)`` (``--no-psnr``: sizes only) against the bare
+  encoder calls alone.
+Target (issues 3, 17): report time <= 1.2x bare. Best of up to 7 alternating runs each.
 
     python benchmarks/bench_codecs.py [--limit-cifar 5000] [--limit-inet 300] [--codec jpeg:q=85,sub=444 ...]
 """
@@ -31,7 +33,7 @@ SHARED = Path(os.environ.get("ETC_DATA_SHARED", Path(__file__).resolve().parents
 CODECS = ["jpeg:q=85,sub=444", "jpeg:q=85,sub=420", "jpegls", "j2k", "png", "webp", "jxl"]
 
 
-def bare(spec, imgs, workers):
+def bare(spec, imgs, workers, decode=True):
     import imagecodecs
     import simplejpeg
 
@@ -42,7 +44,8 @@ def bare(spec, imgs, workers):
         if c.name == "jpeg":
             # the same settings as the codec (simplejpeg's own default is the fast, less exact DCT)
             b = simplejpeg.encode_jpeg(im, quality=p["q"], colorsubsampling=p["sub"], fastdct=bool(p["fastdct"]))
-            simplejpeg.decode_jpeg(b, colorspace="rgb")
+            if decode:
+                simplejpeg.decode_jpeg(b, colorspace="rgb")
             return len(b)
         if c.name == "jpegls":
             return len(imagecodecs.jpegls_encode(im))
@@ -89,11 +92,13 @@ def main():
         names = sorted(n for n in z.namelist() if n.endswith(".JPEG"))[: args.limit_inet]
         inet = np.stack([decode_image(z.read(n), n) for n in names])
     print(f"{workers} cores; images: {len(cifar)} x 32x32, {len(inet)} x 224x224")
-    print(f"{'images':9s} {'codec':22s} {'bare img/s':>11s} {'report img/s':>13s} {'report/bare':>12s}")
+    print(f"{'images':9s} {'codec':22s} {'bare img/s':>11s} {'report img/s':>13s} {'report/bare':>12s} "
+          f"{'no-psnr/bare encode':>20s}")
     for label, imgs in (("cifar", cifar), ("224px", inet)):
         for spec in args.codec or CODECS:
             bare(spec, imgs[:50], workers)  # warm-up
-            tb = tr = float("inf")
+            tb = tr = te = tn = float("inf")
+            lossy = not get_codec(spec).lossless
             for rep in range(7):  # alternate, keep the best of each: the machine is shared
                 t = time.perf_counter()
                 bare(spec, imgs, workers)
@@ -101,9 +106,18 @@ def main():
                 t = time.perf_counter()
                 measure_sizes(ArraySource(imgs), ["plain"], [spec], workers=workers, batch_size=len(imgs))
                 tr = min(tr, time.perf_counter() - t)
+                if lossy:
+                    t = time.perf_counter()
+                    bare(spec, imgs, workers, decode=False)
+                    te = min(te, time.perf_counter() - t)
+                    t = time.perf_counter()
+                    measure_sizes(ArraySource(imgs), ["plain"], [spec], workers=workers, batch_size=len(imgs),
+                                  psnr=False)
+                    tn = min(tn, time.perf_counter() - t)
                 if tb > 2:  # slow codecs: one run is long enough to be stable
                     break
-            print(f"{label:9s} {spec:22s} {len(imgs) / tb:11.0f} {len(imgs) / tr:13.0f} {tr / tb:12.2f}")
+            fast = f"{tn / te:20.2f}" if lossy else f"{'-':>20s}"
+            print(f"{label:9s} {spec:22s} {len(imgs) / tb:11.0f} {len(imgs) / tr:13.0f} {tr / tb:12.2f} {fast}")
     print("target: report/bare <= 1.20")
 
 

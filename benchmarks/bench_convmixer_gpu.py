@@ -12,7 +12,9 @@ error vs torch, and the FLOP rate counted as 2*k*k MACs per output (fwd; x3 for 
 
     python benchmarks/bench_convmixer_gpu.py [--steps 20] [--dtype bf16|fp32] [--batch 512] [--batch-224 128]
                                              [--impl auto|mma|direct] [--models cifar,in224] [--ops-only]
+                                             [--json PATH]
 
+--json writes the same figures as one JSON object (benchmarks/gpu_check.py reads it).
 Prints a message and exits 0 when no CUDA device is present.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 
 import torch
@@ -123,7 +126,7 @@ def per_op(spec: dict, batch: int, dtype: str, impls: list[str], iters: int):
         return fn
 
     ref = None
-    rows = {}
+    rows, report = {}, {}
     for impl in ["torch"] + impls:
         x.grad = w.grad = b.grad = None
         try:
@@ -131,6 +134,7 @@ def per_op(spec: dict, batch: int, dtype: str, impls: list[str], iters: int):
             torch.cuda.synchronize()
         except Exception as e:  # report and go on with the other implementations
             print(f"  {impl:<8} FAILED: {type(e).__name__}: {str(e)[:300]}")
+            report[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             continue
         got = (y.detach().float(), x.grad.float(), w.grad.float())
         if ref is None:
@@ -140,6 +144,7 @@ def per_op(spec: dict, batch: int, dtype: str, impls: list[str], iters: int):
             t_f = cuda_time_ms(run(impl, False), iters)
         t_fb = cuda_time_ms(run(impl, True), iters)
         rows[impl] = (t_f, t_fb)
+        report[impl] = {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "err_y": errs[0], "err_dx": errs[1], "err_dw": errs[2]}
         print(f"  {impl:<8} {t_f:9.3f} {2 * macs / t_f / 1e9:8.1f} {t_fb:11.3f} {6 * macs / t_fb / 1e9:8.1f} "
               f"{errs[0]:9.2e} {errs[1]:9.2e} {errs[2]:9.2e}")
     if "torch" in rows:
@@ -150,6 +155,7 @@ def per_op(spec: dict, batch: int, dtype: str, impls: list[str], iters: int):
     del x, w, b, gy
     gc.collect()
     torch.cuda.empty_cache()
+    return report
 
 
 def main(argv=None) -> int:
@@ -165,6 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="cifar,in224", help="comma-separated subset of: " + ", ".join(MODELS))
     ap.add_argument("--op-iters", type=int, default=20, help="timed calls per op (default 20)")
     ap.add_argument("--ops-only", action="store_true", help="skip the training-step throughput")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -187,24 +194,33 @@ def main(argv=None) -> int:
         if name not in MODELS:
             ap.error(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
 
+    results = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype,
+               "models": {}}
     for name in names:
         spec = MODELS[name]
         batch = args.batch if name == "cifar" else args.batch_224
         tok = spec["img"] // spec["patch"]
+        res = results["models"][name] = {"spec": spec, "batch": batch, "patched": {}}
         print(f"\n== ConvMixer-{spec['dim']}/{spec['depth']} patch {spec['patch']} kernel {spec['kernel']} "
-              f"{spec['img']} px ({tok}x{tok} tokens), batch {batch}")
+              f"{spec['img']} px ({tok}x{tok} tokens), batch {batch}", flush=True)
         if not args.ops_only:
             base, loss0 = train_throughput(spec, batch, args.steps, args.warmup, args.dtype, False, None)
-            print(f"  stock (timm, cuDNN)      {base:10.0f} img/s   (loss after warm-up+steps {loss0:.4f})")
+            res["stock_img_s"] = base
+            print(f"  stock (timm, cuDNN)      {base:10.0f} img/s   (loss after warm-up+steps {loss0:.4f})", flush=True)
             for impl in impls:
                 try:
                     ips, loss1 = train_throughput(spec, batch, args.steps, args.warmup, args.dtype, True, impl)
                 except Exception as e:
                     print(f"  patched impl={impl:<7} FAILED: {type(e).__name__}: {str(e)[:300]}")
+                    res["patched"][impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                     continue
+                res["patched"][impl] = {"img_s": ips, "ratio": ips / base, "loss": loss1}
                 print(f"  patched impl={impl:<11}{ips:10.0f} img/s   (loss {loss1:.4f})   "
-                      f"ratio new/old x{ips / base:.2f}")
-        per_op(spec, batch, args.dtype, ["mma", "direct"], args.op_iters)
+                      f"ratio new/old x{ips / base:.2f}", flush=True)
+        res["ops"] = per_op(spec, batch, args.dtype, ["mma", "direct"], args.op_iters)
+        if args.json:  # after every model, so a later failure or timeout keeps what was measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
     return 0
 
 

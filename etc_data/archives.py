@@ -23,6 +23,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import numpy as np
+
 from .errors import SourceError
 from .images import DEFAULT_LIMITS, ImageLimits
 
@@ -73,22 +75,30 @@ class ZipArchive:
         self._zip: zipfile.ZipFile | None = None
         self._fd: int | None = None
         try:
-            self._infos = read_zip_directory(self.path)
-            if self._infos is None:  # zip64, prepended data, ...: zipfile's general reader
+            infos = read_zip_directory(self.path)
+            if infos is None:  # zip64, prepended data, ...: zipfile's general reader
                 self._zip = zipfile.ZipFile(self.path)
-                infos = self._zip.infolist()
-                self._infos = {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits,
-                                            i.file_size) for i in infos}
-                if len(self._infos) != len(infos):
-                    dup = next(n for n in self._infos if sum(i.filename == n for i in infos) > 1)
+                listed = self._zip.infolist()
+                infos = {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC, i.flag_bits,
+                                      i.file_size) for i in listed}
+                if len(infos) != len(listed):
+                    dup = next(n for n in infos if sum(i.filename == n for i in listed) > 1)
                     raise zipfile.BadZipFile(f"member {dup} appears twice")
         except (zipfile.BadZipFile, OSError) as e:
             raise SourceError(f"{self.path} is not a readable .zip file ({e})") from None
+        # kept compact: name -> row of one int64 table (a tuple of 6 ints per member is ~200 bytes)
+        self._rows = {n: i for i, n in enumerate(infos)}
+        self._table = np.array(list(infos.values()), np.int64).reshape(-1, 6)
 
     @property
     def names(self) -> list[str]:
         """Member names of files (not folders)."""
-        return [n for n in self._infos if not n.endswith("/")]
+        return [n for n in self._rows if not n.endswith("/")]
+
+    def _info(self, name: str) -> tuple | None:
+        """(header offset, compressed size, method, crc, flags, size) of a member, or None."""
+        i = self._rows.get(name)
+        return None if i is None else tuple(self._table[i].tolist())
 
     def _pread(self, n: int, off: int) -> bytes:
         if self._fd is None:
@@ -104,7 +114,7 @@ class ZipArchive:
         zipfile's general path."""
         if self._zip is not None:
             return None
-        off, csize, method, crc, _, _ = self._infos[name]
+        off, csize, method, crc, _, _ = self._info(name)
         if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             return None
         head = self._pread(30, off)
@@ -125,7 +135,7 @@ class ZipArchive:
     def read(self, name: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
         """The bytes of member ``name``; a SourceError naming ``path:name`` when it cannot be read,
         is password-protected, or declares more than ``limits.max_bytes`` uncompressed bytes."""
-        info = self._infos.get(name)
+        info = self._info(name)
         if info is None:
             raise SourceError(f"cannot read {self.path}:{name}: no such member")
         if info[4] & 0x1:

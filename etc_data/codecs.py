@@ -124,7 +124,14 @@ class Codec:
         checks cost as much as a 32 px JPEG encode)."""
         if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3:
             fn, p = _ENCODERS[self.name], self.params
-            return [fn(np.ascontiguousarray(im), p) for im in images]
+            images = np.ascontiguousarray(images)  # then every image of it is contiguous too
+            if self.name == "jpeg" and p["sub"] != "gray":  # the encoder bound once: ~3 us less per image
+                import simplejpeg
+
+                enc, kw = simplejpeg.encode_jpeg, dict(quality=p["q"], colorspace="rgb", colorsubsampling=p["sub"],
+                                                       fastdct=bool(p["fastdct"]))
+                return [enc(im, **kw) for im in images]
+            return [fn(im, p) for im in images]
         return [self.encode(im) for im in images]
 
     def decode_into(self, blobs: list[bytes], out: np.ndarray) -> np.ndarray:

@@ -218,6 +218,26 @@ def _jxl_codestream(d: bytes) -> bytes | None:
     return None
 
 
+def decode_jpeg_into(data: bytes, out: np.ndarray, name: str, limits: ImageLimits = DEFAULT_LIMITS) -> bool:
+    """Decode a JPEG straight into ``out`` (H, W, 3) uint8 when it is one of exactly that size
+    (no per-image array, no copy); False when it is not (the caller then uses ``decode_image``).
+    The byte limit is checked here; the pixel limit holds since ``out`` is the size of an image
+    that passed it."""
+    if data[:2] != b"\xff\xd8" or not out.flags.c_contiguous:
+        return False
+    limits.check_bytes(len(data), name)
+    try:
+        import simplejpeg
+
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        if (h, w) != out.shape[:2]:
+            return False
+        simplejpeg.decode_jpeg(data, colorspace="rgb", buffer=out)
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
 def resize_shorter_center_crop(img: np.ndarray, size: int) -> np.ndarray:
     """Resize so the shorter side is ``size`` (bicubic, Pillow), then centre-crop to size x size."""
     h, w = img.shape[:2]

@@ -13,6 +13,12 @@ timm's ``reader_wds.py`` idea, made exact so DDP never hangs:
   same number of batches; samples are shuffled in a seeded buffer per epoch;
 - evaluation: no padding and no repeats: every sample is seen exactly once across all ranks.
 
+Shards are fetched one ahead: while a worker decodes one shard, a thread reads the next one it
+will need (``prefetched_shards``), so on object storage reads overlap decoding instead of each
+worker waiting for a whole shard before every shard. Before the first epoch ``make_loader`` lists
+the split folder once and refuses a split whose listed shards are missing (``check_shards_present``),
+instead of failing when a worker reaches the missing one.
+
 Decoding: with ``decode="cpu"`` DataLoader workers decode with the codec (simplejpeg for JPEG,
 imagecodecs for the lossless codecs). With ``decode="cuda"`` JPEG bytes travel to the main
 process and are decoded in batches on the GPU with ``torchvision.io.decode_jpeg(device="cuda")``.
@@ -20,9 +26,10 @@ process and are decoded in batches on the GPU with ``torchvision.io.decode_jpeg(
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import random
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch.utils.data as tud
@@ -31,6 +38,10 @@ from .codecs import codec_for_ext
 from .errors import EtcError
 from .manifest import Manifest, read_manifest, split_url_of
 from .shards import SAMPLE_EXTS, ShardError, iter_tar, read_shard
+from .storage import StorageError, list_names
+
+
+PREFETCH_SHARDS = 1  # shards read ahead per worker (0: none; each costs a shard's bytes of memory)
 
 
 class LoaderError(EtcError):
@@ -58,9 +69,9 @@ def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int 
 
     def samples():
         k = 0
-        for si in mine:
+        for si, data in prefetched_shards(split_url, [shards[i]["name"] for i in mine], storage_options, mine,
+                                          PREFETCH_SHARDS):
             name = shards[si]["name"]
-            data = read_shard(split_url, name, storage_options)
             if hashlib.sha256(data).hexdigest() != shards[si]["sha256"]:
                 raise ShardError(f"shard {name} at {split_url}: sha256 does not match the manifest "
                                  f"(corrupt or changed after the dataset was committed)")
@@ -110,6 +121,51 @@ def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int 
             n += 1
             if n >= quota:
                 return
+
+
+def prefetched_shards(split_url: str, names: list[str], storage_options: dict | None = None, tags=None,
+                      ahead: int = 1) -> Iterator[tuple]:
+    """(tag, bytes) of each shard in ``names`` in order (tag: ``tags[i]``, default the name), with
+    the next ``ahead`` shards read by a background thread while the caller works on the current
+    one. Stopping early cancels what is not started; a read error is raised when its shard's turn
+    comes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tags = list(names) if tags is None else list(tags)
+    if not names:
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="etc-data-prefetch")
+    pending = collections.deque()
+    todo = iter(range(len(names)))
+    try:
+        for i in todo:
+            pending.append((tags[i], pool.submit(read_shard, split_url, names[i], storage_options)))
+            if len(pending) > ahead:
+                break
+        while pending:
+            tag, fut = pending.popleft()
+            data = fut.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((tags[nxt], pool.submit(read_shard, split_url, names[nxt], storage_options)))
+            yield tag, data
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def check_shards_present(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> None:
+    """One listing of the split folder: every shard the manifest lists must be there (a shard
+    deleted from the bucket is reported now, naming it, not when a worker reaches it). A store
+    that refuses listing (read-only access to objects) is not checked."""
+    try:
+        present = set(list_names(split_url, storage_options))
+    except StorageError:
+        return
+    missing = [n for n in manifest.filenames if n not in present]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise LoaderError(f"{split_url}: {len(missing)} of the {len(manifest.filenames)} shards the manifest lists "
+                          f"are missing: {shown}; the split is incomplete (run etc-data verify)")
 
 
 def worker_quota(num_samples: int, world: int, workers: int, worker: int) -> int:
@@ -217,6 +273,7 @@ def make_loader(split_url: str, batch_size: int, *, rank=0, world=1, seed=0, tra
     (a Prefect flow) must choose: forked workers die there."""
     split_url = split_url_of(split_url)
     manifest = manifest or read_manifest(split_url, storage_options, trust)
+    check_shards_present(split_url, manifest, storage_options)
     ctx = worker_start if workers else None
     ds = ShardDataset(split_url, manifest, rank, world, seed, train, storage_options, raw_jpeg=(decode == "cuda"),
                       mp_context=ctx)

@@ -34,12 +34,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from . import __version__
 from .errors import EtcError
-from .storage import StorageError, join, list_names, read_bytes, remove, write_bytes
+from .storage import StorageError, StorageNotFound, join, list_names, read_bytes, remove, write_bytes
 
 FORMAT = "etc-data-manifest/3"  # 3: signed by the owner
 MANIFEST_NAME = "manifest.json"
 INFO_NAME = "_info.json"
 SAMPLE_INDEX_PREFIX = "samples-"
+OPTIONAL_FIELDS = ("sample_order",)  # written (and signed) only when set; older manifests lack them
 _SIGNED_CONTEXT = b"etc-data manifest signature v1\0"
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*")
 
@@ -84,6 +85,7 @@ class Manifest:
     tool_version: str = __version__
     created: str = ""
     format: str = FORMAT
+    sample_order: dict | None = None  # how samples were ordered into shards (prepare.SAMPLE_ORDER); optional
     public_key: str = ""     # the signer's (keys.OwnerKey.public_key)
     signature: str = ""      # Ed25519 over signed_bytes(every other field)
 
@@ -111,9 +113,10 @@ class Manifest:
         d["filenames"] = self.filenames
         order = ["format", "dataset", "split", "num_samples", "shard_lengths", "filenames", "shards", "scheme",
                  "block_size", "scheme_options", "pad", "codec", "key_fingerprint", "classes", "image_size",
-                 "source", "resize", "sample_index_file", "sample_index_sha256", "tool_version", "created",
-                 "public_key", "signature"]
-        return {k: d[k] for k in order}
+                 "source", "resize", "sample_index_file", "sample_index_sha256", "tool_version", "created"]
+        tail = ["public_key", "signature"]
+        return ({k: d[k] for k in order} | {k: d[k] for k in OPTIONAL_FIELDS if d[k] is not None}
+                | {k: d[k] for k in tail})
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "Manifest":
@@ -218,9 +221,11 @@ def read_manifest(url: str, storage_options: dict | None = None, trust=None) -> 
     murl = manifest_url(url)
     try:
         raw = read_bytes(murl, storage_options)
-    except StorageError as e:
+    except StorageNotFound as e:
         raise ManifestMissing(f"no readable manifest at {murl} ({e}); is this a split folder written by "
                               f"etc-data prepare, e.g. ROOT/train?") from None
+    except StorageError as e:  # credentials, connection: not a question of which folder
+        raise ManifestError(f"cannot read the manifest: {e}") from None
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

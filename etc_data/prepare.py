@@ -7,8 +7,8 @@
 Plan -> run -> commit:
 
 - ``plan_split`` decides, per split, which source items still need sharding (incremental ingest:
-  items whose stable sample key is already in the committed dataset are skipped) and cuts them
-  into chunks, one shard each;
+  items whose stable sample key is already in the committed dataset are skipped), puts them in a
+  seeded random order and cuts them into chunks, one shard each;
 - ``run_chunk`` does one chunk end to end (load, encrypt with the owner's key, encode, write the
   shard atomically) and returns only public metadata. Chunks run in this process, in a
   ``WorkerPool`` of local processes, or wherever ``map_chunks`` sends them (the Prefect flow: one
@@ -27,11 +27,20 @@ A chunk receives a *key reference* (a path or ``env:NAME``), never the key: the 
 where the encryption happens, so no key material travels through task parameters or results.
 The same input, key and arguments always give byte-identical shards (deterministic plans, tar
 layout and codecs), which is what makes a rerun after SIGKILL end with the same manifest.
+
+Shards are written for streaming: a reader that takes the shards and their samples in order, with
+no shuffling of its own, still sees every class in every batch. The items a run adds are ranked by
+a keyed hash of their sample key (the hash key derives from the dataset id and the split), so the
+order is random-looking across and within shards, yet a pure function of the keys: a rerun, a
+resumed run and a run on another machine plan the same shards. An append orders its new items the
+same way among its new shards. ``--limit N`` takes a stratified sample (every class in proportion),
+the first N of a fixed per-split order, so a larger limit later appends to a smaller one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import warnings
@@ -39,13 +48,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from . import __version__
-from .codecs import DEFAULT_CODEC, check_scheme_codec, encode_batch, get_codec
+from .codecs import DEFAULT_CODEC, check_scheme_codec, get_codec
 from .errors import EtcError
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from .locks import dataset_lock
 from .manifest import Manifest, ManifestMissing, manifest_url, read_manifest, read_sample_index, write_manifest
+from .readers import ReaderWarning, reader_warning, write_reader_files
 from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spec, weak_key_message
-from .shards import write_chunk
+from .shards import ShardStream, sample_files_maker
 from .sources import BAD_IMAGE_POLICIES, Source, open_source
 from .storage import StorageError, join, list_names, remove
 from .trust import TrustPolicy
@@ -53,6 +63,11 @@ from .verify import remove_leftovers
 
 DEFAULT_SHARD_SIZE = 10000
 POOL_MIN_IMAGES = 4000  # with workers=None, fewer images than this run in-process (a pool's start costs ~1 s)
+# With workers=None, machines with fewer cores run chunks in this process on one thread per core:
+# decoding, encryption and encoding release the GIL, and what holds it (zip reads, tar members) is
+# about a third of the work at 32 px and 3 % at 224 px, so up to 4 threads beat 4 processes
+# (which each start Python and re-read the source) and keep one big shard from idling cores.
+POOL_MIN_CORES = 5
 
 
 class PrepareError(EtcError):
@@ -115,7 +130,7 @@ class PrepareConfig:
 class ChunkSpec:
     split: str
     index: int           # shard index of the chunk
-    items: list[int]     # positions in the split's sorted item list
+    items: list[int]     # positions in the split's sorted item list, in the order they are written
     token: str = ""      # the split's Source.split_token when planned ("" = not checked)
     fingerprint: str | None = None  # the planner's key fingerprint (public; None = plain or not checked)
 
@@ -203,37 +218,126 @@ def plan_split(cfg: PrepareConfig, source: Source, split: str, fingerprint: str 
         index = read_sample_index(split_url, existing, cfg.storage_options)
     done = {k for v in index.values() for k in v}
     items = source.items(split)
-    if cfg.limit is not None:
-        items = items[:cfg.limit]
-    todo = [i for i, it in enumerate(items) if it.key not in done]
+    # Sources list items sorted by key, i.e. class by class for <split>/<class>/<file> layouts: written
+    # in that order every shard would hold one class and a reader's shuffle buffer could not mix them.
+    rank = shuffle_rank(cfg.dataset, split)
+    chosen = range(len(items)) if cfg.limit is None else stratified_limit(items, cfg.limit, rank)
+    todo = sorted((i for i in chosen if items[i].key not in done), key=lambda i: rank(items[i].key))
     start = _next_index(existing)
     token = source.split_token(split)
     chunks = [ChunkSpec(split, start + n, todo[i:i + cfg.shard_size], token, fingerprint)
               for n, i in enumerate(range(0, len(todo), cfg.shard_size))]
-    return SplitPlan(split, len(items), chunks, existing, index)
+    return SplitPlan(split, len(chosen), chunks, existing, index)
 
 
-def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme) -> ChunkResult:
-    """Load, encrypt, encode and write one chunk as one shard (or parts past the byte limit)."""
+SHUFFLE_CONTEXT = b"etc-data sample order v1\0"
+SAMPLE_ORDER = {"shuffle": "seeded", "seed_from": ["dataset", "split"],
+                "method": "each run's new samples sorted by blake2b-64 of the sample key, keyed with "
+                          "sha256('etc-data sample order v1' NUL dataset NUL split)",
+                "scope": "across and within the shards a run writes; an append orders its new samples "
+                         "among its new shards"}
+
+
+def shuffle_rank(dataset: str, split: str) -> Callable[[str], bytes]:
+    """The sort key of the seeded sample order of one split: a keyed hash of the sample key (its
+    bytes compare like a uniform random number). Public and reproducible: it hides nothing, and
+    must not: it only mixes the classes."""
+    seed = hashlib.sha256(SHUFFLE_CONTEXT + f"{dataset}\0{split}".encode()).digest()
+
+    def rank(key: str) -> bytes:
+        return hashlib.blake2b(key.encode(), key=seed, digest_size=8).digest() + key.encode()
+    return rank
+
+
+def stratified_limit(items: list, limit: int, rank: Callable[[str], bytes]) -> list[int]:
+    """Positions of ``limit`` items spread over the classes in proportion to their sizes (each
+    class within one item of its share). The items of each class are taken in ``rank`` order, the
+    k-th of a class of n sits at (k + 0.5) / n in one merged order, and the first ``limit`` of that
+    order are chosen: a larger limit selects a superset (appends stay appends)."""
+    by_class: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        by_class.setdefault(it.label, []).append(i)
+    merged = []
+    for members in by_class.values():
+        members.sort(key=lambda i: rank(items[i].key))
+        n = len(members)
+        merged += [((k + 0.5) / n, rank(items[i].key), i) for k, i in enumerate(members)]
+    merged.sort()
+    return sorted(i for _, _, i in merged[:limit])
+
+
+STREAM_BATCH = 64  # images a chunk loads, encrypts and encodes at once: memory does not grow with the shard
+
+
+def _bounded_map(fn, items: list, threads: int, executor=None):
+    """``map(fn, items)`` in order, on ``threads`` threads (of ``executor`` when given, e.g. one
+    shared by the chunks that run side by side in a process) with at most threads + 1 results
+    pending (reads, decoding, numpy and the codecs release the GIL), so memory stays bounded."""
+    if (threads <= 1 and executor is None) or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    own = ThreadPoolExecutor(threads) if executor is None else None
+    ex = executor or own
+    pending = deque()
+    try:
+        for x in items:
+            pending.append(ex.submit(fn, x))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        if own is not None:
+            own.shutdown(wait=True, cancel_futures=True)
+
+
+def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threads: int = 1,
+              executor=None) -> ChunkResult:
+    """Load, encrypt, encode and write one chunk as one shard (or parts past the byte limit),
+    streamed: ``STREAM_BATCH`` images at a time (spread over ``threads`` threads, or over those of
+    ``executor``) go into a tar that is hashed and written as it grows, so memory is bounded
+    whatever the shard size."""
     codec = get_codec(cfg.codec)
     if spec.token and source.split_token(spec.split) != spec.token:
         raise PrepareError(f"source {source.name}, split {spec.split}: changed since this run was planned "
                            f"(chunk {spec.index}); run prepare again")
     all_items = source.items(spec.split)
-    items = [all_items[i] for i in spec.items]
-    batch = source.load(items, on_bad_image=cfg.on_bad_image)
-    if len(batch.keys) == 0:
-        return ChunkResult(spec.split, spec.index, [], batch.skipped, [], 0)
-    with warnings.catch_warnings():
+    items = [all_items[i] for i in spec.items]  # the plan's order is the tar's member order
+    where = f"{spec.split} chunk {spec.index}"
+
+    def work(part):
+        batch = source.load(part, on_bad_image=cfg.on_bad_image)
+        if not batch.keys:
+            return batch, None
+        return batch, codec.encode_many(scheme.encrypt(batch.images, item=where))
+
+    stream = ShardStream(join(cfg.out, spec.split), "", None, cfg.max_shard_bytes, cfg.storage_options,
+                         split=spec.split, index=spec.index, order="given")
+    files = sample_files_maker(codec.ext, spec.split)
+    skipped, size, payload = [], None, 0
+    parts = [items[i:i + STREAM_BATCH] for i in range(0, len(items), STREAM_BATCH)]
+    with warnings.catch_warnings(), stream:
         warnings.simplefilter("ignore", WeakKeyWarning)  # warned once by the caller, not per chunk
-        enc = scheme.encrypt(batch.images, item=f"{spec.split} chunk {spec.index}")
-    blobs = encode_batch(codec, enc)
-    samples = [{"__key__": k, codec.ext: b, "cls": int(y), "json": {"cls": int(y), "source_id": k, "split": spec.split}}
-               for k, b, y in zip(batch.keys, blobs, batch.labels)]
-    shards = write_chunk(join(cfg.out, spec.split), spec.split, spec.index, samples, max_samples=None,
-                         max_bytes=cfg.max_shard_bytes, storage_options=cfg.storage_options)
-    return ChunkResult(spec.split, spec.index, [dict(x.entry(), keys=x.keys) for x in shards], batch.skipped,
-                       list(enc.shape[1:3]), sum(len(b) for b in blobs))
+        for batch, blobs in _bounded_map(work, parts, threads, executor):
+            skipped += batch.skipped
+            if blobs is None:
+                continue
+            shape = list(batch.images.shape[1:3])
+            if size is None:
+                size = shape
+            elif shape != size:
+                raise PrepareError(f"{where}: image {batch.keys[0]} is {shape[1]}x{shape[0]}, the chunk's first images "
+                                   f"are {size[1]}x{size[0]}; choose a resize policy (--resize)")
+            for k, b, y in zip(batch.keys, blobs, batch.labels.tolist()):
+                stream.add(k, files(k, b, y))
+                payload += len(b)
+    return ChunkResult(spec.split, spec.index, [dict(x.entry(), keys=x.keys) for x in stream.shards], skipped,
+                       size or [], payload)
 
 
 class ChunkRunner:
@@ -242,8 +346,9 @@ class ChunkRunner:
     grew since it was opened is reopened) and the planner's key fingerprint (a key rotated behind
     the same reference, in a long-lived process, is loaded again)."""
 
-    def __init__(self, key_loader: Callable | None = None):
+    def __init__(self, key_loader: Callable | None = None, threads: int = 1, executor=None):
         self.key_loader = key_loader
+        self.threads, self.executor = threads, executor  # a chunk's batches run on these threads
         self._source: Source | None = None
         self._source_id = None
         self._scheme = None
@@ -285,7 +390,8 @@ class ChunkRunner:
 
     def run(self, cfg: PrepareConfig, spec: ChunkSpec) -> ChunkResult:
         source = self.source(cfg, spec.token, spec.split)
-        return run_chunk(cfg, spec, source, self.scheme(cfg, spec.fingerprint))
+        return run_chunk(cfg, spec, source, self.scheme(cfg, spec.fingerprint), self.threads,
+                         self.executor)
 
 
 def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: list[ChunkResult],
@@ -313,9 +419,11 @@ def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: l
                  block_size=scheme_params["block_size"], scheme_options=scheme_params["options"],
                  pad=scheme_params["pad"], codec=codec_spec, key_fingerprint=fingerprint,
                  classes=list(source.classes), image_size=list(next(iter(sizes))), shards=shards,
-                 source=source.description, resize=source.resize_policy(), tool_version=__version__)
+                 source=source.description, resize=source.resize_policy(), tool_version=__version__,
+                 sample_order=dict(SAMPLE_ORDER))
     write_manifest(split_url, m, sample_index=index, storage_options=cfg.storage_options, key=key)
     remove_leftovers(split_url, {e["name"] for e in shards}, cfg.storage_options)  # also when nothing was new
+    write_reader_files(cfg.out, m, cfg.storage_options, TrustPolicy.from_refs(key=key))
     return m
 
 
@@ -330,6 +438,7 @@ class PrepareSummary:
     key_bits: float | None
     image_size: list[int] | None
     verified: dict[str, int] = field(default_factory=dict)  # samples checked per split (verify=True)
+    reader_warning: str | None = None  # the codec is not decodable by Pillow-based readers (readers.reader_warning)
 
     def rows(self) -> list[dict]:
         """One public row per split: what a table artifact, a log line or a report shows."""
@@ -388,7 +497,7 @@ class PrepareSummary:
                 "scheme": m0.scheme, "block_size": m0.block_size, "key_bits": self.key_bits,
                 "image_size": self.image_size, "weak_key_message": self.weak_key_message(),
                 "splits": {k: v.num_samples for k, v in self.manifests.items()}, "verified": self.verified,
-                "public_key": m0.public_key}
+                "public_key": m0.public_key, "reader_warning": self.reader_warning}
 
 
 MapChunks = Callable[[PrepareConfig, list[ChunkSpec]], Iterable[ChunkResult]]
@@ -411,6 +520,9 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     owner = signing_key(cfg, key_loader)
     scheme, key = build_scheme(cfg, key=owner if cfg.scheme_name() != "plain" else None)
     check_scheme_codec(scheme, codec)
+    compat = reader_warning(codec)
+    if compat:
+        warnings.warn(compat, ReaderWarning, stacklevel=2)
     fingerprint = key.fingerprint if key is not None else None
     trust = TrustPolicy.from_refs(key=owner)
     splits = cfg.splits or source.splits
@@ -432,7 +544,8 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
         remove_root_leftovers(cfg.out, cfg.storage_options)
     size = next(iter(manifests.values())).image_size if manifests else None
     bits = scheme.key_space_bits(*size) if (size and scheme.keyed) else None
-    summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size)
+    summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size,
+                             reader_warning=compat)
     if cfg.verify:
         from .verify import VerifyConfig, verify_dataset
 
@@ -479,17 +592,33 @@ def check_planned(split_url: str, planned: Manifest | None, storage_options: dic
                            f"there); nothing of this split was committed, run prepare again")
 
 
-def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
-    """How many worker processes these chunks deserve: ``cfg.workers`` when given (1 = none), else
-    one per core once the run is large enough to pay for starting them (0 = run in-process)."""
+def use_worker_pool(cfg: PrepareConfig) -> bool:
+    """Whether chunks of this configuration go to local worker processes (``workers`` > 1, or
+    ``None`` on a machine with at least ``POOL_MIN_CORES`` cores) rather than threads here."""
     from .codecs import default_workers
 
-    if len(specs) < 2:
+    return cfg.workers > 1 if cfg.workers is not None else default_workers() >= POOL_MIN_CORES
+
+
+def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
+    """How many worker processes these chunks deserve: ``cfg.workers`` when given (1 = none), else
+    one per core on a machine of ``POOL_MIN_CORES`` or more once the run is large enough to pay for
+    starting them (0 = run in this process, on one thread per core)."""
+    from .codecs import default_workers
+
+    if len(specs) < 2 or not use_worker_pool(cfg):
         return 0
     if cfg.workers is not None:
-        return min(cfg.workers, len(specs)) if cfg.workers > 1 else 0
+        return min(cfg.workers, len(specs))
     n = min(default_workers(), len(specs))
     return n if n > 1 and sum(len(s.items) for s in specs) >= POOL_MIN_IMAGES else 0
+
+
+def chunk_threads(side_by_side: int) -> int:
+    """Threads for one chunk's batches when ``side_by_side`` chunks run at once on this machine."""
+    from .codecs import default_workers
+
+    return max(1, default_workers() // max(1, side_by_side))
 
 
 def _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_loader) -> list[ChunkResult]:
@@ -497,7 +626,7 @@ def _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_lo
     workers = pool_size(cfg, specs) if pool is None and key_loader is None else 0
     own = workers > 0
     if pool is None and not own:
-        runner = ChunkRunner(key_loader).adopt(cfg, source, scheme, fingerprint)
+        runner = ChunkRunner(key_loader, threads=chunk_threads(1)).adopt(cfg, source, scheme, fingerprint)
         results = []
         for spec in specs:
             results.append(runner.run(cfg, spec))

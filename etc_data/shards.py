@@ -1,10 +1,11 @@
 """WebDataset tar shards: deterministic writing to any fsspec URL, reading, and verification.
 
 A sample is ``{"__key__": "train/airplane/0001", "<ext>": image bytes, "cls": label, "json": {...}}``.
-Its files in the tar are ``<key>.<ext>``, ``<key>.cls`` (label as ASCII digits) and ``<key>.json``,
-in sorted key order, with mtime 0, uid/gid 0, empty user/group names and mode 0444, so the same
-samples always give the same bytes and sha256. Shards are built in memory and written atomically
-(see ``storage.write_bytes``): a shard is either complete under its name or absent.
+Its files in the tar are ``<key>.<ext>``, ``<key>.cls`` (label as ASCII digits) and ``<key>.json``;
+samples go in sorted key order (or in an order the caller fixes: prepare's seeded shuffle), with
+mtime 0, uid/gid 0, empty user/group names and mode 0444, so the same samples always give the same
+bytes and sha256. Shards are streamed to storage as they grow (``ShardStream``) and committed
+atomically (see ``storage.staged_open``): a shard is either complete under its name or absent.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import hashlib
 import io
 import json
 import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from .codecs import EXT_TO_CODEC
 from .errors import EtcError
 from .manifest import ManifestError, check_plain_name
-from .storage import StorageError, join, list_names, read_bytes, write_bytes
+from .storage import StorageError, join, read_bytes
 
 SAMPLE_EXTS = tuple(EXT_TO_CODEC)  # the image field of a sample: one per codec (raw images are .ppm)
 
@@ -120,6 +122,22 @@ def sample_files(sample: dict) -> list[tuple[str, bytes]]:
     return sorted(out)
 
 
+def sample_files_maker(ext: str, split: str):
+    """``files(key, image_bytes, label)``: what ``sample_files`` gives for the sample
+    ``{"__key__": key, ext: image_bytes, "cls": label, "json": {"cls", "source_id": key, "split"}}``
+    (the samples prepare writes), built without the generic per-field path."""
+    order = sorted(["cls", ext, "json"])
+    split_js = _JSON(split)
+
+    def files(key: str, data: bytes, label: int) -> list[tuple[str, bytes]]:
+        if not key or "." in key.rsplit("/", 1)[-1]:
+            raise ShardError(f"sample key {key!r} must be non-empty and have no dot in its last part")
+        v = {"cls": b"%d" % label, ext: data,
+             "json": ('{"cls":%d,"source_id":%s,"split":%s}' % (label, _JSON(key), split_js)).encode()}
+        return [(f"{key}.{e}", v[e]) for e in order]
+    return files
+
+
 _PAD = [b"\0" * (-n % 512) for n in range(512)]
 
 
@@ -128,13 +146,17 @@ def build_tar(samples: Iterable[dict]) -> tuple[bytes, list[str]]:
     return _build_tar_files(_sorted_files(samples))
 
 
-def _sorted_files(samples: Iterable[dict]) -> list[tuple[str, list[tuple[str, bytes]]]]:
-    """(key, files) per sample in sorted key order; a duplicate key is an error."""
-    out = sorted(((s["__key__"], sample_files(s)) for s in samples), key=lambda kf: kf[0])
-    for a, b in zip(out, out[1:]):
-        if a[0] == b[0]:
-            raise ShardError(f"duplicate sample key {a[0]!r}")
-    return out
+def _sorted_files(samples: Iterable[dict], order: str = "sorted") -> list[tuple[str, list[tuple[str, bytes]]]]:
+    """(key, files) per sample, in sorted key order or (``order="given"``) in the order given; a
+    duplicate key is an error."""
+    if order not in ("sorted", "given"):
+        raise ShardError(f"sample order must be 'sorted' or 'given', got {order!r}")
+    out = [(s["__key__"], sample_files(s)) for s in samples]
+    keys = sorted(k for k, _ in out)
+    for a, b in zip(keys, keys[1:]):
+        if a == b:
+            raise ShardError(f"duplicate sample key {a!r}")
+    return sorted(out, key=lambda kf: kf[0]) if order == "sorted" else out
 
 
 def _build_tar_files(samples: list[tuple[str, list[tuple[str, bytes]]]]) -> tuple[bytes, list[str]]:
@@ -152,38 +174,142 @@ def _build_tar_files(samples: list[tuple[str, list[tuple[str, bytes]]]]) -> tupl
 
 def write_shard(split_url: str, name: str, samples: list[dict], storage_options: dict | None = None) -> ShardInfo:
     """Build one shard and write it atomically to ``split_url/name``."""
-    return _write_files(split_url, name, _sorted_files(samples), storage_options)
+    stream = ShardStream(split_url, name, storage_options=storage_options)
+    return stream.write_files(_sorted_files(samples))[0]
 
 
-def _write_files(split_url, name, files, storage_options) -> ShardInfo:
-    data, keys = _build_tar_files(files)
-    try:
-        write_bytes(join(split_url, name), data, storage_options)
-    except StorageError as e:
-        raise StorageError(f"shard {name}: {e}") from None
-    return ShardInfo(name, hashlib.sha256(data).hexdigest(), len(data), len(keys), keys)
+class ShardStream:
+    """Writes samples, in sorted key order (``order="given"``: in the order added, e.g. prepare's
+    seeded shuffle), as one shard streamed to storage, or as
+    consecutive parts ``<name>``, ``<split>-<index>-1.tar``... when a part would pass ``max_samples``
+    samples or ``max_bytes`` bytes of sample payload. Each part is hashed while it is written and
+    committed atomically when it is complete (``storage.staged_open``), so memory stays at one
+    buffer of ``FLUSH_BYTES`` whatever the shard's size, and the bytes are those ``build_tar`` gives.
+
+    ``add(key, files)`` per sample (``files``: ``sample_files(sample)``), then ``close()`` returns the
+    parts' ShardInfo; ``abort()`` (or an exception inside ``with``) commits nothing of the open part.
+    """
+
+    FLUSH_BYTES = 4 << 20
+
+    def __init__(self, split_url: str, name: str, max_samples: int | None = None, max_bytes: int | None = None,
+                 storage_options: dict | None = None, split: str | None = None, index: int | None = None,
+                 order: str = "sorted"):
+        if order not in ("sorted", "given"):
+            raise ShardError(f"sample order must be 'sorted' or 'given', got {order!r}")
+        self.split_url, self.storage_options = split_url, storage_options
+        self._seen: set[str] | None = set() if order == "given" else None
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self._names = (lambda p: shard_name(split, index, p)) if split is not None else (lambda p: name)
+        self.shards: list[ShardInfo] = []
+        self._cm = self._f = self._hash = None
+        self._buf: list[bytes] = []
+        self._buffered = self._bytes = self._payload = 0
+        self._keys: list[str] = []
+        self._last: str | None = None
+
+    def _open(self) -> None:
+        from .storage import staged_open
+
+        name = self._names(len(self.shards))
+        self._cm = staged_open(join(self.split_url, name), self.storage_options)
+        try:
+            self._f = self._cm.__enter__()
+        except StorageError as e:
+            self._cm = None
+            raise StorageError(f"shard {name}: {e}") from None
+        self._hash, self._bytes, self._payload, self._keys = hashlib.sha256(), 0, 0, []
+
+    def _flush(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf, self._buffered = [], 0
+            self._hash.update(data)
+            self._f.write(data)
+            self._bytes += len(data)
+
+    def add(self, key: str, files: list[tuple[str, bytes]]) -> None:
+        if self._seen is not None:
+            if key in self._seen:
+                raise ShardError(f"duplicate sample key {key!r}")
+            self._seen.add(key)
+        elif self._last is not None and key <= self._last:
+            raise ShardError(f"duplicate sample key {key!r}" if key == self._last else
+                             f"samples must come in sorted key order ({key!r} after {self._last!r})")
+        self._last = key
+        size = sum(len(d) for _, d in files) if self.max_bytes else 0
+        if self._f is not None and ((self.max_samples and len(self._keys) >= self.max_samples)
+                                    or (self.max_bytes and self._payload + size > self.max_bytes)):
+            self._commit()
+        if self._f is None:
+            self._open()
+        add = self._buf.append
+        for name, data in files:
+            add(_ustar_header(name, len(data)) or _pax_member(name, data))
+            add(data)
+            add(_PAD[len(data) % 512])
+            self._buffered += len(data) + 1024
+        self._payload += size
+        self._keys.append(key)
+        if self._buffered >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _commit(self) -> None:
+        self._buf.append(b"\0" * 1024)  # end-of-archive marker
+        self._flush()
+        tail = b"\0" * (-self._bytes % _RECORD)
+        self._hash.update(tail)
+        self._f.write(tail)
+        self._bytes += len(tail)
+        name = self._names(len(self.shards))
+        cm, self._cm, self._f = self._cm, None, None
+        try:
+            cm.__exit__(None, None, None)
+        except StorageError as e:
+            raise StorageError(f"shard {name}: {e}") from None
+        self.shards.append(ShardInfo(name, self._hash.hexdigest(), self._bytes, len(self._keys), self._keys))
+
+    def write_files(self, files: Iterable[tuple[str, list[tuple[str, bytes]]]]) -> list[ShardInfo]:
+        """Add (key, files) pairs in order and close; nothing of an unfinished part is committed."""
+        with self:
+            for key, fs in files:
+                self.add(key, fs)
+        return self.shards
+
+    def close(self) -> list[ShardInfo]:
+        if self._f is not None:
+            self._commit()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the open part (its temporary file or upload); committed parts stay (a rerun rewrites them)."""
+        cm, self._cm, self._f, self._buf = self._cm, None, None, []
+        if cm is not None:
+            try:
+                cm.__exit__(ShardError, ShardError("aborted"), None)
+            except ShardError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):  # close on success, abort on an error
+        (self.close if exc_type is None else self.abort)()
 
 
 def write_chunk(split_url: str, split: str, index: int, samples: list[dict], max_samples: int | None = None,
-                max_bytes: int | None = None, storage_options: dict | None = None) -> list[ShardInfo]:
+                max_bytes: int | None = None, storage_options: dict | None = None,
+                order: str = "sorted") -> list[ShardInfo]:
     """Write one chunk of samples as one shard, or consecutive parts when it passes a size limit.
 
     Limits: at most ``max_samples`` samples and ``max_bytes`` bytes of sample payload per shard
-    (tar headers add 1.5 KiB per file on top). Part boundaries depend only on the samples, so a
-    rerun gives the same shards.
+    (tar headers add 1.5 KiB per file on top). Samples go in sorted key order, or with
+    ``order="given"`` in the order of ``samples`` (prepare's shuffled order). Part boundaries depend
+    only on the samples and that order, so a rerun gives the same shards.
     """
-    files = _sorted_files(samples)
-    parts, cur, cur_bytes = [], [], 0
-    for kf in files:
-        size = sum(len(d) for _, d in kf[1]) if max_bytes else 0
-        if cur and ((max_samples and len(cur) >= max_samples) or (max_bytes and cur_bytes + size > max_bytes)):
-            parts.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(kf)
-        cur_bytes += size
-    if cur:
-        parts.append(cur)
-    return [_write_files(split_url, shard_name(split, index, p), part, storage_options) for p, part in enumerate(parts)]
+    stream = ShardStream(split_url, "", max_samples, max_bytes, storage_options, split=split, index=index,
+                         order=order)
+    return stream.write_files(_sorted_files(samples, order))
 
 
 class ShardWriter:
@@ -237,27 +363,37 @@ def _tar_members(data: bytes, name: str) -> list[tuple[str, int, int]] | None:
     (the checksums every header must match are computed for all 512-byte blocks at once with
     numpy). None when the tar uses anything else (PAX or GNU long names, links, base-256 sizes):
     the caller then reads it with tarfile."""
+    scan = _scan_members(data, name, final=True)
+    return None if scan is None else scan[0]
+
+
+def _scan_members(data: bytes, name: str, final: bool = True, base: int = 0):
+    """``_tar_members`` over a window of a tar that starts at a header: (members, consumed, ended).
+    When not ``final``, the scan stops before a member that does not fit whole in the window and
+    ``consumed`` is where that member's header starts (the caller reads on and scans again from
+    there); ``ended``: the end-of-archive marker was reached. ``base`` only shifts byte offsets in
+    error messages. None when the tar needs tarfile (see ``_tar_members``)."""
     import numpy as np
 
     n = len(data)
-    if n % 512:
-        raise ShardError(f"shard {name} is not a readable tar: {n} bytes is not a multiple of 512")
-    blocks = np.frombuffer(data, np.uint8).reshape(-1, 512)
+    if n % 512 and final:
+        raise ShardError(f"shard {name} is not a readable tar: {base + n} bytes is not a multiple of 512")
+    blocks = np.frombuffer(data, np.uint8, count=n - n % 512).reshape(-1, 512)
     sums = blocks.sum(1, dtype=np.int64)
     # a header's checksum counts its own 8-byte checksum field as spaces
     expect = (sums - blocks[:, 148:156].sum(1, dtype=np.int64) + 256).tolist()
     empty = (sums == 0).tolist()
-    out, off = [], 0
+    out, off, n = [], 0, n - n % 512
     while off < n:
         b = off >> 9
         if empty[b]:  # end-of-archive marker
-            break
+            return out, off, True
         try:  # the usual "%06o\0 " checksum and "%011o\0" size; anything else takes the general parse
             stored = int(data[off + 148:off + 154], 8)
         except ValueError:
             stored = _octal_field(data[off + 148:off + 156])
         if stored != expect[b]:
-            raise ShardError(f"shard {name} is not a readable tar: bad header checksum at byte {off}")
+            raise ShardError(f"shard {name} is not a readable tar: bad header checksum at byte {base + off}")
         kind = data[off + 156]
         if kind not in (48, 0, 53):  # "0", NUL (regular files), "5" (directory)
             return None
@@ -268,7 +404,9 @@ def _tar_members(data: bytes, name: str) -> list[tuple[str, int, int]] | None:
         except ValueError:
             size = _octal_field(data[off + 124:off + 136])
             if size < 0:
-                raise ShardError(f"shard {name} is not a readable tar: bad size field at byte {off}") from None
+                raise ShardError(f"shard {name} is not a readable tar: bad size field at byte {base + off}") from None
+        if off + 512 + size > n and not final:
+            return out, off, False
         end = data.find(b"\0", off, off + 100)
         member = data[off:end if end >= 0 else off + 100]
         if data[off + 345] != 0:
@@ -282,7 +420,39 @@ def _tar_members(data: bytes, name: str) -> list[tuple[str, int, int]] | None:
         if kind != 53:
             out.append((member.decode("utf-8", "surrogateescape"), off, size))
         off += (size + 511) & ~511
-    return out
+    return out, off, final
+
+
+def stream_members(f, name: str, window: int = 1 << 20, hasher=None) -> Iterator[tuple[str, bytes]]:
+    """(member name, payload) of a plain ustar tar read from the file object ``f`` ``window``
+    bytes at a time: memory stays at about one window whatever the tar's size. ``hasher``
+    (e.g. ``hashlib.sha256()``) is updated with every byte read, trailing padding included. A tar
+    that needs tarfile (PAX, GNU, links) is read whole and parsed by it instead."""
+    buf, base, ended = b"", 0, False
+    while True:
+        chunk = f.read(window)
+        if hasher is not None and chunk:
+            hasher.update(chunk)
+        if ended:
+            if not chunk:
+                return
+            continue  # padding after the end-of-archive marker: hashed, not parsed
+        final = not chunk
+        buf = buf + chunk if buf else chunk
+        scan = _scan_members(buf, name, final, base)
+        if scan is None:
+            rest = buf + (f.read() or b"")
+            if hasher is not None:
+                hasher.update(rest[len(buf):])
+            for member, off, size in _tarfile_members(rest, name):
+                yield member, rest[off:off + size]
+            return
+        members, used, ended = scan
+        for member, off, size in members:
+            yield member, buf[off:off + size]
+        buf, base = buf[used:], base + used
+        if final:
+            return
 
 
 def _tarfile_members(data: bytes, name: str):
@@ -295,13 +465,11 @@ def _tarfile_members(data: bytes, name: str):
         raise ShardError(f"shard {name} is not a readable tar: {e}") from None
 
 
-def sample_offsets(data: bytes, name: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
-    """(key, {ext: (offset, size)}) per sample, in tar order, without copying any payload."""
-    members = _tar_members(data, name)
-    if members is None:
-        members = _tarfile_members(data, name)
+def _group_samples(members, name: str):
+    """(key, {ext: value}) per sample from (member name, value) pairs in tar order (WebDataset's
+    rule: the key is the path up to the first dot of the last path component)."""
     key, files = None, {}
-    for member, off, size in members:
+    for member, value in members:
         head, _, base = member.rpartition("/")
         stem, dot, ext = base.partition(".")
         if not dot:
@@ -311,9 +479,23 @@ def sample_offsets(data: bytes, name: str) -> Iterator[tuple[str, dict[str, tupl
             if key is not None:
                 yield key, files
             key, files = k, {}
-        files[ext] = (off, size)
+        files[ext] = value
     if key is not None:
         yield key, files
+
+
+def sample_offsets(data: bytes, name: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, {ext: (offset, size)}) per sample, in tar order, without copying any payload."""
+    members = _tar_members(data, name)
+    if members is None:
+        members = _tarfile_members(data, name)
+    return _group_samples(((m, (off, size)) for m, off, size in members), name)
+
+
+def stream_samples(f, name: str, hasher=None, window: int = 1 << 20) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: payload}) per sample of a tar read from the file object ``f`` in bounded
+    windows (see ``stream_members``)."""
+    return _group_samples(stream_members(f, name, window, hasher), name)
 
 
 def iter_tar(data: bytes, name: str) -> Iterator[dict]:
@@ -336,6 +518,22 @@ def read_shard(split_url: str, name: str, storage_options: dict | None = None) -
         raise ShardError(str(e)) from None
     try:
         return read_bytes(join(split_url, name), storage_options)
+    except StorageError as e:
+        raise ShardError(f"shard {name}: {e}") from None
+
+
+@contextmanager
+def open_shard(split_url: str, name: str, storage_options: dict | None = None):
+    """A shard opened for streaming reads; ``name`` must be a plain file name of the split folder."""
+    from .storage import open_read
+
+    try:
+        check_plain_name(name, "shard", split_url)
+    except ManifestError as e:
+        raise ShardError(str(e)) from None
+    try:
+        with open_read(join(split_url, name), storage_options) as f:
+            yield f
     except StorageError as e:
         raise ShardError(f"shard {name}: {e}") from None
 

@@ -43,7 +43,7 @@ import numpy as np
 
 from .archives import ZipArchive, extract_archive
 from .errors import SourceError
-from .images import DEFAULT_LIMITS, IMAGE_EXTS, ImageLimits, decode_image, resize_shorter_center_crop
+from .images import DEFAULT_LIMITS, IMAGE_EXTS, ImageLimits, decode_image, decode_jpeg_into, resize_shorter_center_crop
 
 __all__ = ["Batch", "CifarSource", "FolderSource", "Item", "MultiSource", "NpzSource", "Source", "SourceError",
            "open_source", "sample_key", "CIFAR10_CLASSES"]
@@ -53,7 +53,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 BAD_IMAGE_POLICIES = ("stop", "skip")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     split: str    # the split the item belongs to, e.g. "train"
     key: str      # stable sample key, e.g. "train_airplane_0001"
@@ -173,28 +173,37 @@ class Source:
     def item_name(self, item: Item) -> str:
         return f"{self.name}:{item.key}"
 
+    def _read_into(self, item: Item, out: np.ndarray) -> np.ndarray | None:
+        """Read an item into ``out`` (a slot of the batch, the size of the batch's first image) and
+        return None, or return its pixels when it cannot go there directly."""
+        return self._read(item)
+
     def load(self, items: list[Item], on_bad_image: str = "stop") -> Batch:
-        """Read items into one batch. All images must have the same size (resize upstream)."""
+        """Read items into one batch. All images must have the same size (resize upstream). The
+        batch array is allocated once, at the first image's size, and images are decoded into it."""
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise SourceError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
-        imgs, keys, labels, skipped = [], [], [], []
+        arr, keys, labels, skipped = None, [], [], []
         for it in items:
             try:
-                img = self._read(it)
-                if self.resize is not None:
+                img = self._read_into(it, arr[len(keys)]) if arr is not None else self._read(it)
+                if img is not None and self.resize is not None:
                     img = resize_shorter_center_crop(img, self.resize)
             except SourceError:
                 if on_bad_image == "skip":
                     skipped.append(self.item_name(it))
                     continue
                 raise
-            if imgs and img.shape != imgs[0].shape:
-                raise SourceError(f"image {self.item_name(it)} is {img.shape[1]}x{img.shape[0]}, others in its "
-                                  f"batch are {imgs[0].shape[1]}x{imgs[0].shape[0]}; choose a resize policy")
-            imgs.append(img)
+            if img is not None:
+                if arr is None:
+                    arr = np.empty((len(items),) + img.shape, np.uint8)
+                elif img.shape != arr.shape[1:]:
+                    raise SourceError(f"image {self.item_name(it)} is {img.shape[1]}x{img.shape[0]}, others in its "
+                                      f"batch are {arr.shape[2]}x{arr.shape[1]}; choose a resize policy")
+                arr[len(keys)] = img
             keys.append(it.key)
             labels.append(it.label)
-        arr = np.stack(imgs) if imgs else np.zeros((0, 0, 0, 3), np.uint8)
+        arr = arr[:len(keys)] if arr is not None else np.zeros((0, 0, 0, 3), np.uint8)
         return Batch(keys, arr, np.asarray(labels, dtype=np.int64), skipped)
 
     def batches(self, split: str, batch_size: int = 1024, limit: int | None = None,
@@ -256,11 +265,29 @@ class NpzSource(Source):
             return super().load(items, on_bad_image)
         x = self._x(items[0].split)
         idx = np.asarray([it.ref for it in items])
-        imgs = x[idx]
+        if len(idx) > 1 and idx[-1] - idx[0] == len(idx) - 1 and (np.diff(idx) == 1).all():
+            imgs = x[idx[0]:idx[-1] + 1].view()  # consecutive images: a read-only view, no copy
+            imgs.flags.writeable = False
+        else:
+            imgs = x[idx]
         if imgs.ndim == 3:
             imgs = np.repeat(imgs[..., None], 3, -1)
         return Batch([it.key for it in items], np.ascontiguousarray(imgs),
                      np.asarray([it.label for it in items], np.int64))
+
+
+def _common_folders(names: list[str]) -> int:
+    """How many leading folders every name shares (such as "imagenette2-160/" or a zip's single top
+    folder), stopping at a split folder and keeping at least <class>/<file> below."""
+    strip = 0
+    while True:
+        first = names[0].split("/")
+        if len(first) - strip <= 2 or first[strip] in SPLIT_NAMES:
+            return strip
+        pre = "/".join(first[:strip + 1]) + "/"
+        if not all(n.startswith(pre) and n.count("/") - strip >= 2 for n in names):
+            return strip
+        strip += 1
 
 
 class FolderSource(Source):
@@ -282,25 +309,25 @@ class FolderSource(Source):
         names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTS) and "__MACOSX" not in n)
         if not names:
             raise SourceError(f"source {self.path}: no images found (extensions: {', '.join(IMAGE_EXTS)})")
-        parts = [n.split("/") for n in names]
-        # drop a common leading folder such as "imagenette2-160/" or a zip's single top dir
-        while (len({p[0] for p in parts}) == 1 and min(len(p) for p in parts) > 2
-               and parts[0][0] not in SPLIT_NAMES):
-            parts = [p[1:] for p in parts]
-        has_splits = all(len(p) >= 3 for p in parts) and {p[0] for p in parts} <= set(SPLIT_NAMES)
-        by_split: dict[str, list[tuple[str, str, str]]] = {}
-        for p, name in zip(parts, names):
+        # one pass per question over the names, keeping no per-name lists: the listing of a large
+        # source (ImageNet: 1.28 M names) costs its Items and nothing else
+        strip = _common_folders(names)
+        has_splits = all(len(p) >= 3 and p[0] in SPLIT_NAMES for p in (n.split("/")[strip:] for n in names))
+
+        def place(name: str) -> tuple[str, str, str]:
+            p = name.split("/")[strip:]
             if has_splits:
-                split, cls, rest = p[0], p[1], "/".join(p[2:])
-            elif len(p) >= 2:
-                split, cls, rest = "train", p[0], "/".join(p[1:])
-            else:
-                raise SourceError(f"source {self.path}: image {'/'.join(p)} is not inside a class folder")
-            by_split.setdefault(split, []).append((cls, rest, name))
-        self.classes = sorted({c for v in by_split.values() for c, _, _ in v})
+                return p[0], p[1], "/".join(p[2:])
+            if len(p) >= 2:
+                return "train", p[0], "/".join(p[1:])
+            raise SourceError(f"source {self.path}: image {'/'.join(p)} is not inside a class folder")
+
+        self.classes = sorted({place(n)[1] for n in names})
         cidx = {c: i for i, c in enumerate(self.classes)}
-        self._by_split = {s: [Item(s, _file_key(s, c, r), cidx[c], name) for c, r, name in v]
-                          for s, v in by_split.items()}
+        self._by_split: dict[str, list[Item]] = {}
+        for name in names:
+            sp, c, r = place(name)
+            self._by_split.setdefault(sp, []).append(Item(sp, _file_key(sp, c, r), cidx[c], name))
         for v in self._by_split.values():
             check_unique_keys(v, self.item_name)
         self.name = self.path.stem
@@ -329,6 +356,11 @@ class FolderSource(Source):
 
     def _read(self, item):
         return decode_image(self.read_bytes(item), self.item_name(item), self.limits)
+
+    def _read_into(self, item, out):
+        data = self.read_bytes(item)
+        name = self.item_name(item)
+        return None if decode_jpeg_into(data, out, name, self.limits) else decode_image(data, name, self.limits)
 
 
 _CIFAR_PICKLE_GLOBALS = {
@@ -443,6 +475,10 @@ class MultiSource(Source):
     def _read(self, item):
         i, inner = item.ref
         return self._owner[item.split][i]._read(inner)
+
+    def _read_into(self, item, out):
+        i, inner = item.ref
+        return self._owner[item.split][i]._read_into(inner, out)
 
 
 def _open_one(p: Path, limits: ImageLimits) -> Source:

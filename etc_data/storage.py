@@ -6,8 +6,16 @@ Whole objects are written atomically:
 - object stores get one ``pipe_file`` call: a single PUT or a multipart upload that only becomes
   visible when completed, so a failed or killed upload never leaves an object under the final name;
 - ``atomic_open`` streams large writes, and on any exception aborts the upload with ``discard()``
-  (fsspec's ``__exit__`` would otherwise *commit* the truncated object on S3).
-Transient storage errors are retried with exponential backoff, then reported naming the URL.
+  (fsspec's ``__exit__`` would otherwise *commit* the truncated object on S3);
+- ``staged_open`` streams objects of any size with bounded memory (shards): local files as
+  ``atomic_open``, object stores through a local temporary file uploaded (and retried) at the end.
+Transient storage errors (a connection refused or reset, a timeout, throttling, a 5xx) are retried
+with exponential backoff, each retry logged on one line (logger ``etc_data.storage``, which reaches
+stderr when nothing else is configured), then reported naming the URL. Errors a retry cannot fix
+fail at once, in one line naming the URL and the cause: missing or refused credentials, a host name
+that does not resolve (with a hint when no endpoint was configured and the URL went to AWS's public
+endpoint), a missing object (``StorageNotFound``). The S3 client's own hidden retries are turned
+down (``s3_defaults``) so that these are the only ones.
 
 Credentials never live in the project's config files: they come from the environment or the
 provider's own chain (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, metadata servers).
@@ -18,6 +26,7 @@ A storage config that contains a secret-looking field (``secret``, ``api_key``, 
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
@@ -38,10 +47,23 @@ SECRET_FIELDS = ("key", "secret", "token", "password", "passwd", "credential", "
 _SECRET_VALUE = re.compile(r"AccountKey=|SharedAccessSignature=|SharedAccessKey=|[?&]sig=|://[^/@\s:]*:[^/@\s]*@",
                            re.IGNORECASE)
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+log = logging.getLogger(__name__)
+# botocore errors no retry fixes (credentials, configuration)
+PERMANENT_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoRegionError",
+                    "ParamValidationError", "InvalidConfigError", "ProfileNotFound", "UnknownSignatureVersionError",
+                    "InvalidS3AddressingStyleError", "UnknownCredentialError", "ClientConnectorDNSError")
+DNS_FAILURES = ("Name or service not known", "Temporary failure in name resolution", "nodename nor servname",
+                "No address associated with hostname", "getaddrinfo failed")
+TRANSIENT_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                   "InternalError", "ServiceUnavailable", "503", "500", "502", "504")
 
 
 class StorageError(EtcError):
     """A storage operation failed (the message names the URL)."""
+
+
+class StorageNotFound(StorageError):
+    """The object or folder does not exist (the storage itself answered)."""
 
 
 def is_local(url: str) -> bool:
@@ -59,35 +81,102 @@ def join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 
 
+_FS_CACHE: dict = {}
+
+
 def get_fs(url: str, storage_options: dict | None = None):
+    """(filesystem, path) for a URL. Remote filesystems are kept, one per protocol and options, for
+    the life of the process (``os.getpid()`` in the key: a forked DataLoader worker makes its own):
+    a shard read reuses the connection pool instead of paying a new S3 session per object, and no
+    filesystem is dropped mid-run, whose asyncio clean-up from another thread printed "Task exception
+    was never retrieved ... attached to a different loop" (even with ``skip_instance_cache``)."""
+    import json
+
     import fsspec
 
+    s3 = str(url).startswith(("s3://", "s3a://"))
+    opts = s3_defaults(storage_options or {}) if s3 else (storage_options or {})
     try:
-        fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+        protocol = fsspec.core.split_protocol(str(url))[0] or "file"
+        cache_key = (os.getpid(), protocol, json.dumps(opts, sort_keys=True, default=repr))
+        if protocol != "file" and cache_key in _FS_CACHE:
+            fs = _FS_CACHE[cache_key]
+            return fs, fs._strip_protocol(str(url))
+        fs, path = fsspec.core.url_to_fs(str(url), **opts)
     except (ImportError, ValueError) as e:
         raise StorageError(f"cannot open storage for {url}: {e}") from None
+    if s3:
+        fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option): ``retry`` retries
+    if protocol != "file":
+        _FS_CACHE[cache_key] = fs
     return fs, path
+
+
+def s3_defaults(opts: dict) -> dict:
+    """S3 options with the client's own retries off (``retry`` does them, visibly: botocore's and
+    s3fs's hidden ones turned a server gone for good into two silent minutes) and a 10 s connect
+    timeout; settings the storage config gives win."""
+    cfg = dict(opts.get("config_kwargs") or {})
+    cfg.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+    cfg.setdefault("connect_timeout", 10)
+    return {**opts, "config_kwargs": cfg}
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def _transient(e: BaseException) -> bool:
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, EtcError)):
         return False
+    names = {type(x).__name__ for x in _chain(e)}
+    text = " ".join(str(x) for x in _chain(e)) + " " + str(getattr(e, "kwargs", {}).get("error", ""))
+    if names & set(PERMANENT_ERRORS) or any(m in text for m in DNS_FAILURES):
+        return False
+    if type(e).__name__ == "ClientError":
+        err = (getattr(e, "response", None) or {}).get("Error", {})
+        return str(err.get("Code")) in TRANSIENT_CODES
     return isinstance(e, (OSError, ConnectionError, TimeoutError)) or type(e).__module__.split(".")[0] in (
         "botocore", "aiohttp", "urllib3", "requests", "gcsfs", "s3fs", "aiobotocore")
 
 
+def _hint(e: BaseException, url: str) -> str:
+    """What to do about an error no retry fixes, where the cause is a common setup mistake."""
+    text = " ".join(str(x) for x in _chain(e)) + " " + str(getattr(e, "kwargs", {}).get("error", ""))
+    names = {type(x).__name__ for x in _chain(e)}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return ("; no credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile) in the environment "
+                "(credentials never go in the storage config)")
+    if ".amazonaws.com" in text and str(url).startswith(("s3://", "s3a://")):
+        return ("; this went to AWS's public endpoint: for any other S3 server give its endpoint_url in a "
+                "--storage-config file (client_kwargs: {endpoint_url: ...})")
+    return ""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
 def retry(what: str, fn, *args, delays=None, **kwargs):
     """Call fn, retrying transient storage errors with backoff (``RETRY_DELAYS`` seconds unless
-    ``delays`` is given); then a StorageError naming ``what``."""
+    ``delays`` is given), logging each retry; then one StorageError line naming ``what``."""
     delays = RETRY_DELAYS if delays is None else delays
     for attempt in range(len(delays) + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - classified below
-            if not _transient(e) or attempt == len(delays):
+            transient = _transient(e)
+            if not transient or attempt == len(delays):
                 if isinstance(e, EtcError):
                     raise
-                raise StorageError(f"{what}: {type(e).__name__}: {e}") from e
+                tries = f" (after {attempt + 1} attempts)" if transient else ""
+                raise StorageError(f"{what}: {_one_line(e)}{tries}{_hint(e, what.rsplit(' ', 1)[-1])}") from e
+            log.warning("%s: %s; retrying in %.1f s (retry %d of %d)", what, _one_line(e), delays[attempt],
+                        attempt + 1, len(delays))
             time.sleep(delays[attempt])
 
 
@@ -142,6 +231,31 @@ def atomic_open(url: str, storage_options: dict | None = None, block_size: int |
 
 
 @contextmanager
+def staged_open(url: str, storage_options: dict | None = None):
+    """Stream an object of any size with bounded memory, committed atomically and retried.
+
+    Local: ``atomic_open`` (a hidden temporary file, fsynced and renamed). Object stores: the bytes
+    go to a local temporary file first, uploaded on success with ``put_file`` (multipart for large
+    objects, visible only when complete) and retried like ``write_bytes``; on any exception nothing
+    is uploaded. Memory stays at the writer's own buffer whatever the object's size."""
+    url = str(url)
+    if is_local(url):
+        try:
+            with atomic_open(url) as f:
+                yield f
+        except OSError as e:
+            raise StorageError(f"cannot write {url}: {e}") from None
+        return
+    import tempfile
+
+    fs, path = get_fs(url, storage_options)
+    with tempfile.NamedTemporaryFile(prefix="etc-data-", suffix=".part") as tmp:
+        yield tmp
+        tmp.flush()
+        retry(f"cannot write {url}", fs.put_file, tmp.name, path)
+
+
+@contextmanager
 def atomic_local_file(path: Path):
     """Write a local file atomically: into a new temporary file next to it (see ``create_temp``),
     fsynced, then renamed over ``path`` (a symlink at ``path`` is replaced, never followed)."""
@@ -186,7 +300,7 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
         try:
             return _local_path(url).read_bytes()
         except FileNotFoundError:
-            raise StorageError(f"{url} does not exist") from None
+            raise StorageNotFound(f"{url} does not exist") from None
         except OSError as e:
             raise StorageError(f"cannot read {url}: {e}") from None
     fs, path = get_fs(url, storage_options)
@@ -195,9 +309,37 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
         try:
             return fs.cat_file(path)
         except FileNotFoundError:
-            raise StorageError(f"{url} does not exist") from None
+            raise StorageNotFound(f"{url} does not exist") from None
 
     return retry(f"cannot read {url}", get)
+
+
+@contextmanager
+def open_read(url: str, storage_options: dict | None = None):
+    """A readable binary file object for streaming an object (opening is retried; errors name the URL)."""
+    url = str(url)
+    if is_local(url):
+        try:
+            f = open(_local_path(url), "rb")
+        except FileNotFoundError:
+            raise StorageNotFound(f"{url} does not exist") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {url}: {e}") from None
+    else:
+        fs, path = get_fs(url, storage_options)
+
+        def op():
+            try:
+                return fs.open(path, "rb")
+            except FileNotFoundError:
+                raise StorageNotFound(f"{url} does not exist") from None
+
+        f = retry(f"cannot read {url}", op)
+    try:
+        with f:
+            yield f
+    except (OSError, ConnectionError, TimeoutError) as e:
+        raise StorageError(f"cannot read {url}: {type(e).__name__}: {e}") from e
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:

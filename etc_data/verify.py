@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from .codecs import codec_for_ext
 from .manifest import INFO_NAME, MANIFEST_NAME, check_plain_name, info_entry, read_manifest, split_url_of
-from .shards import SAMPLE_EXTS, ShardError, read_shard, sample_offsets
+from .shards import SAMPLE_EXTS, ShardError, open_shard, stream_samples
 from .storage import StorageError, exists, join, list_names, read_bytes, remove
 
 
@@ -99,35 +99,50 @@ class DatasetVerification:
         return [line for r in self.reports for line in r.lines()]
 
 
+class _Digest:
+    """sha256 and byte count of what a shard stream read."""
+
+    def __init__(self):
+        self.sha, self.bytes = hashlib.sha256(), 0
+
+    def update(self, b: bytes) -> None:
+        self.sha.update(b)
+        self.bytes += len(b)
+
+
 def _check_shard(split_url: str, entry: dict, image_size, deep: bool, storage_options) -> tuple[str | None, int]:
-    """(problem or None, samples) for one listed shard."""
+    """(problem or None, samples) for one listed shard, streamed in 1 MB windows (memory does
+    not grow with the shard). A size or sha256 mismatch is reported before what the parse found."""
     name = entry["name"]
+    digest, n, problem = _Digest(), 0, None
     try:
-        data = read_shard(split_url, name, storage_options)
+        with open_shard(split_url, name, storage_options) as f:
+            try:
+                for key, files in stream_samples(f, name, hasher=digest):
+                    exts = [x for x in files if x in SAMPLE_EXTS]
+                    if len(exts) != 1 or "cls" not in files:
+                        raise ShardError(f"sample {key} lacks an image or cls field")
+                    if deep or n == 0:
+                        try:
+                            img = codec_for_ext(exts[0]).decode(files[exts[0]])
+                        except Exception as err:  # noqa: BLE001 - any decoder failure is corruption
+                            raise ShardError(f"sample {key} does not decode: {err}") from None
+                        if list(img.shape[:2]) != list(image_size):
+                            raise ShardError(f"sample {key} is {img.shape[0]}x{img.shape[1]}, "
+                                             f"manifest says {image_size[0]}x{image_size[1]}")
+                    n += 1
+            except ShardError as err:
+                problem = f"{name}: {err}"
+                while chunk := f.read(1 << 20):  # the rest, for the size and hash
+                    digest.update(chunk)
     except ShardError as err:
         return f"{name}: {err}", 0
-    if len(data) != entry["bytes"]:
-        return f"{name}: {len(data)} bytes, manifest says {entry['bytes']}", 0
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if digest.bytes != entry["bytes"]:
+        return f"{name}: {digest.bytes} bytes, manifest says {entry['bytes']}", 0
+    if digest.sha.hexdigest() != entry["sha256"]:
         return f"{name}: sha256 mismatch", 0
-    n = 0
-    try:
-        for key, files in sample_offsets(data, name):  # payloads are only sliced to be decoded
-            exts = [x for x in files if x in SAMPLE_EXTS]
-            if len(exts) != 1 or "cls" not in files:
-                raise ShardError(f"sample {key} lacks an image or cls field")
-            if deep or n == 0:
-                off, size = files[exts[0]]
-                try:
-                    img = codec_for_ext(exts[0]).decode(data[off:off + size])
-                except Exception as err:  # noqa: BLE001 - any decoder failure is corruption
-                    raise ShardError(f"sample {key} does not decode: {err}") from None
-                if list(img.shape[:2]) != list(image_size):
-                    raise ShardError(f"sample {key} is {img.shape[0]}x{img.shape[1]}, "
-                                     f"manifest says {image_size[0]}x{image_size[1]}")
-            n += 1
-    except ShardError as err:
-        return f"{name}: {err}", 0
+    if problem:
+        return problem, 0
     if n != entry["samples"]:
         return f"{name}: {n} samples, manifest says {entry['samples']}", 0
     return None, n

@@ -63,11 +63,11 @@ def _portable(e: BaseException) -> BaseException:
         return WorkerError(f"{type(e).__name__}: {e}")
 
 
-def _worker_main(tasks, results, parent_pid: int, warm: dict | None) -> None:
+def _worker_main(tasks, results, parent_pid: int, warm: dict | None, threads: int = 1) -> None:
     _die_with_parent(parent_pid)
     from .prepare import ChunkRunner, ChunkSpec, PrepareConfig
 
-    runner = ChunkRunner()
+    runner = ChunkRunner(threads=threads)
     if warm:
         try:
             runner.warm(PrepareConfig(**warm))
@@ -90,18 +90,21 @@ class WorkerPool:
     """``n`` spawned worker processes that run prepare chunks (see the module docstring).
 
     ``warm``: a PrepareConfig whose source every worker opens while it waits for work (no key is
-    loaded), e.g. while Prefect's API server boots."""
+    loaded), e.g. while Prefect's API server boots. ``threads``: threads per chunk in a worker
+    (default: the cores divided among the workers)."""
 
-    def __init__(self, workers: int | None = None, warm=None):
+    def __init__(self, workers: int | None = None, warm=None, threads: int | None = None):
         import multiprocessing as mp
 
         from .codecs import default_workers
+        from .prepare import chunk_threads
 
         self.size = max(1, workers or default_workers())
+        threads = threads or chunk_threads(self.size)
         ctx = mp.get_context("spawn")
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         warm_d = dataclasses.asdict(warm) if warm is not None else None
-        self._procs = [ctx.Process(target=_worker_main, args=(self._tasks, self._results, os.getpid(), warm_d),
+        self._procs = [ctx.Process(target=_worker_main, args=(self._tasks, self._results, os.getpid(), warm_d, threads),
                                    daemon=True, name=f"etc-data-worker-{i}") for i in range(self.size)]
         for p in self._procs:
             p.start()
@@ -224,8 +227,5 @@ class WorkerPool:
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
-            self.terminate()
+    def __exit__(self, exc_type, *_):  # close on success, terminate on an error
+        (self.close if exc_type is None else self.terminate)()

@@ -76,28 +76,33 @@ def _storage_error(task, task_run, state) -> bool:
 
 
 class ThreadRunners:
-    """One ChunkRunner per task thread (a runner keeps an opened source, which is not shared)."""
+    """One ChunkRunner per task thread (a runner keeps an opened source, which is not shared); the
+    chunks' batches all run on one executor of ``threads`` threads, so cores stay busy whichever
+    chunks are left."""
 
-    def __init__(self):
+    def __init__(self, threads: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
         self._local = threading.local()
+        self.threads = threads
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="etc-data-batch") if threads > 1 else None
 
     def run(self, cfg: PrepareConfig, spec: ChunkSpec) -> ChunkResult:
         runner = getattr(self._local, "runner", None)
         if runner is None:
-            runner = self._local.runner = ChunkRunner(load_key_ref)
+            runner = self._local.runner = ChunkRunner(load_key_ref, self.threads, self.executor)
         return runner.run(cfg, spec)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _dask_worker_runner() -> ChunkRunner:
     """On a Dask worker: one ChunkRunner kept on the worker object, so its source stays open."""
-    from distributed import get_worker
+    from etc_data.cluster import worker_runner
 
-    w = get_worker()
-    runner = getattr(w, "etc_data_chunk_runner", None)
-    if runner is None:
-        runner = ChunkRunner(load_key_ref)
-        setattr(w, "etc_data_chunk_runner", runner)
-    return runner
+    return worker_runner(load_key_ref)
 
 
 @task(name="shard", task_run_name="{spec[split]}-shard-{spec[index]:06d}", retries=3,
@@ -118,21 +123,21 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
     rt = _RUNTIME.get() or Runtime()
     secret_ref = str(cfg.key_ref or "").startswith(SECRET_PREFIX)
     own: list = []  # the pool this run started, if any
+    threads: list = []  # the batch threads of this run, if any
 
     def map_chunks(c: PrepareConfig, specs: list[ChunkSpec]):
         runner = None  # on Dask: a runner kept on each Dask worker
         if not on_dask:
-            if secret_ref:
-                runner = ThreadRunners()
-            elif rt.pool is not None:
+            if rt.pool is not None and not secret_ref:
                 runner = rt.pool
-            elif pool_size(c, specs):
+            elif pool_size(c, specs) and not secret_ref:
                 from etc_data.workers import WorkerPool
 
                 runner = WorkerPool(pool_size(c, specs))
                 own.append(runner)
             else:
-                runner = ThreadRunners()
+                runner = ThreadRunners(default_workers())
+                threads.append(runner)
         public = c.to_dict()  # public settings; the key stays a reference
         futures = [shard_chunk.submit(public, dataclasses.asdict(s), runner) for s in specs]
         for f in as_completed(futures):
@@ -151,6 +156,8 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
     finally:
         for p in own:
             p.close()
+        for t in threads:
+            t.close()
 
 
 def _artifact_key(name: str, kind: str) -> str:

@@ -32,12 +32,12 @@ def report_split(cfg: dict, split: str) -> dict:
 def report_flow(source: list[str], out: str, schemes: list[str] | None = None, codecs: list[str] | None = None,
                 block_size: int | None = 16, key_ref: str | None = None, dataset: str | None = None,
                 splits: list[str] | None = None, limit: int | None = None, resize: int | None = None,
-                on_bad_image: str = "stop") -> dict:
+                on_bad_image: str = "stop", psnr: bool = True) -> dict:
     """Size report over ``source``; ``key_ref`` is a reference (path, env:NAME, prefect-secret:BLOCK)
     or None for an ephemeral random key that is never stored."""
     cfg = ReportConfig(source=list(source), out=out, schemes=schemes or list(DEFAULT_SCHEMES),
                        codecs=codecs or list(DEFAULT_CODECS), block_size=block_size, key_ref=key_ref, dataset=dataset,
-                       splits=splits, limit=limit, resize=resize, on_bad_image=on_bad_image)
+                       splits=splits, limit=limit, resize=resize, on_bad_image=on_bad_image, psnr=psnr)
     cfg.check()
     public = dataclasses.asdict(cfg)
     futures = [report_split.submit(public, sp) for sp in (splits or open_source(source, resize=resize).splits)]

@@ -14,6 +14,7 @@ import pytest
 from etc_data.prepare import PrepareConfig, PrepareError, prepare_dataset
 
 from .conftest import make_mini_npz
+from .servers import alive
 
 JOBS = {"prepare_dataset": "PrepareConfig", "verify_dataset": "VerifyConfig", "encrypt_folder": "FolderConfig",
         "decrypt_folder": "FolderConfig", "size_report": "ReportConfig", "train_model": "TrainConfig",
@@ -94,21 +95,13 @@ time.sleep(600)
 def test_pool_workers_die_with_a_killed_parent(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT], stdout=subprocess.PIPE, text=True)
     pids = [int(x) for x in p.stdout.readline().split()]
-    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    assert len(pids) == 2 and all(alive(pid) for pid in pids)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     deadline = time.time() + 10
-    while time.time() < deadline and any(_alive(pid) for pid in pids):
+    while time.time() < deadline and any(alive(pid) for pid in pids):
         time.sleep(0.05)
-    assert not any(_alive(pid) for pid in pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_a_dead_worker_fails_its_chunk_with_a_named_error(tmp_path, cifar_exact, key_file):

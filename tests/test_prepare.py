@@ -15,7 +15,7 @@ from etc_data.keys import load_key
 from etc_data.manifest import read_manifest
 from etc_data.prepare import PrepareConfig, PrepareError, prepare_dataset
 from etc_data.schemes import make_scheme
-from etc_data.shards import iter_samples
+from etc_data.shards import iter_samples, iter_tar, read_shard
 from etc_data.verify import verify_split as verify
 from etc_data.sources import SourceError
 
@@ -272,3 +272,18 @@ def test_leftover_shards_warn_fail_only_when_strict_and_are_cleaned(tmp_path, ci
     summ = prepare_dataset(PrepareConfig(source=str(small), out=str(out), **cfg))
     assert summ.written == {"train": 0} and _hashes(out) == committed
     assert not list((out / "train").glob("*.part"))
+
+
+def test_shards_of_a_class_sorted_source_mix_classes(tmp_path, cifar_exact, key_file):
+    """A <split>/<class>/<file> zip lists its items class by class; written in that order each shard held one
+    to three classes, which a reader's shuffle buffer cannot mix (a training batch then sees two or three)."""
+    x, y = cifar_exact["x_train"][:200], cifar_exact["y_train"][:200]
+    src = make_image_zip(tmp_path / "c10.zip", x, y, [f"c{i}" for i in range(10)])
+    prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / "out"), dataset="c10", key_ref=str(key_file),
+                                  codec="jpeg:q=85,sub=420", shard_size=50))
+    split = str(tmp_path / "out" / "train")
+    per_shard = [[int(s["cls"]) for s in iter_tar(read_shard(split, e["name"]), e["name"])]
+                 for e in read_manifest(split).shards]
+    assert [len(c) for c in per_shard] == [50, 50, 50, 50]
+    assert all(len(set(c)) >= 7 for c in per_shard), [sorted(set(c)) for c in per_shard]
+    assert sorted(c for cs in per_shard for c in cs) == sorted(int(v) for v in y)

@@ -99,6 +99,20 @@ def test_report_with_owner_key_and_bad_arguments(tmp_path, cifar_exact, key_file
     assert "etc with block size 8 is not JPEG-compliant with 420" in capsys.readouterr().err
 
 
+def test_report_without_psnr_gives_the_same_sizes_and_no_psnr(tmp_path, cifar_exact, key_file):
+    """--no-psnr skips decoding, decryption and scoring: the sizes are those of the full report."""
+    npz = tmp_path / "cifar10-mini.npz"
+    np.savez(npz, x_train=cifar_exact["x_train"][:120], y_train=cifar_exact["y_train"][:120])
+    args = ["report", "sizes", "--source", str(npz), "--schemes", "plain,etc", "--codec", "jpeg:q=85,sub=444",
+            "--codec", "png", "--key", str(key_file)]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    assert main(args + ["--no-psnr", "--out", str(tmp_path / "fast")]) == 0
+    full, fast = (json.loads((tmp_path / d / "sizes.json").read_text())["results"] for d in ("full", "fast"))
+    assert [(r["scheme"], r["codec"], r["total_bytes"]) for r in fast] == \
+        [(r["scheme"], r["codec"], r["total_bytes"]) for r in full]
+    assert all(r["psnr"] is None for r in fast) and any(r["psnr"] for r in full)
+
+
 def test_etc_common_compresses_like_plain_jpeg_and_blockwise_le_do_not(shared_dir):
     """docs/sizes.md method on all 5,000 exact CIFAR-10 images, JPEG QF85 4:4:4, block 16: the schemes a
     patch embedding absorbs (etc:common=1, its two-level form) stay within 1 % of plain; blockwise (the

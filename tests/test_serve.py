@@ -74,12 +74,12 @@ def test_check_names_what_a_scheduled_run_would_fail_on(tmp_path, key_file, cifa
         return check_pipeline(load_pipeline(_write_pipeline(tmp_path, npz, key_file, **change) / "mini.yaml"))
 
     os.chmod(key_file, 0o644)
-    assert problems() == [f"{d / 'mini.yaml'}: field key_ref: key file {key_file} is readable or writable by "
-                          f"group/others (mode 0644); run: chmod 600 {key_file}"]
+    assert problems() == [f"{d / 'mini.yaml'}: field key_ref: the key given with --key is a key file readable or "
+                          f"writable by group/others (mode 0644); run chmod 600 on it"]
     os.chmod(key_file, 0o600)
     monkeypatch.delenv("ETC_DATA_TEST_KEY", raising=False)
     assert "field key_ref: environment variable ETC_DATA_TEST_KEY is not set" in problems(key_ref="env:ETC_DATA_TEST_KEY")[0]
-    assert "field key_ref: key file" in problems(key_ref=str(tmp_path / "gone.key"))[0]
+    assert "field key_ref: the key given with --key does not exist" in problems(key_ref=str(tmp_path / "gone.key"))[0]
     assert "field source: source" in problems(source=str(tmp_path / "gone.npz"))[0]
     assert "field splits: source has no split val" in problems(splits=["train", "val"])[0]
     (tmp_path / "a-file").write_text("")
@@ -98,7 +98,7 @@ def test_check_names_what_a_scheduled_run_would_fail_on(tmp_path, key_file, cifa
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert main(["serve", str(d), "--check"]) == 2
     err = capsys.readouterr().err
-    assert "broken.yaml: field owner" in err and "field key_ref: key file" in err and "mode 0640" in err
+    assert "broken.yaml: field owner" in err and "field key_ref: the key given with --key is a key file" in err and "mode 0640" in err
     assert "serve needs a running Prefect server" in err and "3 problem(s)" in err and secret not in err
 
 

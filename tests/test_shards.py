@@ -232,3 +232,32 @@ def test_every_codec_extension_is_an_image_for_verify_and_the_loader(tmp_path, c
     rep = verify(url, deep=True)
     assert rep.ok and rep.samples == 20, rep.lines()
     assert len(list(iter_split(url, read_manifest(url), train=False))) == 20
+
+
+@pytest.mark.parametrize("fmt", ["ours", "pax"])
+def test_streamed_tar_reading_in_small_windows_matches_whole_reads_and_hashes(cifar_exact, fmt):
+    """Verify reads shards in bounded windows: any window size (not a multiple of 512, smaller than
+    one member) gives the samples and the sha256 of reading the whole shard."""
+    import hashlib
+    import io
+    import tarfile
+
+    from etc_data.shards import iter_tar, stream_samples
+
+    if fmt == "ours":
+        data, _ = build_tar(_samples(cifar_exact["x_test"][:7], cifar_exact["y_test"][:7]))
+    else:
+        data = _tarfile_tar([(f"{'p' * 120}/k{i}.jpg", bytes([i]) * 900) for i in range(4)], tarfile.PAX_FORMAT)
+    whole = [{"__key__": s["__key__"], **{k: bytes(v) for k, v in s.items() if k != "__key__"}}
+             for s in iter_tar(data, "w.tar")]
+    for window in (700, 4096, 1 << 20):
+        from etc_data import shards
+
+        h = hashlib.sha256()
+        got = list(shards._group_samples(shards.stream_members(io.BytesIO(data), "w.tar", window, h), "w.tar"))
+        assert [{"__key__": k, **f} for k, f in got] == whole
+        assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert len(list(stream_samples(io.BytesIO(data), "w.tar"))) == len(whole)
+    if fmt == "ours":  # a shard cut short is an error naming it, whatever the window
+        with pytest.raises(ShardError, match="cut.tar"):
+            list(shards.stream_members(io.BytesIO(data[:len(data) // 2 // 512 * 512 + 100]), "cut.tar", 600))

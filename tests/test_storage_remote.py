@@ -122,6 +122,76 @@ def test_s3_server_stopped_mid_multipart_upload_fails_clearly_and_commits_nothin
             s3.start()
 
 
+def _no_aws_env(monkeypatch, tmp_path):
+    import etc_data.storage
+
+    monkeypatch.setattr(etc_data.storage, "_FS_CACHE", {})  # filesystems made from now on see no credentials
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no metadata-server probing
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+
+
+def test_missing_credentials_fail_at_once_in_one_line_naming_the_url(s3, monkeypatch, tmp_path, caplog):
+    from etc_data.manifest import ManifestError, ManifestMissing, read_manifest
+
+    write_bytes("s3://etc-bucket/creds/train/manifest.json", b"{}", s3.storage_options())
+    _no_aws_env(monkeypatch, tmp_path)
+    t = time.time()
+    with pytest.raises(StorageError) as e:
+        read_bytes("s3://etc-bucket/creds/train/manifest.json", s3.storage_options())
+    msg = str(e.value)
+    assert time.time() - t < 5 and "\n" not in msg and "s3://etc-bucket/creds/train/manifest.json" in msg
+    assert "NoCredentialsError" in msg and "AWS_ACCESS_KEY_ID" in msg
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]  # nothing retried
+    with pytest.raises(ManifestError) as e:  # not "is this a split folder?": the cause is the credentials
+        read_manifest("s3://etc-bucket/creds/train", s3.storage_options())
+    assert not isinstance(e.value, ManifestMissing) and "split folder" not in str(e.value)
+
+
+def test_server_gone_is_retried_visibly_then_one_line_naming_the_url(monkeypatch, caplog):
+    import logging
+
+    import etc_data.storage
+    from .servers import free_port
+
+    monkeypatch.setattr(etc_data.storage, "RETRY_DELAYS", (0.1, 0.2))
+    opts = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"}}  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    with caplog.at_level(logging.WARNING, logger="etc_data.storage"):
+        with pytest.raises(StorageError) as e:
+            read_bytes("s3://etc-bucket/gone/x.tar", opts)
+    assert "cannot read s3://etc-bucket/gone/x.tar" in str(e.value) and "after 3 attempts" in str(e.value)
+    retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retried) == 2 and all("s3://etc-bucket/gone/x.tar" in m for m in retried)
+
+
+def test_no_storage_config_fails_fast_naming_the_url(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    t = time.time()
+    with pytest.raises(StorageError) as e:  # AWS's public endpoint: unreachable offline, refused online
+        read_bytes("s3://etc-bucket-no-config/x/manifest.json", {})
+    assert time.time() - t < 20 and "s3://etc-bucket-no-config/x/manifest.json" in str(e.value)
+    assert "\n" not in str(e.value)
+    if "amazonaws.com" in str(e.value):
+        assert "endpoint_url" in str(e.value) and "--storage-config" in str(e.value)
+
+
+def test_loader_checks_the_shard_list_before_the_first_epoch(s3, mini_npz, key_file, tmp_path):
+    from etc_data.loader import LoaderError, make_loader
+    from etc_data.storage import remove
+
+    url, opts = f"s3://etc-bucket/{tmp_path.name}/ds", s3.storage_options()
+    prepare_dataset(PrepareConfig(source=str(mini_npz), out=url, dataset="c10", key_ref=str(key_file), shard_size=30,
+                                  storage_options=opts, splits=["train"]))
+    remove(f"{url}/train/train-000001.tar", opts)
+    with pytest.raises(LoaderError, match="train-000001.tar"):
+        make_loader(f"{url}/train", 16, workers=0, storage_options=opts)
+
+
 def test_serve_check_reaches_the_bucket_of_a_pipeline(s3, mini_npz, key_file, tmp_path):
     """serve --check on object storage: the bucket answers with the environment's credentials, or
     the problem names the file, the field and the bucket. (S3 only: the fake GCS server needs a
@@ -140,3 +210,53 @@ def test_serve_check_reaches_the_bucket_of_a_pipeline(s3, mini_npz, key_file, tm
     assert problems("etc-bucket") == []
     (found,) = problems("no-such-bucket")
     assert found.startswith(f"{tmp_path / 'remote.yaml'}: field storage.url: ") and "no-such-bucket" in found
+
+
+def test_one_writer_per_dataset_on_s3_and_a_dead_writers_lock_is_taken_over(s3, mini_npz, key_file, tmp_path):
+    """The lock object on S3: created with a conditional write (of two racing runs exactly one
+    wins), refused to a second writer naming the holder, taken over when its holder is dead."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from etc_data.locks import LOCK_NAME, LockError, dataset_lock, read_lock
+    from etc_data.storage import join
+
+    opts = s3.storage_options()
+    url = f"s3://etc-bucket/{tmp_path.name}/locked"
+    cfg = PrepareConfig(source=str(mini_npz), out=url, dataset="c10", key_ref=str(key_file), codec="png",
+                        block_size=8, workers=1, storage_options=opts)
+    outcome: list[str] = []
+    start = threading.Barrier(2)
+
+    def writer():
+        start.wait()
+        try:
+            with dataset_lock(url, opts):
+                time.sleep(1.0)
+                outcome.append("held")
+        except LockError as e:
+            outcome.append(str(e))
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcome)[0] == "held" and f"pid {os.getpid()}" in sorted(outcome)[1], outcome
+    assert read_lock(url, opts) is None  # released
+
+    with dataset_lock(url, opts):
+        assert read_lock(url, opts)["pid"] == os.getpid()
+        with pytest.raises(LockError, match=rf"being written by another prepare run \(.*pid {os.getpid()}.*lease until"):
+            prepare_dataset(cfg)
+    assert not exists(join(url, "train", "manifest.json"), opts)
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)  # a run on this host that was killed with its lock held
+    write_bytes(join(url, LOCK_NAME), json.dumps({"holder": f"someone pid {dead}", "host": socket.gethostname(),
+                                                  "pid": dead, "run": "dead-run",
+                                                  "expires": time.time() + 300}).encode(), opts)
+    summary = prepare_dataset(cfg)
+    assert summary.manifests["train"].num_samples == 70 and read_lock(url, opts) is None

@@ -57,7 +57,10 @@ def register(cli: click.Group) -> None:
                     limit, splits, resize, pad, on_bad_image, max_image_pixels, max_image_bytes, storage_config, workers,
                     dask_address, no_verify):
         """Encrypt, compress and shard a dataset into verified WebDataset shards (a Prefect flow)."""
+        import warnings
+
         from ..prepare import PrepareConfig
+        from ..readers import ReaderWarning
 
         cfg = PrepareConfig(source=list(sources), out=out, dataset=dataset or "", owner=owner, key_ref=key_ref,
                             scheme=scheme, block_size=block_size, limit=limit, splits=list(splits) or None,
@@ -69,13 +72,17 @@ def register(cli: click.Group) -> None:
         if shard_size is not None:
             cfg.shard_size = shard_size
         cfg.check()
-        res = run_prepare_flow(cfg, dask_address)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReaderWarning)  # printed below, once, without a traceback line
+            res = run_prepare_flow(cfg, dask_address)
         for line in res["lines"]:
             click.echo(line)
         if res["key_bits"] is not None:
             click.echo(f"key space: log2 = {res['key_bits']:.1f} bits")
         if res["weak_key_message"]:
             click.secho(res["weak_key_message"], fg="red", err=True)
+        if res.get("reader_warning"):
+            click.secho(f"warning: {res['reader_warning']}", fg="yellow", err=True)
         if res["verified"]:
             click.echo(f"verified: {', '.join(f'{k} {v}' for k, v in res['verified'].items())} samples")
 
@@ -111,11 +118,11 @@ def run_prepare_flow(cfg, dask_address: str | None = None) -> dict:
 
     apply_local_defaults()
     api = _boot_ephemeral_api(cfg.key_ref)
-    from ..codecs import default_workers
+    from ..prepare import use_worker_pool
     from ..workers import WorkerPool
 
     pool = None
-    if not dask_address and (cfg.workers or default_workers()) > 1:
+    if not dask_address and use_worker_pool(cfg):
         pool = WorkerPool(cfg.workers, warm=cfg)
     bar = tqdm(unit="shard", desc="prepare")
     try:

@@ -29,8 +29,11 @@ def register(cli: click.Group) -> None:
     @click.option("--resize", type=int, default=None, help="shorter side to N then centre crop")
     @click.option("--workers", type=int, default=None, help="encoder threads (default: all cores)")
     @click.option("--on-bad-image", type=click.Choice(["stop", "skip"]), default="stop", show_default=True)
+    @click.option("--psnr/--no-psnr", default=True, show_default=True,
+                  help="decode, decrypt and score lossy codecs (--no-psnr: sizes only, about a third faster)")
     @click.option("--out", required=True, help="folder (or URL) for sizes.json/.md/.png")
-    def sizes(sources, schemes, codecs, block_size, key_ref, dataset, splits, limit, resize, workers, on_bad_image, out):
+    def sizes(sources, schemes, codecs, block_size, key_ref, dataset, splits, limit, resize, workers, on_bad_image, psnr,
+              out):
         """Encode every image once per scheme and codec; write sizes.json, sizes.md, sizes.png."""
         from tqdm import tqdm
 
@@ -41,7 +44,7 @@ def register(cli: click.Group) -> None:
         cfg = ReportConfig(source=list(sources), out=out, schemes=split_scheme_list(schemes),
                            codecs=list(codecs) or list(DEFAULT_CODECS), block_size=block_size, key_ref=key_ref,
                            dataset=dataset, splits=list(splits) or None, limit=limit, resize=resize, workers=workers,
-                           on_bad_image=on_bad_image)
+                           on_bad_image=on_bad_image, psnr=psnr)
         cfg.check()
         src = open_source(cfg.source, resize=resize)
         total = sum(min(len(src.items(s)), limit or 10**12) for s in (cfg.splits or src.splits))
