@@ -11,12 +11,16 @@ size and schedule, every configuration is trained key-less (only the owners' pub
 (d) plain images of both halves (one model on the plain union: the reference), next to (a) on
     plain images (does twice the data help at all within this budget?);
 
-for EtC (block 16), ``blockwise`` and ``etc:common=1,scramble=0`` (one common key for all blocks,
-block = patch size = 2; ConvMixer cannot absorb a block scrambling), and prints each owner's test accuracy on its own encrypted test copy. The claim under test: (b) beats
-(a) for both owners. The figures come from the JPEG q75 CIFAR copies in ../shared/data (not
-official CIFAR-10 numbers), a small ConvMixer and a short CPU budget (see --help for the sizes).
+for EtC (block 16), ``etc:common=1,scramble=0`` and ``blockwise`` (one common key for all blocks,
+block = patch size = 2; ConvMixer cannot absorb a block scrambling), and prints each owner's test
+accuracy on its own encrypted test copy. The claim under test: (b) beats (a) for both owners. The
+figures come from the JPEG q75 CIFAR copies in ../shared/data (not official CIFAR-10 numbers), a
+small ConvMixer and a short CPU budget (see --help for the sizes; measured figures in
+docs/training.md).
 
-    python benchmarks/bench_multi_owner.py [--per-owner 5000] [--test 2000] [--epochs 8] [--steps 78]
+    python benchmarks/bench_multi_owner.py --schemes plain,etc,etc-common            # 5,000 per owner
+    python benchmarks/bench_multi_owner.py --schemes plain,etc,etc-common --per-owner 1000 --batch-size 32 \
+        --steps 31 --epochs 20                                                       # data-limited
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ def register(cli: click.Group) -> None:
         cfg = TrainConfig(shards=_one_or_list(shards), test_shards=_one_or_list(test_shards) or None, out=out,
                           key_ref=key_ref, trust=list(trust), model=model, epochs=epochs, batch_size=batch_size, lr=lr,
                           weight_decay=weight_decay, schedule=schedule, mixup=mixup, cutmix=cutmix,
-                          cutmix_mode=cutmix_mode, workers=workers, device=device, seed=seed, resume=resume, max_steps=max_steps, stop_after=stop_after,
+                          cutmix_mode=cutmix_mode, workers=workers, device=device, seed=seed, resume=resume,
+                          max_steps=max_steps, stop_after=stop_after,
                           storage_options=storage_options(storage_config), owner_weights=list(owner_weights) or None,
                           shared_stem=shared_stem, init=init, freeze_body=freeze_body)
         metrics = train_model(cfg)
