@@ -9,6 +9,13 @@ A checkpoint is a dict saved with ``torch.save``::
      "epoch": int, "best_acc": float, "metrics": {...}, "train_config": {...},
      "optimizer": state_dict | None, "scheduler": state_dict | None, "rng": {...} | None}
 
+A run on several owners' data (``train.py``, ``stems.py``) also writes a *joint* checkpoint, the state
+``--resume`` continues from: its model holds one stem per owner (``model_config["owner_stems"]``), its
+``owners`` list says whose data each stem is for (shards, dataset, key fingerprint, public key,
+scheme, best accuracy), and its top-level scheme, dataset and key fingerprint are None. It is no
+model for anyone's data, so every reader but ``--resume`` refuses it and points to the owners'
+ordinary checkpoints (``owner-K/best.pt``).
+
 It records which encryption (scheme, block size, key fingerprint, dataset id) its inputs must
 have, so evaluation and model encryption can refuse data made for another key. Checkpoints are
 read and written through the storage layer: ``s3://`` and ``gs://`` URLs work like local paths.
@@ -49,8 +56,9 @@ def save_checkpoint(url: str | os.PathLike, state: dict, storage_options: dict |
 
 
 def load_checkpoint(url: str | os.PathLike, key=None, key_ref: str | None = None,
-                    storage_options: dict | None = None) -> dict:
-    """Load a checkpoint; refuse it when its key fingerprint differs from the given key's."""
+                    storage_options: dict | None = None, joint: bool = False) -> dict:
+    """Load a checkpoint; refuse it when its key fingerprint differs from the given key's, and a
+    joint (several owners') checkpoint unless ``joint``."""
     import torch
 
     try:
@@ -68,6 +76,9 @@ def load_checkpoint(url: str | os.PathLike, key=None, key_ref: str | None = None
         raise CheckpointError(f"cannot read checkpoint {url}: {e}") from None
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{url} is not an etc-data checkpoint (format {CKPT_FORMAT})")
+    if ck.get("owners") and not joint:
+        raise CheckpointError(f"{url} is the joint training state of {len(ck['owners'])} owners (for --resume); use "
+                              f"one owner's checkpoint instead (owner-K/best.pt beside it)")
     if key is None and key_ref is not None:
         from .keys import load_key
 
@@ -120,10 +131,14 @@ def restore_rng(state: dict, aug_rng) -> None:
 
 def train_state(*, model_state: dict, model_config: dict, normalize: dict, manifest, fingerprint: str | None,
                 epoch: int, best_acc: float, optimizer: dict | None, scheduler: dict | None, rng: dict | None,
-                metrics: dict, train_config: dict) -> dict:
-    """The checkpoint dict of a training run at the end of ``epoch`` (layout in the module docstring)."""
-    return {"format": CKPT_FORMAT, "model": model_state, "model_config": model_config, "normalize": normalize,
-            "scheme": manifest.scheme_params(), "dataset": manifest.dataset, "key_fingerprint": fingerprint,
-            "classes": manifest.classes, "image_size": manifest.image_size, "codec": manifest.codec,
-            "epoch": epoch, "best_acc": best_acc, "optimizer": optimizer, "scheduler": scheduler, "rng": rng,
-            "metrics": metrics, "train_config": train_config}
+                metrics: dict, train_config: dict, owners: list[dict] | None = None) -> dict:
+    """The checkpoint dict of a training run at the end of ``epoch`` (layout in the module docstring);
+    with ``owners``, the joint state of a run on several owners' data (classes from ``manifest``)."""
+    state = {"format": CKPT_FORMAT, "model": model_state, "model_config": model_config, "normalize": normalize,
+             "scheme": manifest.scheme_params(), "dataset": manifest.dataset, "key_fingerprint": fingerprint,
+             "classes": manifest.classes, "image_size": manifest.image_size, "codec": manifest.codec,
+             "epoch": epoch, "best_acc": best_acc, "optimizer": optimizer, "scheduler": scheduler, "rng": rng,
+             "metrics": metrics, "train_config": train_config}
+    if owners:
+        state.update(owners=owners, scheme=None, dataset=None, key_fingerprint=None)
+    return state

@@ -2,6 +2,9 @@
 
     etc-data train --shards ROOT/train --test-shards ROOT/test --trust OWNER.pub --model convmixer \\
         --dim 256 --depth 8 --kernel 9 --patch 1 --epochs 100 --out runs/c10
+    etc-data train --shards A/train --shards B/train --test-shards A/test --test-shards B/test \\
+        --trust alice.pub --trust bob.pub --out runs/joint          # several owners, one model
+    etc-data train --init runs/joint/owner-0/best.pt --shards C/train --freeze-body --out runs/c
 
     from etc_data import TrainConfig, train_model
     metrics = train_model(TrainConfig(shards="ROOT/train", test_shards="ROOT/test", out="runs/c10"))
@@ -9,17 +12,26 @@
 ``train_model`` runs these named steps in order:
 
 1. ``setup_distributed``: rank, world size and device (DDP through torchrun: gloo on CPU, nccl on GPU);
-2. ``read_splits``: both manifests (signatures checked against the trusted owners, ``trust``), the
-   key fingerprint check when a key is given (none is needed), sample counts (before anything expensive);
-3. ``build_model``: the timm ConvMixer / ViT; on CUDA ConvMixer's depthwise convs become the
-   Triton kernels of ``etc_data.dwconv`` when available;
-4. the data: a streaming loader per split (``loader.make_loader``), each built once;
+2. ``read_splits``: the manifests of every owner (one ``Splits`` per ``--shards``; signatures checked
+   against the trusted owners, ``trust``; an owner's test split must be signed by that owner), the key
+   fingerprint check when a key is given (none is needed), equal class names across owners; then
+   ``batch_shares`` checks the sample counts (all before anything expensive);
+3. ``build_model``: the timm ConvMixer / ViT (its body from ``--init``, when given); with several
+   owners an ``stems.OwnerStems`` (one input stem per owner, a shared body); on CUDA ConvMixer's
+   depthwise convs become the Triton kernels of ``etc_data.dwconv`` when available;
+4. the data: a streaming loader per owner and split (``loader.make_loader``), each built once; every
+   batch holds a fixed number of samples of each owner (``batch_shares``: in proportion to the
+   owners' sizes, or to ``owner_weights``), so every rank runs the same steps and every stem takes
+   part in every step;
 5. the paper's recipe: AdamW (lr 0.01, wd 0.01), one-cycle schedule (``lr_factor``), mixup + CutMix
-   (``BatchMixer``: timm's Mixup, or block-aligned CutMix with an exact plain counterpart), mean =
-   std = 0.5 so negative-positive is a sign flip, bf16 autocast on GPU;
-6. every epoch: ``train_step`` per batch, ``evaluate_model`` on the test split, then
-   ``metrics.jsonl``, ``curves.png``, ``last.pt`` and ``best.pt`` (``checkpoint.train_state``) in
-   ``out``, through the storage layer (``--out s3://...`` works).
+   (``BatchMixer``, within each owner's part of the batch: timm's Mixup, or block-aligned CutMix
+   with an exact plain counterpart), mean = std = 0.5 so negative-positive is a sign flip, bf16
+   autocast on GPU;
+6. every epoch: ``train_step`` per batch, ``evaluate_model`` on each owner's test split, then
+   ``metrics.jsonl``, ``curves.png`` and the checkpoints (``checkpoint.train_state``) in ``out``,
+   through the storage layer (``--out s3://...`` works): ``last.pt`` and ``best.pt`` for one owner;
+   for several, ``last.pt`` is the joint state (for ``--resume``) and ``owner-K/last.pt`` and
+   ``owner-K/best.pt`` are owner K's ordinary single-owner checkpoints (its stem + the body).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -44,9 +57,9 @@ class TrainError(EtcError):
 
 @dataclass
 class TrainConfig:
-    shards: str                      # train split URL (ROOT/train)
+    shards: str | list[str]          # train split URL (ROOT/train), or one per owner
     out: str                         # output folder or URL (checkpoints, metrics.jsonl, curves.png)
-    test_shards: str | None = None   # test split URL, evaluated every epoch
+    test_shards: str | list[str] | None = None  # test split URL(s), one per owner, evaluated every epoch
     key_ref: str | None = None       # optional: training needs no key (an owner's own key is checked)
     trust: list[str] = field(default_factory=list)  # accepted signers: public keys or files; [] = trust on first use
     model: dict = field(default_factory=convmixer_config)
@@ -70,8 +83,30 @@ class TrainConfig:
     max_steps: int | None = None  # cap steps per epoch (quick runs)
     worker_start: str | None = None  # DataLoader worker start method: None (platform default, fork) or "spawn"
     stop_after: int | None = None  # stop after this many epochs of this invocation (preemptible jobs; --resume goes on)
+    owner_weights: list[float] | None = None  # share of each owner in a batch; None: in proportion to their sizes
+    shared_stem: bool = False      # one stem for all owners (a baseline that ignores that their keys differ)
+    init: str | None = None        # a single-owner checkpoint whose body (all but the stem) starts the model
+    freeze_body: bool = False      # train the stems only (a new owner joins a trained model); needs init
+
+    @property
+    def train_urls(self) -> list[str]:
+        return [self.shards] if isinstance(self.shards, str) else list(self.shards)
+
+    @property
+    def test_urls(self) -> list[str]:
+        t = self.test_shards
+        return [] if not t else [t] if isinstance(t, str) else list(t)
 
     def check(self) -> None:
+        n = len(self.train_urls)
+        if n < 1:
+            raise TrainError("shards: give at least one train split")
+        if self.test_urls and len(self.test_urls) != n:
+            raise TrainError(f"test-shards: give one per --shards ({n}), got {len(self.test_urls)}")
+        if self.owner_weights is not None and (len(self.owner_weights) != n or min(self.owner_weights) <= 0):
+            raise TrainError(f"owner weights must be {n} positive numbers (one per --shards), got {self.owner_weights}")
+        if self.freeze_body and not self.init:
+            raise TrainError("freeze-body needs --init (a trained body to keep)")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -144,6 +179,7 @@ def matching_fingerprint(manifest: Manifest, key, where: str) -> str | None:
 
 @dataclass
 class Splits:
+    """One owner's data: the train split (and test split) with their checked manifests."""
     train_url: str
     train: Manifest
     fingerprint: str | None
@@ -151,46 +187,95 @@ class Splits:
     test: Manifest | None = None
 
 
-def read_splits(cfg: TrainConfig, world: int) -> Splits:
-    """Both manifests (signatures checked against the trusted owners), checked against the key
-    when one is given and against each other, before anything expensive."""
-    from .keys import optional_key
+def read_owner(cfg: TrainConfig, trust, key, train_ref: str, test_ref: str | None) -> Splits:
+    """One owner's manifests: the train split signed by a trusted owner, its test split by the same one."""
     from .trust import TrustPolicy
 
-    key = optional_key(cfg.key_ref)
-    trust = TrustPolicy.from_refs(cfg.trust, key)
-    train_url = split_url_of(cfg.shards)
+    train_url = split_url_of(train_ref)
     m_train = read_manifest(train_url, cfg.storage_options, trust)
-    fp = matching_fingerprint(m_train, key, train_url)
-    out = Splits(train_url, m_train, fp)
-    if cfg.test_shards:
-        out.test_url = split_url_of(cfg.test_shards)
-        out.test = read_manifest(out.test_url, cfg.storage_options, trust.after_first_use(m_train.public_key))
+    out = Splits(train_url, m_train, matching_fingerprint(m_train, key, train_url))
+    if test_ref:
+        out.test_url = split_url_of(test_ref)
+        out.test = read_manifest(out.test_url, cfg.storage_options, TrustPolicy().after_first_use(m_train.public_key))
         matching_fingerprint(out.test, key, out.test_url)
         same = ("scheme", "block_size", "key_fingerprint", "dataset", "classes", "image_size")
         diff = [k for k in same if getattr(out.test, k) != getattr(m_train, k)]
         if diff:
             raise TrainError(f"{out.test_url} differs from {train_url} in {', '.join(diff)}")
-    if m_train.num_samples < world * cfg.batch_size:
-        raise TrainError(f"{train_url}: {m_train.num_samples} samples are fewer than one batch per rank "
-                         f"({world} x {cfg.batch_size})")
     return out
+
+
+def same_classes(classes: list[str], where: str, ref: list[str], ref_where: str) -> None:
+    """Refuse data whose class names differ from the model's, naming the classes that differ."""
+    if list(classes) == list(ref):
+        return
+    diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(classes, ref)) if a != b]
+    if len(classes) != len(ref):
+        diff.append(f"{len(classes)} classes vs {len(ref)}")
+    raise TrainError(f"{where} has classes {list(classes)}, {ref_where} has {list(ref)} "
+                     f"(differing: {'; '.join(diff)}); one model needs the same class names in the same order")
+
+
+def read_splits(cfg: TrainConfig) -> list[Splits]:
+    """Every owner's manifests (signatures checked against the trusted owners), checked against the
+    key when one is given and against each other, before anything expensive."""
+    from .keys import optional_key
+    from .trust import TrustPolicy
+
+    key = optional_key(cfg.key_ref)
+    urls = [split_url_of(u) for u in cfg.train_urls]
+    if len(set(urls)) < len(urls):
+        raise TrainError(f"shards: a train split is given twice ({', '.join(u for u in urls if urls.count(u) > 1)})")
+    if key is not None and len(urls) > 1:
+        raise TrainError("an owner key (--key or $ETC_DATA_KEY) is for training on one owner's own shards; "
+                         "several owners' shards take --trust only (no key)")
+    trust = TrustPolicy.from_refs(cfg.trust, key)
+    owners = [read_owner(cfg, trust, key, tr, te) for tr, te in zip(urls, cfg.test_urls or [None] * len(urls))]
+    first = owners[0]
+    for o in owners[1:]:
+        same_classes(o.train.classes, o.train_url, first.train.classes, first.train_url)
+        if o.train.image_size != first.train.image_size:
+            raise TrainError(f"{o.train_url} has images of {o.train.image_size}, {first.train_url} of "
+                             f"{first.train.image_size}; owners must share the image size")
+    return owners
 
 
 # ----------------------------------------------------------------------------- 3. model
 
-def build_model(model_config: dict, dist: Dist, seed: int):
-    """(model to train, its core module): the timm model on the device, Triton depthwise convs on
-    CUDA, wrapped in DDP when world > 1."""
+def read_init(cfg: TrainConfig, owners: list[Splits]) -> dict | None:
+    """The ``--init`` checkpoint (one owner's, loaded without running code), for the same class names."""
+    if not cfg.init:
+        return None
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(cfg.init, storage_options=cfg.storage_options)
+    same_classes(owners[0].train.classes, owners[0].train_url, ck.get("classes") or [], f"--init {cfg.init}")
+    return ck
+
+
+def build_model(model_config: dict, dist: Dist, seed: int, stem_of_owner: list[int] | None = None,
+                init: dict | None = None, freeze_body: bool = False):
+    """(model to train, its core module): the timm model on the device (its body from ``init``; one
+    stem per owner when ``stem_of_owner`` is given), Triton depthwise convs on CUDA, only the stems
+    trainable with ``freeze_body``, wrapped in DDP when world > 1."""
     import torch
 
     from .models import create_model
+    from .stems import OwnerStems, train_only_stems, load_body
 
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    model = create_model(model_config).to(dist.device)
-    if dist.device.type == "cuda" and model_config["arch"] == "convmixer":
+    arch = model_config["arch"]
+    model = create_model(model_config)
+    if init is not None:
+        load_body(model, init["model"], arch, "the --init checkpoint")
+    if stem_of_owner is not None:
+        model = OwnerStems(model, arch, stem_of_owner)
+    model = model.to(dist.device)
+    if freeze_body:
+        train_only_stems(model, arch)
+    if dist.device.type == "cuda" and arch == "convmixer":
         try:
             from .dwconv import patch_convmixer
         except ImportError:
@@ -201,6 +286,62 @@ def build_model(model_config: dict, dist: Dist, seed: int):
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids), model
     return model, model
+
+
+# ----------------------------------------------------------------------------- 4. data
+
+def batch_shares(cfg: TrainConfig, owners: list[Splits], world: int, unit: int) -> list[int]:
+    """Samples of each owner in every batch: in proportion to the owners' sizes (or to
+    ``owner_weights``), by largest remainder in multiples of ``unit`` (2 under timm's Mixup, which
+    needs even batches); each owner gets at least one unit and one batch per rank."""
+    if len(owners) == 1:
+        shares = [cfg.batch_size]
+    else:
+        if cfg.batch_size % unit:
+            raise TrainError(f"batch-size must be a multiple of {unit} with several owners and timm mixup/CutMix, "
+                             f"got {cfg.batch_size}")
+        weights = cfg.owner_weights or [o.train.num_samples for o in owners]
+        units = cfg.batch_size // unit
+        exact = [units * w / sum(weights) for w in weights]
+        counts = [int(e) for e in exact]
+        for i in sorted(range(len(owners)), key=lambda i: counts[i] - exact[i])[:units - sum(counts)]:
+            counts[i] += 1
+        shares = [c * unit for c in counts]
+    for o, share in zip(owners, shares):
+        if share < 1:
+            raise TrainError(f"{o.train_url}: gets no sample of a batch of {cfg.batch_size}; raise --batch-size "
+                             f"or its owner weight")
+        if o.train.num_samples < world * share:
+            raise TrainError(f"{o.train_url}: {o.train.num_samples} samples are fewer than one batch per rank "
+                             f"({world} x {share})")
+    return shares
+
+
+def decode_mode(device, manifest: Manifest) -> str:
+    """JPEG shards are decoded on the GPU when training there; everything else in the loader workers."""
+    return "cuda" if (device.type == "cuda" and manifest.codec.startswith("jpeg")) else "cpu"
+
+
+class OwnerLoaders(NamedTuple):
+    train: "torch.utils.data.DataLoader"
+    dataset: "ShardDataset"          # set its .epoch before each epoch
+    steps: int                       # train batches per epoch on every rank
+    test: "torch.utils.data.DataLoader | None"
+
+
+def owner_loaders(cfg: TrainConfig, dist: Dist, o: Splits, share: int) -> OwnerLoaders:
+    """One owner's streaming loaders: train (``share`` samples per batch) and test."""
+    from .loader import make_loader
+
+    common = dict(rank=dist.rank, world=dist.world, workers=cfg.workers, storage_options=cfg.storage_options,
+                  worker_start=cfg.worker_start)
+    dl, ds, _, steps = make_loader(o.train_url, share, seed=cfg.seed, train=True, manifest=o.train,
+                                   decode=decode_mode(dist.device, o.train), **common)
+    test_dl = None
+    if o.test is not None:
+        test_dl = make_loader(o.test_url, max(cfg.batch_size, 128), train=False, manifest=o.test,
+                              decode=decode_mode(dist.device, o.test), **common)[0]
+    return OwnerLoaders(dl, ds, steps, test_dl)
 
 
 # ----------------------------------------------------------------------------- 5. recipe
@@ -228,11 +369,16 @@ class BatchMixer:
     def __init__(self, cfg: TrainConfig, num_classes: int, block: int, rng: np.random.Generator):
         self.cfg, self.ncls, self.block, self.rng = cfg, num_classes, block, rng
         self.timm = None
-        if cfg.cutmix_mode == "timm" and (cfg.mixup > 0 or cfg.cutmix > 0):
+        if self.uses_timm(cfg):
             from timm.data import Mixup
 
             self.timm = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                               num_classes=num_classes)
+
+    @staticmethod
+    def uses_timm(cfg: TrainConfig) -> bool:
+        """Whether batches go through timm's Mixup (which needs an even number of samples)."""
+        return cfg.cutmix_mode == "timm" and (cfg.mixup > 0 or cfg.cutmix > 0)
 
     def smooth(self, y):
         import torch.nn.functional as F
@@ -256,24 +402,27 @@ class BatchMixer:
         return x, t
 
 
-def train_step(model, opt, sched, x, targets, amp: bool) -> float:
-    """One optimiser step on a mixed batch (soft-target cross-entropy); returns the loss."""
+def train_step(model, opt, sched, x, targets, amp: bool):
+    """One optimiser step on a mixed batch (soft-target cross-entropy; ``x`` is a tensor, or one
+    tensor per owner for an ``OwnerStems`` model); returns the per-sample losses (detached)."""
     import torch
     import torch.nn.functional as F
 
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=(x.device.type == "cuda" and amp)):
+    dev = targets.device.type
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=(dev == "cuda" and amp)):
         logits = model(x)
-    loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    losses = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    losses.mean().backward()
     opt.step()
     sched.step()
-    return float(loss.detach())
+    return losses.detach()
 
 
 # ----------------------------------------------------------------------------- 6. outputs
 
 def _plot(metrics: list[dict], url: str, storage_options: dict) -> None:
+    """Train loss and test accuracy per epoch: one line for the run, and one per owner when several."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,11 +431,16 @@ def _plot(metrics: list[dict], url: str, storage_options: dict) -> None:
     from .storage import atomic_open
 
     ep = [m["epoch"] for m in metrics]
+    series = [("all owners" if "owners" in metrics[0] else None, metrics)]
+    series += [(f"owner {k}", [m["owners"][k] for m in metrics]) for k in range(len(metrics[0].get("owners", [])))]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax[0].plot(ep, [m["train_loss"] for m in metrics], marker="o")
+    for label, rows in series:
+        ax[0].plot(ep, [r["train_loss"] for r in rows], marker="o", label=label)
+        ax[1].plot(ep, [r["test_acc"] for r in rows], marker="o", label=label)
     ax[0].set_xlabel("epoch"), ax[0].set_ylabel("train loss")
-    ax[1].plot(ep, [m["test_acc"] for m in metrics], marker="o", color="C1")
     ax[1].set_xlabel("epoch"), ax[1].set_ylabel("test accuracy")
+    if len(series) > 1:
+        ax[1].legend()
     fig.tight_layout()
     with atomic_open(url, storage_options) as f:
         fig.savefig(f, dpi=100, format="png")
@@ -301,117 +455,178 @@ def _read_metrics(out: str, before_epoch: int, storage_options: dict) -> list[di
     return [m for m in rows if m["epoch"] < before_epoch]
 
 
-def _write_outputs(out: str, metrics: list[dict], state: dict, is_best: bool, storage_options: dict) -> None:
+def _write_outputs(out: str, metrics: list[dict], checkpoints: dict[str, dict], storage_options: dict) -> None:
+    """The checkpoints (by path under ``out``), then ``metrics.jsonl`` and ``curves.png``."""
     from .checkpoint import save_checkpoint
 
-    if is_best:
-        save_checkpoint(join(out, "best.pt"), state, storage_options)
-    save_checkpoint(join(out, "last.pt"), state, storage_options)
+    for name, state in checkpoints.items():
+        save_checkpoint(join(out, name), state, storage_options)
     write_bytes(join(out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics).encode(), storage_options)
     _plot(metrics, join(out, "curves.png"), storage_options)
 
 
+def metrics_row(epoch: int, owners: list[Splits], shares: list[int], loss_sums, n_steps: int, train_time: float,
+                lr: float, world: int, evals: list[dict | None]) -> dict:
+    """One ``metrics.jsonl`` row: the run's figures (test accuracy over all owners' test samples),
+    and with several owners, each owner's (``owners``)."""
+    seen = n_steps * sum(shares)
+    row = {"epoch": epoch, "train_loss": float(loss_sums.sum()) / seen, "img_per_s": seen * world / train_time,
+           "lr": lr, "steps": n_steps, "time_s": round(train_time, 2), "test_acc": None, "test_samples": 0}
+    per_owner = [{"owner": k, "shards": o.train_url, "key_fingerprint": o.fingerprint,
+                  "train_loss": float(loss_sums[k]) / (n_steps * shares[k]),
+                  "test_acc": ev["accuracy"] if ev else None, "test_samples": ev["samples"] if ev else 0}
+                 for k, (o, ev) in enumerate(zip(owners, evals))]
+    if evals[0] is not None:
+        row["test_samples"] = sum(r["test_samples"] for r in per_owner)
+        row["test_acc"] = sum(r["test_acc"] * r["test_samples"] for r in per_owner) / max(1, row["test_samples"])
+    if len(owners) > 1:
+        row["owners"] = per_owner
+    return row
+
+
+def owner_records(owners: list[Splits]) -> list[dict]:
+    """Who each owner is, as a joint checkpoint records it (and ``--resume`` checks it)."""
+    return [{"shards": o.train_url, "dataset": o.train.dataset, "key_fingerprint": o.fingerprint,
+             "public_key": o.train.public_key, "scheme": o.train.scheme_params()} for o in owners]
+
+
+def checkpoints_of_epoch(core, owners: list[Splits], mcfg: dict, common: dict, resumable: dict, row: dict,
+                         bests: list[float], improved: list[bool]) -> dict[str, dict]:
+    """The checkpoints an epoch writes, by path: one owner: ``last.pt`` (+ ``best.pt``); several: the
+    joint ``last.pt`` and each owner's ``owner-K/last.pt`` (+ ``best.pt``), an ordinary checkpoint."""
+    from .checkpoint import train_state
+
+    if len(owners) == 1:
+        state = train_state(model_state=core.state_dict(), model_config=mcfg, manifest=owners[0].train,
+                            fingerprint=owners[0].fingerprint, best_acc=bests[0], metrics=row, **common, **resumable)
+        return {"last.pt": state, **({"best.pt": state} if improved[0] else {})}
+    records = [dict(r, best_acc=b) for r, b in zip(owner_records(owners), bests)]
+    joint_cfg = dict(mcfg, owner_stems=core.stem_of_owner)
+    out = {"last.pt": train_state(model_state=core.state_dict(), model_config=joint_cfg, manifest=owners[0].train,
+                                  fingerprint=None, best_acc=max(bests), metrics=row, owners=records, **common,
+                                  **resumable)}
+    for k, o in enumerate(owners):
+        state = train_state(model_state=core.owner_state_dict(k), model_config=mcfg, manifest=o.train,
+                            fingerprint=o.fingerprint, best_acc=bests[k], metrics=row["owners"][k], optimizer=None,
+                            scheduler=None, rng=None, **common)
+        out[f"owner-{k}/last.pt"] = state
+        if improved[k]:
+            out[f"owner-{k}/best.pt"] = state
+    return out
+
+
+def resume_state(cfg: TrainConfig, owners: list[Splits]) -> dict | None:
+    """``OUT/last.pt`` when resuming, refused when it was trained on other data or keys."""
+    from .checkpoint import load_checkpoint
+
+    last_url = join(cfg.out, "last.pt")
+    if not (cfg.resume and exists(last_url, cfg.storage_options)):
+        return None
+    ck = load_checkpoint(last_url, storage_options=cfg.storage_options, joint=True)
+    had = [(r.get("dataset"), r.get("key_fingerprint")) for r in ck.get("owners") or [ck]]
+    now = [(o.train.dataset, o.fingerprint) for o in owners]
+    if had != now:
+        raise TrainError(f"{last_url} was trained on (dataset, key fingerprint) {had}, not on "
+                         f"{', '.join(o.train_url for o in owners)} ({now}); refusing to resume")
+    return ck
+
+
 # ----------------------------------------------------------------------------- the job
 
-def decode_mode(device, manifest: Manifest) -> str:
-    """JPEG shards are decoded on the GPU when training there; everything else in the loader workers."""
-    return "cuda" if (device.type == "cuda" and manifest.codec.startswith("jpeg")) else "cpu"
-
-
 def train_model(cfg: TrainConfig, progress: bool = True) -> list[dict]:
-    """Train on (encrypted) shards, streamed; returns one metrics row per epoch of this run."""
+    """Train on (encrypted) shards of one or several owners, streamed; returns one metrics row per
+    epoch of this run."""
     import torch
 
-    from .checkpoint import capture_rng, load_checkpoint, restore_rng, train_state
+    from .checkpoint import capture_rng, restore_rng
     from .evaluate import evaluate_model
-    from .loader import make_loader, to_float_nchw
+    from .loader import to_float_nchw
     from .models import patch_size
+    from .stems import OwnerView, keep_body_frozen
 
     cfg.check()
     dist = setup_distributed(cfg.device)
-    data = read_splits(cfg, dist.world)
-    m_train = data.train
-    mcfg = dict(cfg.model, num_classes=len(m_train.classes), img_size=m_train.image_size[0])
-    model, core = build_model(mcfg, dist, cfg.seed)
+    owners = read_splits(cfg)
+    joint = len(owners) > 1
+    shares = batch_shares(cfg, owners, dist.world, 2 if BatchMixer.uses_timm(cfg) else 1)
+    init = read_init(cfg, owners)
+    m0 = owners[0].train
+    base = {k: v for k, v in init["model_config"].items() if k != "pretrained_file"} if init else cfg.model
+    mcfg = dict(base, num_classes=len(m0.classes), img_size=m0.image_size[0])
+    stem_of_owner = ([0] * len(owners) if cfg.shared_stem else list(range(len(owners)))) if joint else None
+    model, core = build_model(mcfg, dist, cfg.seed, stem_of_owner, init, cfg.freeze_body)
 
-    dl, ds, _, steps = make_loader(data.train_url, cfg.batch_size, rank=dist.rank, world=dist.world, seed=cfg.seed,
-                                   train=True, workers=cfg.workers, storage_options=cfg.storage_options,
-                                   decode=decode_mode(dist.device, m_train), manifest=m_train,
-                                   worker_start=cfg.worker_start)
-    test_dl = None
-    if data.test is not None:
-        test_dl = make_loader(data.test_url, max(cfg.batch_size, 128), rank=dist.rank, world=dist.world, train=False,
-                              workers=cfg.workers, storage_options=cfg.storage_options,
-                              decode=decode_mode(dist.device, data.test), manifest=data.test,
-                              worker_start=cfg.worker_start)[0]
+    aug_rng = np.random.default_rng(cfg.seed + dist.rank)
+    mixers = [BatchMixer(cfg, len(m0.classes), o.train.block_size or patch_size(mcfg), aug_rng) for o in owners]
+    loaders = [owner_loaders(cfg, dist, o, share) for o, share in zip(owners, shares)]
+    steps = min(ld.steps for ld in loaders)
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
     if steps < 1:
-        raise TrainError(f"{data.train_url}: no full batch per rank with batch size {cfg.batch_size}")
+        raise TrainError(f"{owners[0].train_url}: no full batch per rank with batch size {cfg.batch_size}")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, steps * cfg.epochs))
-    aug_rng = np.random.default_rng(cfg.seed + dist.rank)
-    mixer = BatchMixer(cfg, len(m_train.classes), m_train.block_size or patch_size(mcfg), aug_rng)
 
     metrics: list[dict] = []
-    start_epoch, best = 0, -1.0
-    last_url = join(cfg.out, "last.pt")
-    if cfg.resume and exists(last_url, cfg.storage_options):
-        ck = load_checkpoint(last_url, storage_options=cfg.storage_options)
-        if ck.get("key_fingerprint") != data.fingerprint or ck.get("dataset") != m_train.dataset:
-            raise TrainError(f"{last_url} was trained on dataset {ck.get('dataset')} with key fingerprint "
-                             f"{ck.get('key_fingerprint')}, not on {data.train_url} (dataset {m_train.dataset}, "
-                             f"key fingerprint {data.fingerprint}); refusing to resume")
+    start_epoch, bests = 0, [-1.0] * len(owners)
+    ck = resume_state(cfg, owners)
+    if ck is not None:
         core.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         restore_rng(ck["rng"], aug_rng)
-        start_epoch, best = ck["epoch"] + 1, ck.get("best_acc", -1.0)
+        start_epoch = ck["epoch"] + 1
+        bests = [r.get("best_acc", -1.0) for r in ck["owners"]] if joint else [ck.get("best_acc", -1.0)]
         metrics = _read_metrics(cfg.out, start_epoch, cfg.storage_options)
 
     end_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     for epoch in range(start_epoch, end_epoch):
         model.train()
-        ds.epoch = epoch
-        t0, seen, loss_sum, n_steps = time.time(), 0, 0.0, 0
+        if cfg.freeze_body:
+            keep_body_frozen(core, mcfg["arch"])
+        for ld in loaders:
+            ld.dataset.epoch = epoch
+        t0, loss_sums, n_steps = time.time(), torch.zeros(len(owners)), 0
         bar = None
         if progress and dist.main:
             from tqdm import tqdm
 
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
-        for i, (x, y) in enumerate(dl):
+        for i, parts in enumerate(zip(*(ld.train for ld in loaders))):
             if i >= steps:
                 break
-            x, targets = mixer(to_float_nchw(x, dist.device, cfg.mean, cfg.std), y.to(dist.device))
-            loss_sum += train_step(model, opt, sched, x, targets, cfg.amp)
-            seen += len(y)
+            mixed = [mix(to_float_nchw(x, dist.device, cfg.mean, cfg.std), y.to(dist.device))
+                     for mix, (x, y) in zip(mixers, parts)]
+            xs = [x for x, _ in mixed]
+            losses = train_step(model, opt, sched, xs if joint else xs[0], torch.cat([t for _, t in mixed]), cfg.amp)
+            loss_sums += torch.stack([part.sum() for part in losses.split(shares)]).float().cpu()
             n_steps += 1
             if bar:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / n_steps:.3f}", img_s=f"{seen * dist.world / (time.time() - t0):.0f}")
+                bar.set_postfix(loss=f"{float(loss_sums.sum()) / (n_steps * cfg.batch_size):.3f}",
+                                img_s=f"{n_steps * cfg.batch_size * dist.world / (time.time() - t0):.0f}")
         if bar:
             bar.close()
         if n_steps < steps:
-            raise TrainError(f"{data.train_url}: epoch {epoch} gave {n_steps} batches, expected {steps}")
+            raise TrainError(f"{owners[0].train_url}: epoch {epoch} gave {n_steps} batches, expected {steps}")
         train_time = time.time() - t0
-        row = {"epoch": epoch, "train_loss": loss_sum / n_steps, "img_per_s": seen * dist.world / train_time,
-               "lr": sched.get_last_lr()[0], "steps": n_steps, "time_s": round(train_time, 2),
-               "test_acc": None, "test_samples": 0}
-        if test_dl is not None:
-            ev = evaluate_model(model, test_dl, dist.device, cfg.mean, cfg.std, dist.world)
-            row.update(test_acc=ev["accuracy"], test_samples=ev["samples"])
+        evals = [evaluate_model(OwnerView(model, k) if joint else model, ld.test, dist.device, cfg.mean, cfg.std,
+                                dist.world) if ld.test is not None else None for k, ld in enumerate(loaders)]
+        row = metrics_row(epoch, owners, shares, loss_sums, n_steps, train_time, sched.get_last_lr()[0], dist.world,
+                          evals)
         metrics.append(row)
         if dist.main:
-            acc = row["test_acc"] if row["test_acc"] is not None else -row["train_loss"]
-            is_best = acc > best
-            best = max(best, acc)
-            state = train_state(model_state=core.state_dict(), model_config=mcfg,
-                                normalize={"mean": list(cfg.mean), "std": list(cfg.std)}, manifest=m_train,
-                                fingerprint=data.fingerprint, epoch=epoch, best_acc=best, optimizer=opt.state_dict(),
-                                scheduler=sched.state_dict(), rng=capture_rng(aug_rng), metrics=row,
-                                train_config={k: v for k, v in asdict(cfg).items() if k != "storage_options"})
-            _write_outputs(cfg.out, metrics, state, is_best, cfg.storage_options)
+            scores = [r["test_acc"] if r["test_acc"] is not None else -r["train_loss"]
+                      for r in row.get("owners", [row])]
+            improved = [a > b for a, b in zip(scores, bests)]
+            bests = [max(a, b) for a, b in zip(scores, bests)]
+            common = dict(normalize={"mean": list(cfg.mean), "std": list(cfg.std)}, epoch=epoch,
+                          train_config={k: v for k, v in asdict(cfg).items() if k != "storage_options"})
+            resumable = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=capture_rng(aug_rng))
+            _write_outputs(cfg.out, metrics, checkpoints_of_epoch(core, owners, mcfg, common, resumable, row, bests,
+                                                                  improved), cfg.storage_options)
             if progress:
                 print(json.dumps(row), flush=True)
     if dist.world > 1:

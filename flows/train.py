@@ -10,10 +10,10 @@ from etc_data.train import TrainConfig, train_model
 
 
 @flow(name="etc-train", log_prints=False, persist_result=False)
-def train_flow(shards: str, out: str, test_shards: str | None = None, key_ref: str | None = None,
-               trust: list[str] | None = None, model: dict | None = None, epochs: int = 10, batch_size: int = 128,
-               lr: float = 0.01,
-               cutmix_mode: str = "timm", device: str = "auto", workers: int = 2, resume: bool = False,
+def train_flow(shards: str | list[str], out: str, test_shards: str | list[str] | None = None,
+               key_ref: str | None = None, trust: list[str] | None = None, model: dict | None = None,
+               epochs: int = 10, batch_size: int = 128, lr: float = 0.01, cutmix_mode: str = "timm",
+               device: str = "auto", workers: int = 2, resume: bool = False,
                storage_options: dict | None = None) -> dict:
     cfg = TrainConfig(shards=shards, test_shards=test_shards, out=out, key_ref=key_ref, trust=list(trust or []),
                       model=model or convmixer_config(), epochs=epochs, batch_size=batch_size, lr=lr,

@@ -33,6 +33,19 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
 """
 
 
+def _torchrun(tmp_path, script_text: str, *args: str):
+    """Run a script on two gloo ranks; returns its output folder (the script's last argument)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(script_text)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), *args, str(out)], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
 def test_two_ranks_gloo(tmp_path, cifar_exact):
     npz = tmp_path / "m.npz"
@@ -42,18 +55,42 @@ def test_two_ranks_gloo(tmp_path, cifar_exact):
     new_key_file(key, "a")
     prepare_dataset(PrepareConfig(source=str(npz), out=str(tmp_path / "ds"), dataset="d", key_ref=str(key),
                      codec="jpeg:q=90,sub=444", shard_size=40))
-    script = tmp_path / "ddp.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(tmp_path / "ds"), str(key), str(out)], env=env, capture_output=True,
-                       text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
+    out = _torchrun(tmp_path, SCRIPT, str(tmp_path / "ds"), str(key))
     a, b = (json.loads((out / f"rank{i}.json").read_text()) for i in range(2))
     assert len(a["keys"]) == len(b["keys"]) == 125
     assert not set(a["keys"]) & set(b["keys"])
     assert a["batches"] == b["batches"] == a["steps"] > 0
     assert a["metrics"][0]["test_samples"] == 50  # evaluation counts every test sample once over both ranks
     assert (out / "last.pt").exists()
+
+
+JOINT = r"""
+import json, os, sys
+import torch.distributed as dist
+from etc_data.train import TrainConfig, train_model
+
+a, b, out = sys.argv[1:4]
+metrics = train_model(TrainConfig(shards=[a + "/train", b + "/train"], test_shards=[a + "/test", b + "/test"], out=out,
+                model={"arch": "convmixer", "dim": 16, "depth": 1, "kernel": 3, "patch": 4}, epochs=1,
+                batch_size=16, workers=1, device="cpu", mixup=0, cutmix=0), progress=False)
+with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump({"metrics": metrics}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_owners_on_two_ranks(tmp_path, cifar_exact):
+    """Two owners (different keys, 100 and 60 images) on two gloo ranks: same steps on both ranks
+    (every stem takes part in every step), every test sample of each owner counted once."""
+    for name, sl in (("a", slice(0, 100)), ("b", slice(100, 160))):
+        np.savez(tmp_path / f"{name}.npz", x_train=cifar_exact["x_train"][sl], y_train=cifar_exact["y_train"][sl],
+                 x_test=cifar_exact["x_test"][sl][:30], y_test=cifar_exact["y_test"][sl][:30])
+        new_key_file(tmp_path / f"{name}.key", name)
+        prepare_dataset(PrepareConfig(source=str(tmp_path / f"{name}.npz"), out=str(tmp_path / name), dataset="d",
+                                      key_ref=str(tmp_path / f"{name}.key"), codec="png", shard_size=20))
+    out = _torchrun(tmp_path, JOINT, str(tmp_path / "a"), str(tmp_path / "b"))
+    a, b = (json.loads((out / f"rank{i}.json").read_text())["metrics"][0] for i in range(2))
+    assert a["steps"] == b["steps"] == 5  # 160 // 2 ranks // 16, shares 10 + 6
+    assert [o["test_samples"] for o in a["owners"]] == [30, 30]
+    assert [o["test_acc"] for o in a["owners"]] == [o["test_acc"] for o in b["owners"]]  # all-reduced
+    assert (out / "owner-0" / "last.pt").exists() and (out / "owner-1" / "last.pt").exists()
