@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass, field
 
 from .codecs import codec_for_ext
-from .manifest import INFO_NAME, MANIFEST_NAME, check_plain_name, info_entry, read_manifest, split_url_of
+from .manifest import INFO_NAME, MANIFEST_NAME, Manifest, check_plain_name, info_entry, read_manifest, split_url_of
 from .shards import SAMPLE_EXTS, ShardError, open_shard, stream_samples
 from .storage import StorageError, exists, join, list_names, read_bytes, remove
 
@@ -62,6 +62,7 @@ class VerifyReport:
     corrupt: list[str] = field(default_factory=list)  # "name: reason"
     removed: list[str] = field(default_factory=list)  # leftovers removed (clean)
     strict: bool = False
+    manifest: Manifest | None = field(default=None, repr=False)  # the signed manifest that was checked
 
     @property
     def ok(self) -> bool:
@@ -178,7 +179,7 @@ def verify_split(split_url: str, deep: bool = False, storage_options: dict | Non
 
     split_url = split_url_of(split_url)
     m = read_manifest(split_url, storage_options, trust)
-    rep = VerifyReport(split_url, m.split, fingerprint(m.public_key), m.public_key, strict=strict)
+    rep = VerifyReport(split_url, m.split, fingerprint(m.public_key), m.public_key, strict=strict, manifest=m)
     present = set(list_names(split_url, storage_options))
     listed = {e["name"] for e in m.shards}
     rep.extra = sorted(n for n in present if n.endswith(".tar") and n not in listed)
@@ -205,16 +206,14 @@ def read_info(url: str, storage_options: dict | None = None) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
-def dataset_splits(url: str, storage_options: dict | None = None) -> list[str] | None:
-    """The split names a dataset root's ``_info.json`` lists, or None when ``url`` has none (a split folder)."""
-    info = read_info(url, storage_options)
+def dataset_splits(info: dict | None) -> list[str] | None:
+    """The split names a dataset root's ``_info.json`` (``read_info``) lists, or None without one (a split folder)."""
     splits = info.get("splits") if info else None
     return list(splits) if isinstance(splits, dict) and splits else None
 
 
-def info_problems(url: str, info: dict, split: str, storage_options: dict | None = None, trust=None) -> list[str]:
-    """How ``_info.json`` disagrees with the manifest of ``url/split`` ([] when it agrees)."""
-    m = read_manifest(join(url, split), storage_options, trust)
+def info_problems(info: dict, split: str, m: Manifest) -> list[str]:
+    """How ``_info.json`` disagrees with ``m``, the manifest of split folder ``split`` ([] when it agrees)."""
     have = (info.get("splits") or {}).get(m.split) if isinstance(info.get("splits"), dict) else None
     fix = "; run etc-data prepare again to rewrite it"
     if have is None:
@@ -237,7 +236,7 @@ def verify_dataset(cfg: VerifyConfig) -> DatasetVerification:
     url = split_url_of(cfg.url)
     trust = TrustPolicy.from_refs(cfg.trust)
     info = read_info(url, cfg.storage_options)
-    splits = dataset_splits(url, cfg.storage_options)
+    splits = dataset_splits(info)
     opts = (cfg.deep, cfg.storage_options, cfg.strict, cfg.clean)
     if splits is None:
         return DatasetVerification(url, [verify_split(url, *opts, trust)])
@@ -250,6 +249,6 @@ def verify_dataset(cfg: VerifyConfig) -> DatasetVerification:
         split_url = join(url, check_plain_name(s, "split", join(url, INFO_NAME)))
         rep = verify_split(split_url, *opts, trust)
         trust = trust.after_first_use(rep.signer_key)
-        rep.corrupt += info_problems(url, info, s, cfg.storage_options, trust)
+        rep.corrupt += info_problems(info, s, rep.manifest)
         reports.append(rep)
     return DatasetVerification(url, reports)
