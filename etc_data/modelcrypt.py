@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import EtcError
-from .schemes import N_BLOCK_TRANSFORMS, BlockKeys, Blockwise, EtC, Scheme, log2_factorial, make_scheme, parse_scheme_spec
+from .schemes import (N_BLOCK_TRANSFORMS, BlockKeys, Blockwise, EtC, Scheme, log2_factorial, make_scheme,
+                      parse_scheme_spec, spec_of)
 
 
 class ModelCryptError(EtcError):
@@ -241,12 +242,6 @@ class ModelCryptConfig:
     storage_options: dict = field(default_factory=dict)
 
 
-def _spec_of(m) -> str:
-    """The scheme spec (``etc:common=1,scramble=1``) of a manifest."""
-    opts = m.scheme_options or {}
-    return m.scheme + (":" + ",".join(f"{k}={int(v)}" for k, v in opts.items()) if opts else "")
-
-
 def _target_split(cfg: ModelCryptConfig, key):
     """The signed manifest of the split the model is made for (``cfg.shards``), or None."""
     from .manifest import read_manifest, split_url_of
@@ -262,7 +257,7 @@ def _target_split(cfg: ModelCryptConfig, key):
     url = split_url_of(cfg.shards)
     m = read_manifest(url, cfg.storage_options, TrustPolicy.from_refs(cfg.trust, key))
     if not (m.scheme == "blockwise" or (m.scheme == "etc" and (m.scheme_options or {}).get("common"))):
-        raise ModelCryptError(f"{url} holds {_spec_of(m)} shards; an encrypted model is for {ABSORBABLE} shards")
+        raise ModelCryptError(f"{url} holds {spec_of(m.scheme, m.scheme_options)} shards; an encrypted model is for {ABSORBABLE} shards")
     matching_fingerprint(m, key, url)
     if cfg.dataset and cfg.dataset != m.dataset:
         raise ModelCryptError(f"--dataset {cfg.dataset} differs from the dataset of {url} ({m.dataset})")
@@ -282,7 +277,7 @@ def encrypt_model(cfg: ModelCryptConfig) -> dict:
     key = load_key(cfg.key_ref)
     target = _target_split(cfg, key)
     dataset = cfg.dataset or target.dataset
-    spec = cfg.scheme or (_spec_of(target) if target is not None else "blockwise")
+    spec = cfg.scheme or (spec_of(target.scheme, target.scheme_options) if target is not None else "blockwise")
     ck = load_checkpoint(cfg.in_ckpt, storage_options=cfg.storage_options)
     try:
         out, note = encrypt_checkpoint(ck, key, dataset, spec)

@@ -646,10 +646,16 @@ def parse_scheme_spec(spec: str) -> tuple[str, dict]:
     return name, opts
 
 
+def spec_of(name: str, options: dict | None = None) -> str:
+    """The spec of a scheme name and its options (as parsed, or ``Scheme.params()["options"]``, a
+    manifest's ``scheme_options``; flags as 0/1): ``spec_of("etc", {"common": True})`` -> ``"etc:common=1"``."""
+    opts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in (options or {}).items())
+    return f"{name}:{opts}" if opts else name
+
+
 def spec_label(spec: str) -> str:
     """A spec in one canonical spelling (``" ETC: common=1 "`` -> ``"etc:common=1"``), for reports."""
-    name, opts = parse_scheme_spec(spec)
-    return name + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
+    return spec_of(*parse_scheme_spec(spec))
 
 
 def split_scheme_list(values) -> list[str]:
@@ -694,9 +700,7 @@ def make_scheme(spec: str, *, key=None, dataset: str | None = None, block_size: 
 def scheme_from_params(params: dict, *, key=None, dataset: str | None = None) -> Scheme:
     """Rebuild a scheme from what ``Scheme.params()`` wrote (e.g. into a manifest)."""
     try:
-        name = params["scheme"]
-        opts = ",".join(f"{k}={v}" for k, v in (params.get("options") or {}).items())
-        return make_scheme(f"{name}:{opts}" if opts else name, key=key, dataset=dataset,
+        return make_scheme(spec_of(params["scheme"], params.get("options")), key=key, dataset=dataset,
                            block_size=params.get("block_size"), pad=params.get("pad", "error"))
     except KeyError as e:
         raise SchemeError(f"scheme parameters lack field {e}") from None

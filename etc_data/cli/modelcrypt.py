@@ -28,12 +28,12 @@ def register(cli: click.Group) -> None:
         the model's patch size). Evaluate it on shards prepared with the same --scheme,
         --block-size PATCH, key and dataset id."""
         from ..modelcrypt import ModelCryptConfig, encrypt_model
+        from ..schemes import spec_of
 
         res = encrypt_model(ModelCryptConfig(in_ckpt=in_ckpt, out_ckpt=out_ckpt, dataset=dataset or "", key_ref=key_ref,
                                              scheme=scheme_spec, shards=shards, trust=list(trust),
                                              storage_options=storage_options(storage_config)))
         s = res["scheme"]
-        opts = ",".join(f"{k}={int(v)}" for k, v in s["options"].items())
-        click.echo(f"wrote {out_ckpt}: scheme {s['scheme']}:{opts} block {s['block_size']}, dataset {res['dataset']}, "
-                   f"key fingerprint {res['key_fingerprint']}")
+        click.echo(f"wrote {out_ckpt}: scheme {spec_of(s['scheme'], s['options'])} block {s['block_size']}, "
+                   f"dataset {res['dataset']}, key fingerprint {res['key_fingerprint']}")
         click.echo(res["key_space"])
