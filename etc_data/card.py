@@ -10,7 +10,7 @@ and ``__url__``; ``splits`` holds the sample counts, which ``datasets`` checks w
 The text below the front matter says what the data is and how it was made: owner key fingerprint
 (and the owner's public key, when the manifests carry one: ``owner_public_key``), scheme, block
 size, codec, counts and sample order, how to read and train on it, and the security caveat. It is
-rewritten from the committed manifests of every split after each commit, so it always describes
+rewritten from the committed manifests of every split once a prepare run has committed, so it describes
 what the manifests say. Nothing secret is in it: manifests carry none.
 """
 

@@ -53,7 +53,8 @@ from .errors import EtcError
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from .locks import dataset_lock
 from .manifest import Manifest, ManifestMissing, manifest_url, read_manifest, read_sample_index, write_manifest
-from .readers import ReaderWarning, reader_warning, write_reader_files
+from .card import write_dataset_card
+from .readers import ReaderWarning, reader_warning, write_wids_descriptor
 from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spec, weak_key_message
 from .shards import ShardStream, sample_files_maker
 from .sources import BAD_IMAGE_POLICIES, Source, open_source
@@ -395,11 +396,12 @@ class ChunkRunner:
 
 
 def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: list[ChunkResult],
-                 fingerprint: str | None, codec_spec: str, scheme_params: dict, key) -> Manifest:
+                 fingerprint: str | None, codec_spec: str, scheme_params: dict, key, trust: TrustPolicy) -> Manifest:
     """Write the sample index and manifest.json (the commit point, signed with the owner key
-    ``key``), then remove unlisted shards."""
+    ``key``; ``trust`` accepts the manifest it replaces), then remove unlisted shards and write the
+    split's wids descriptor."""
     split_url = join(cfg.out, plan.split)
-    check_planned(split_url, plan.existing, cfg.storage_options, TrustPolicy.from_refs(key=key))
+    check_planned(split_url, plan.existing, cfg.storage_options, trust)
     results = sorted(results, key=lambda r: r.index)
     old = plan.existing
     sizes = {tuple(r.image_size) for r in results if r.image_size}
@@ -423,7 +425,7 @@ def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: l
                  sample_order=dict(SAMPLE_ORDER))
     write_manifest(split_url, m, sample_index=index, storage_options=cfg.storage_options, key=key)
     remove_leftovers(split_url, {e["name"] for e in shards}, cfg.storage_options)  # also when nothing was new
-    write_reader_files(cfg.out, m, cfg.storage_options, TrustPolicy.from_refs(key=key))
+    write_wids_descriptor(split_url, m, cfg.storage_options)
     return m
 
 
@@ -537,10 +539,12 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
         manifests, written, skipped, payload = {}, {}, {}, {}
         for p in plans:
             rs = [r for r in results if r.split == p.split]
-            manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(), owner)
+            manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(), owner,
+                                              trust)
             written[p.split] = sum(e["samples"] for r in rs for e in r.shards)
             skipped[p.split] = [x for r in rs for x in r.skipped]
             payload[p.split] = sum(r.payload_bytes for r in rs)
+        write_dataset_card(cfg.out, cfg.storage_options, trust)  # once, over every committed split
         remove_root_leftovers(cfg.out, cfg.storage_options)
     size = next(iter(manifests.values())).image_size if manifests else None
     bits = scheme.key_space_bits(*size) if (size and scheme.keyed) else None

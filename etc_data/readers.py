@@ -149,13 +149,3 @@ def write_wids_descriptor(split_url: str, m: Manifest, storage_options: dict | N
     url = join(split_url_of(split_url), f"{m.split}{WIDS_SUFFIX}")
     write_bytes(url, (json.dumps(wids_descriptor(m), indent=1) + "\n").encode(), storage_options)
     return url
-
-
-def write_reader_files(root: str, m: Manifest, storage_options: dict | None = None, trust=None) -> None:
-    """After a split's commit: its wids descriptor and the dataset card (``card.py``, over the
-    splits signed by an owner ``trust`` accepts), both derived from committed manifests only, so
-    they never name a shard the manifest does not list."""
-    from .card import write_dataset_card
-
-    write_wids_descriptor(join(root, m.split), m, storage_options)
-    write_dataset_card(root, storage_options, trust)
