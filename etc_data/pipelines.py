@@ -200,14 +200,14 @@ def check_pipeline(p: Pipeline, key_loader: Callable | None = None) -> list[str]
     def problem(field: str, err) -> None:
         problems.append(f"{p.file}: field {field}: {err}")
 
-    fingerprint = None
-    if p.scheme.split(":")[0] != "plain":
-        from .keys import load_key
+    from .keys import load_key
 
-        try:
-            fingerprint = (key_loader or load_key)(p.key_ref).fingerprint
-        except EtcError as e:
-            problem("key_ref", e)
+    key = None
+    try:  # every run loads the key: its manifests are signed with it, for --scheme plain too
+        key = (key_loader or load_key)(p.key_ref)
+    except EtcError as e:
+        problem("key_ref", e)
+    fingerprint = key.fingerprint if key is not None and p.scheme.split(":")[0] != "plain" else None
     source = None
     try:
         from .sources import open_source
@@ -224,7 +224,7 @@ def check_pipeline(p: Pipeline, key_loader: Callable | None = None) -> list[str]
     except EtcError as e:
         problem("storage.url", e)
         return problems
-    if source is not None and (fingerprint is not None or p.scheme.split(":")[0] == "plain"):
+    if source is not None and key is not None:
         problems += [f"{p.file}: {e}" for e in _committed_conflicts(p, source, fingerprint)]
     return problems
 

@@ -79,6 +79,9 @@ def test_check_names_what_a_scheduled_run_would_fail_on(tmp_path, key_file, cifa
     os.chmod(key_file, 0o600)
     monkeypatch.delenv("ETC_DATA_TEST_KEY", raising=False)
     assert "field key_ref: environment variable ETC_DATA_TEST_KEY is not set" in problems(key_ref="env:ETC_DATA_TEST_KEY")[0]
+    # plain datasets are signed with the owner key too: its problems are found for them as well
+    assert "field key_ref: environment variable ETC_DATA_TEST_KEY is not set" in problems(
+        scheme="plain", key_ref="env:ETC_DATA_TEST_KEY")[0]
     assert "field key_ref: the key given with --key does not exist" in problems(key_ref=str(tmp_path / "gone.key"))[0]
     assert "field source: source" in problems(source=str(tmp_path / "gone.npz"))[0]
     assert "field splits: source has no split val" in problems(splits=["train", "val"])[0]
