@@ -137,18 +137,20 @@ def prefetched_shards(split_url: str, names: list[str], storage_options: dict | 
     pool = ThreadPoolExecutor(1, thread_name_prefix="etc-data-prefetch")
     pending = collections.deque()
     todo = iter(range(len(names)))
-    try:
-        for i in todo:
+
+    def submit_next() -> None:
+        i = next(todo, None)
+        if i is not None:
             pending.append((tags[i], pool.submit(read_shard, split_url, names[i], storage_options)))
-            if len(pending) > ahead:
-                break
+
+    try:
+        for _ in range(ahead + 1):  # the first shard and the ``ahead`` after it
+            submit_next()
         while pending:
             tag, fut = pending.popleft()
             data = fut.result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((tags[nxt], pool.submit(read_shard, split_url, names[nxt], storage_options)))
-            yield tag, data
+            yield tag, data  # while the caller works on it, ``ahead`` shards are read (0: none)
+            submit_next()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 

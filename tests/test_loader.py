@@ -83,3 +83,22 @@ def test_jpeg_bytes_batches_cross_as_two_tensors_and_decode_like_the_cpu_path(tm
     (a, ya), (b, yb) = got["cpu"], got["cuda"]
     assert a.shape == b.shape == (100, 3, 32, 32) and torch.equal(ya, yb)
     assert float((a - b).abs().max()) <= 2 / 127.5 + 1e-6  # libjpeg-turbo in both; IDCT rounding at most 2 levels
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_shards_are_read_exactly_ahead_shards_in_advance(monkeypatch, ahead):
+    """While the caller works on one shard, ``ahead`` more are read (each holds a shard's bytes in
+    memory): none with ahead=0."""
+    import time
+
+    import etc_data.loader as loader
+
+    reads = []
+    monkeypatch.setattr(loader, "read_shard", lambda url, name, opts=None: reads.append(name) or name.encode())
+    names = [f"s{i}.tar" for i in range(6)]
+    got = []
+    for tag, data in loader.prefetched_shards("mem://x", names, ahead=ahead):
+        time.sleep(0.1)  # the background thread has had time to read what it was given
+        assert reads == names[:len(got) + 1 + ahead], (ahead, len(got), reads)
+        got.append((tag, data))
+    assert got == [(n, n.encode()) for n in names]
