@@ -44,7 +44,6 @@ from .errors import EtcError
 from .schemes import (CPERMS, MIN_KEY_BITS, SCHEMES, blocks_to_image_order, dihedral, image_to_blocks, key_space,
                       make_scheme, parse_scheme_spec, weak_key_message)
 
-ATTACKS = ("none", "jigsaw", "fr", "itn")
 LEARNED_ATTACKS = ("itn",)
 
 

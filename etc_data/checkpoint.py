@@ -55,8 +55,8 @@ def save_checkpoint(url: str | os.PathLike, state: dict, storage_options: dict |
         torch.save(state, f)
 
 
-def load_checkpoint(url: str | os.PathLike, key=None, key_ref: str | None = None,
-                    storage_options: dict | None = None, joint: bool = False) -> dict:
+def load_checkpoint(url: str | os.PathLike, key=None, storage_options: dict | None = None,
+                    joint: bool = False) -> dict:
     """Load a checkpoint; refuse it when its key fingerprint differs from the given key's, and a
     joint (several owners') checkpoint unless ``joint``."""
     import torch
@@ -79,10 +79,6 @@ def load_checkpoint(url: str | os.PathLike, key=None, key_ref: str | None = None
     if ck.get("owners") and not joint:
         raise CheckpointError(f"{url} is the joint training state of {len(ck['owners'])} owners (for --resume); use "
                               f"one owner's checkpoint instead (owner-K/best.pt beside it)")
-    if key is None and key_ref is not None:
-        from .keys import load_key
-
-        key = load_key(key_ref)
     fp = ck.get("key_fingerprint")
     if key is not None and fp is not None and key.fingerprint != fp:
         raise CheckpointError(f"checkpoint {url} was made for key fingerprint {fp}, not {key.fingerprint}; refused")

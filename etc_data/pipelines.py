@@ -21,7 +21,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from .codecs import get_codec
+from .codecs import DEFAULT_CODEC, get_codec
 from .errors import EtcError
 from .schemes import parse_scheme_spec
 from .storage import StorageError, get_fs, is_local, list_names, read_config_yaml
@@ -96,7 +96,7 @@ class Pipeline(BaseModel):
     splits: list[str] | None = None
     scheme: str = "etc"
     block_size: int | None = None
-    codec: str = "jpeg:q=85,sub=420"
+    codec: str = DEFAULT_CODEC
     resize: int | None = None
     shard_size: int = Field(default=10000, ge=1)
     on_bad_image: str = Field(default="stop", pattern="^(stop|skip)$")
@@ -249,7 +249,6 @@ def _check_storage(url: str, storage_options: dict) -> None:
 def _committed_conflicts(p: Pipeline, source, fingerprint: str | None) -> list[str]:
     """Splits already committed at the storage URL with another key or other settings (a run
     would refuse to append to them)."""
-    from .codecs import get_codec
     from .manifest import ManifestMissing, read_manifest
     from .prepare import PrepareConfig, check_compatible
     from .storage import join

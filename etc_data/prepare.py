@@ -58,7 +58,7 @@ from .readers import ReaderWarning, reader_warning, write_wids_descriptor
 from .schemes import MIN_KEY_BITS, WeakKeyWarning, make_scheme, parse_scheme_spec, weak_key_message
 from .shards import ShardStream, sample_files_maker
 from .sources import BAD_IMAGE_POLICIES, Source, open_source
-from .storage import StorageError, join, list_names, remove
+from .storage import join
 from .trust import TrustPolicy
 from .verify import remove_leftovers
 
@@ -576,12 +576,8 @@ def _run_chunks(cfg, specs, source, scheme, fingerprint, pool, progress, map_chu
 def remove_root_leftovers(root: str, storage_options: dict | None = None) -> None:
     """Temporary files a killed run left at the dataset root (``._info.json.*.part``); only called
     under the dataset lock, so no other writer's temporary file is in flight."""
-    for name in list_names(root, storage_options):
-        if name.startswith(".") and name.endswith(".part"):
-            try:
-                remove(join(root, name), storage_options)
-            except StorageError:
-                pass
+    remove_leftovers(root, set(), storage_options,
+                     leftover=lambda name, _listed: name.startswith(".") and name.endswith(".part"))
 
 
 def check_planned(split_url: str, planned: Manifest | None, storage_options: dict | None = None,

@@ -510,7 +510,6 @@ class Blockwise(Scheme):
     jpeg_block_aligned = True
     default_block_size = 16
     option_names = ("negpos", "scramble")
-    Keys = BlockKeys
 
     def __init__(self, subkey=None, block_size=None, pad="error", **options):
         super().__init__(subkey, block_size, pad, **options)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .codecs import codec_for_ext
 from .manifest import INFO_NAME, MANIFEST_NAME, Manifest, check_plain_name, info_entry, read_manifest, split_url_of
@@ -155,12 +156,14 @@ def is_leftover(name: str, listed: set[str]) -> bool:
     return (name.endswith(".tar") and name not in listed) or name.endswith(".part")
 
 
-def remove_leftovers(split_url: str, listed: set[str], storage_options: dict | None = None) -> list[str]:
-    """Remove the leftovers (``is_leftover``) of a split folder whose manifest lists ``listed``;
-    returns their names. A file that cannot be removed is kept (verify reports it)."""
+def remove_leftovers(split_url: str, listed: set[str], storage_options: dict | None = None,
+                     leftover: Callable[[str, set[str]], bool] = is_leftover) -> list[str]:
+    """Remove the leftovers (``leftover(name, listed)``, default ``is_leftover``) of a split folder
+    whose manifest lists ``listed``; returns their names. A file that cannot be removed is kept
+    (verify reports it)."""
     removed = []
     for name in list_names(split_url, storage_options):
-        if is_leftover(name, listed):
+        if leftover(name, listed):
             try:
                 remove(join(split_url, name), storage_options)
                 removed.append(name)

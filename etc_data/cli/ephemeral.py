@@ -22,17 +22,14 @@ import urllib.error
 import urllib.request
 
 from etc_data.errors import EtcError
+from etc_data.workers import set_parent_death_signal
 
 
 def _die_with_parent() -> None:
     """In the server's process before exec: SIGTERM when the CLI dies, even by SIGKILL (Linux)."""
-    import ctypes
     import signal
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    set_parent_death_signal(signal.SIGTERM)
 
 
 class EphemeralAPI:
