@@ -325,6 +325,8 @@ def audit_schemes(cfg: AuditConfig, progress=None) -> dict:
     if "itn" in cfg.attacks:
         images, where = _itn_images(cfg, src, split, h, w)
         per = None if cfg.itn_steps else cfg.itn_seconds / len(configs)
+        itn_cfg = ITNConfig(seconds=per, steps=cfg.itn_steps, device=cfg.itn_device, seed=cfg.seed)
+        itn_cfg.check()  # before the first configuration's jigsaw and FR attacks, not after them
         itn = {"train_source": where, "train_images": len(images), "steps_per_config": cfg.itn_steps,
                "seconds_per_config": per, "configs": {}}
     results, per_image, examples, key_bits, warnings_out = [], {}, {}, {}, []
@@ -337,8 +339,7 @@ def audit_schemes(cfg: AuditConfig, progress=None) -> dict:
         enc = scheme.encrypt(plain, item=src.name)
         scores, examples[label] = _attack_config(plain, enc, B, cfg.seeds, label, progress)
         if itn is not None:
-            net, itn["configs"][label] = train_itn(spec, B, images, ITNConfig(
-                seconds=per, steps=cfg.itn_steps, device=cfg.itn_device, seed=cfg.seed))
+            net, itn["configs"][label] = train_itn(spec, B, images, itn_cfg)
             restored = itn_restore(net, enc)
             scores["itn"] = [ssim_psnr(p, r) for p, r in zip(plain, restored)]
             for row, r in zip(examples[label], restored):

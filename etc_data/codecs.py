@@ -128,8 +128,7 @@ class Codec:
             if self.name == "jpeg" and p["sub"] != "gray":  # the encoder bound once: ~3 us less per image
                 import simplejpeg
 
-                enc, kw = simplejpeg.encode_jpeg, dict(quality=p["q"], colorspace="rgb", colorsubsampling=p["sub"],
-                                                       fastdct=bool(p["fastdct"]))
+                enc, kw = simplejpeg.encode_jpeg, _jpeg_rgb_args(p)
                 return [enc(im, **kw) for im in images]
             return [fn(im, p) for im in images]
         return [self.encode(im) for im in images]
@@ -226,6 +225,11 @@ def check_scheme_codec(scheme, codec: Codec | str) -> None:
 
 # ----------------------------------------------------------------------------- implementations
 
+def _jpeg_rgb_args(p) -> dict:
+    """simplejpeg.encode_jpeg's arguments for an RGB image under codec parameters ``p``."""
+    return dict(quality=p["q"], colorspace="rgb", colorsubsampling=p["sub"], fastdct=bool(p["fastdct"]))
+
+
 def _jpeg_enc(img, p):
     import simplejpeg
 
@@ -233,8 +237,7 @@ def _jpeg_enc(img, p):
         gray = np.ascontiguousarray(
             np.round(img @ np.array([0.299, 0.587, 0.114])).clip(0, 255).astype(np.uint8)[..., None])
         return simplejpeg.encode_jpeg(gray, quality=p["q"], colorspace="gray", fastdct=bool(p["fastdct"]))
-    return simplejpeg.encode_jpeg(img, quality=p["q"], colorspace="rgb", colorsubsampling=p["sub"],
-                                  fastdct=bool(p["fastdct"]))
+    return simplejpeg.encode_jpeg(img, **_jpeg_rgb_args(p))
 
 
 def _jpeg_dec(data, p):

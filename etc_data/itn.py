@@ -60,6 +60,8 @@ class ITNConfig:
         if self.batch_size < 1 or not 1 <= self.keys_per_batch <= self.batch_size:
             raise ITNError(f"ITN batch size {self.batch_size} and keys per batch {self.keys_per_batch} must satisfy "
                            f"1 <= keys <= batch")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ITNError(f"ITN device must be auto, cpu or cuda, got {self.device!r}")
 
 
 def width_for(block_size: int) -> int:
@@ -91,6 +93,8 @@ def _device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ITNError("ITN device cuda asked for, but no CUDA device is available")
     return torch.device(name)
 
 

@@ -74,3 +74,21 @@ def test_audit_cli_with_itn_at_a_tiny_budget(shared_dir, tmp_path, capsys):
     assert "| le | 4 | itn |" in md and "under fresh random keys" in md
     assert (out / "examples.png").stat().st_size > 1000 and (out / "ssim_boxplot.png").stat().st_size > 1000
     assert "itn: trained on 300 images" in capsys.readouterr().out
+
+
+@needs_shared
+def test_bad_itn_settings_are_refused_before_any_attack_runs(shared_dir, tmp_path, monkeypatch, capsys):
+    import etc_data.audit as audit
+
+    def no_attack(*a, **k):
+        raise AssertionError("an attack ran before the ITN settings were checked")
+
+    monkeypatch.setattr(audit, "_attack_config", no_attack)
+    base = ["audit", "--source", str(shared_dir / "cifar10-lossless-subset.npz"), "--scheme", "pe", "--sample", "2",
+            "--attack", "itn", "--itn-train", str(shared_dir / "cifar10-train-jpeg.zip"), "--itn-images", "50",
+            "--out", str(tmp_path / "a")]
+    for extra, msg in [(["--itn-device", "tpu"], "ITN device must be auto, cpu or cuda, got 'tpu'"),
+                       (["--itn-steps", "0"], "ITN steps must be >= 1, got 0"),
+                       (["--itn-seconds", "0"], "ITN needs a positive time budget")]:
+        assert main(base + extra) == 2
+        assert msg in capsys.readouterr().err, extra
