@@ -36,9 +36,10 @@ def worker_runner(key_loader: Callable | None = None) -> ChunkRunner:
     return runners[key_loader]
 
 
-def run_on_worker(cfg: dict, spec: dict) -> dict:
-    """One chunk on this Dask worker: public settings in, public metadata out (no key, no pixels)."""
-    return dataclasses.asdict(worker_runner().run(PrepareConfig(**cfg), ChunkSpec(**spec)))
+def run_on_worker(cfg: dict, spec: dict, key_loader: Callable | None = None) -> dict:
+    """One chunk on this Dask worker: public settings in, public metadata out (no key, no pixels);
+    ``key_loader`` resolves the key reference there (default: a path or env:NAME)."""
+    return dataclasses.asdict(worker_runner(key_loader).run(PrepareConfig(**cfg), ChunkSpec(**spec)))
 
 
 def dask_map_chunks(client):

@@ -260,9 +260,9 @@ def stratified_limit(items: list, limit: int, rank: Callable[[str], bytes]) -> l
         by_class.setdefault(it.label, []).append(i)
     merged = []
     for members in by_class.values():
-        members.sort(key=lambda i: rank(items[i].key))
-        n = len(members)
-        merged += [((k + 0.5) / n, rank(items[i].key), i) for k, i in enumerate(members)]
+        ranked = sorted((rank(items[i].key), i) for i in members)
+        n = len(ranked)
+        merged += [((k + 0.5) / n, r, i) for k, (r, i) in enumerate(ranked)]
     merged.sort()
     return sorted(i for _, _, i in merged[:limit])
 

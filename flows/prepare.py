@@ -98,21 +98,17 @@ class ThreadRunners:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _dask_worker_runner() -> ChunkRunner:
-    """On a Dask worker: one ChunkRunner kept on the worker object, so its source stays open."""
-    from etc_data.cluster import worker_runner
-
-    return worker_runner(load_key_ref)
-
-
 @task(name="shard", task_run_name="{spec[split]}-shard-{spec[index]:06d}", retries=3,
       retry_delay_seconds=[1, 4, 10], retry_condition_fn=_storage_error, cache_policy=NO_CACHE,
       persist_result=False, log_prints=False)
 def shard_chunk(cfg: dict, spec: dict, runner=None) -> dict:
-    """One shard: the key is loaded from its reference where the chunk runs and never leaves it."""
-    c, s = PrepareConfig(**cfg), ChunkSpec(**spec)
-    r = runner.run(c, s) if runner is not None else _dask_worker_runner().run(c, s)
-    return dataclasses.asdict(r)
+    """One shard: the key is loaded from its reference where the chunk runs and never leaves it
+    (without ``runner``: on a Dask worker, whose ChunkRunner keeps its source open)."""
+    if runner is None:
+        from etc_data.cluster import run_on_worker
+
+        return run_on_worker(cfg, spec, load_key_ref)
+    return dataclasses.asdict(runner.run(PrepareConfig(**cfg), ChunkSpec(**spec)))
 
 
 def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
