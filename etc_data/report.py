@@ -227,12 +227,13 @@ class SizeReport:
         return out
 
 
-def size_report(cfg: ReportConfig, progress=None, key_loader=None) -> SizeReport:
-    """The size-report job: open the source, measure, write ``cfg.out`` when given.
-    ``progress(n)`` is called with the number of images done after each batch; ``key_loader(ref)``
-    resolves ``cfg.key_ref`` (default: a path or env:NAME)."""
+def size_report(cfg: ReportConfig, progress=None, key_loader=None, source: Source | None = None) -> SizeReport:
+    """The size-report job: open the source (or use ``source``, ``cfg.source`` already opened by
+    the caller), measure, write ``cfg.out`` when given. ``progress(n)`` is called with the number
+    of images done after each batch; ``key_loader(ref)`` resolves ``cfg.key_ref`` (default: a path
+    or env:NAME)."""
     cfg.check()
-    src = open_source(cfg.source, resize=cfg.resize)
+    src = source if source is not None else open_source(cfg.source, resize=cfg.resize)
     key = None
     if cfg.key_ref:
         from .keys import load_key

@@ -49,7 +49,7 @@ def register(cli: click.Group) -> None:
         src = open_source(cfg.source, resize=resize)
         total = sum(min(len(src.items(s)), limit or 10**12) for s in (cfg.splits or src.splits))
         with tqdm(total=total, unit="img", desc="report") as bar:
-            rep = size_report(cfg, progress=bar.update)
+            rep = size_report(cfg, progress=bar.update, source=src)  # opened once: its total sizes the bar
         click.echo(rep.markdown())
         if key_ref is None:
             click.echo("(an ephemeral random key was used and discarded)")
