@@ -72,6 +72,9 @@ class Schedule(BaseModel):
     cron: str
     timezone: str = "UTC"  # IANA name; the cron's hours are local time there (DST included)
 
+    def describe(self) -> str:
+        return f"cron '{self.cron}' ({self.timezone})"
+
     @field_validator("cron")
     @classmethod
     def _cron(cls, v):

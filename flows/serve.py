@@ -25,7 +25,7 @@ import asyncio
 import os
 import signal
 
-from etc_data.pipelines import Pipeline, load_pipelines
+from etc_data.pipelines import Pipeline
 
 from .prepare import SERVE_PID_ENV, prepare_flow
 
@@ -137,7 +137,7 @@ async def aserve(pipes: list[Pipeline], deps: list) -> None:
     before = await _deployment_states([p.name for p in pipes])
     for p, d in zip(pipes, deps):
         dep_id = await runner.aadd_deployment(d)
-        sched = f"cron '{p.schedule.cron}' ({p.schedule.timezone})" if p.schedule else "no schedule (runs on demand)"
+        sched = p.schedule.describe() if p.schedule else "no schedule (runs on demand)"
         was = before.get(p.name)
         resumed = " - resumed: it was paused, e.g. by a stopped serve" if was is not None and was.paused else ""
         logger.info(f"serving {prepare_flow.name}/{p.name}: {sched}{resumed}")
@@ -171,9 +171,8 @@ def server_problem() -> str | None:
         return f"the Prefect server at PREFECT_API_URL={url} does not answer: {e}"
 
 
-def serve(folder: str) -> None:
-    """Serve the pipelines of ``folder`` until SIGTERM or SIGINT (see the module docstring)."""
-    pipes = load_pipelines(folder)
+def serve(pipes: list[Pipeline]) -> None:
+    """Serve ``pipes`` (``load_pipelines(folder)``) until SIGTERM or SIGINT (see the module docstring)."""
     # the flow-run processes this one starts end with it, even when it is killed (prepare_flow)
     os.environ[SERVE_PID_ENV] = str(os.getpid())
     try:

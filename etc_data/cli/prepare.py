@@ -201,11 +201,12 @@ def register_serve(cli: click.Group) -> None:
         from ..flows import serve as fs
 
         if not check:
-            _list_pipelines(load_pipelines(folder))
+            pipes = load_pipelines(folder)
+            _list_pipelines(pipes)
             problem = fs.server_problem()
             if problem:
                 raise EtcError(problem)
-            fs.serve(folder)
+            fs.serve(pipes)
             return
         from ..flows.keys import load_key_ref
 
@@ -222,5 +223,5 @@ def register_serve(cli: click.Group) -> None:
 
 def _list_pipelines(pipes) -> None:
     for p in pipes:
-        sched = f"cron '{p.schedule.cron}' ({p.schedule.timezone})" if p.schedule else "no schedule"
+        sched = p.schedule.describe() if p.schedule else "no schedule"
         click.echo(f"{p.name}: {p.dataset} -> {p.storage.url} [{p.scheme}, block {p.block_size}, {p.codec}], {sched}")
