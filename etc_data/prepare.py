@@ -43,6 +43,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -342,8 +343,8 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threa
 
 
 class ChunkRunner:
-    """Runs planned chunks in one process or thread, keeping the opened source and the key
-    schedule between chunks. Before trusting them it checks the chunk's split token (a source that
+    """Runs planned chunks in one process (from any number of its threads), keeping the opened
+    source and the key schedule between chunks. Before trusting them it checks the chunk's split token (a source that
     grew since it was opened is reopened) and the planner's key fingerprint (a key rotated behind
     the same reference, in a long-lived process, is loaded again)."""
 
@@ -355,6 +356,7 @@ class ChunkRunner:
         self._scheme = None
         self._scheme_id = None
         self._fingerprint: str | None = None
+        self._lock = threading.Lock()
 
     def adopt(self, cfg: PrepareConfig, source: Source, scheme, fingerprint: str | None) -> "ChunkRunner":
         """Start from what the planner already opened (chunks run in the planner's process)."""
@@ -368,16 +370,18 @@ class ChunkRunner:
 
     def source(self, cfg: PrepareConfig, token: str = "", split: str = "") -> Source:
         sid = (repr(cfg.source), cfg.resize)
-        if self._source is None or self._source_id != sid or (token and self._source.split_token(split) != token):
-            self._source, self._source_id = None, None
-            self._source, self._source_id = cfg.open_source(), sid
-        return self._source
+        with self._lock:  # threads share the runner: one of them opens, the others wait for it
+            if self._source is None or self._source_id != sid or (token and self._source.split_token(split) != token):
+                self._source, self._source_id = None, None
+                self._source, self._source_id = cfg.open_source(), sid
+            return self._source
 
     def scheme(self, cfg: PrepareConfig, fingerprint: str | None = None):
         sid = self._scheme_key(cfg)
-        if self._scheme is None or self._scheme_id != sid or (fingerprint and self._fingerprint != fingerprint):
-            self._scheme, key = build_scheme(cfg, key_loader=self.key_loader)
-            self._scheme_id, self._fingerprint = sid, (key.fingerprint if key is not None else None)
+        with self._lock:
+            if self._scheme is None or self._scheme_id != sid or (fingerprint and self._fingerprint != fingerprint):
+                self._scheme, key = build_scheme(cfg, key_loader=self.key_loader)
+                self._scheme_id, self._fingerprint = sid, (key.fingerprint if key is not None else None)
         if fingerprint and self._fingerprint != fingerprint:
             raise PrepareError(f"the key given with --key changed while this run was going on (fingerprint "
                                f"{self._fingerprint}, planned with {fingerprint}); run prepare again")

@@ -25,7 +25,6 @@ import dataclasses
 import os
 import re
 import signal
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,22 +75,18 @@ def _storage_error(task, task_run, state) -> bool:
 
 
 class ThreadRunners:
-    """One ChunkRunner per task thread (a runner keeps an opened source, which is not shared); the
-    chunks' batches all run on one executor of ``threads`` threads, so cores stay busy whichever
-    chunks are left."""
+    """One ChunkRunner shared by the task threads (the source is opened and the key loaded once per
+    run, as in the library's in-process path); the chunks' batches all run on one executor of
+    ``threads`` threads, so cores stay busy whichever chunks are left."""
 
     def __init__(self, threads: int = 1):
         from concurrent.futures import ThreadPoolExecutor
 
-        self._local = threading.local()
-        self.threads = threads
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="etc-data-batch") if threads > 1 else None
+        self.runner = ChunkRunner(load_key_ref, threads, self.executor)
 
     def run(self, cfg: PrepareConfig, spec: ChunkSpec) -> ChunkResult:
-        runner = getattr(self._local, "runner", None)
-        if runner is None:
-            runner = self._local.runner = ChunkRunner(load_key_ref, self.threads, self.executor)
-        return runner.run(cfg, spec)
+        return self.runner.run(cfg, spec)
 
     def close(self) -> None:
         if self.executor is not None:
