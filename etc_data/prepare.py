@@ -46,7 +46,7 @@ import re
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import __version__
 from .codecs import DEFAULT_CODEC, check_scheme_codec, get_codec
@@ -566,14 +566,17 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
 
 
 def _run_chunks(cfg, specs, source, scheme, fingerprint, pool, progress, map_chunks, key_loader) -> list[ChunkResult]:
-    """Every planned chunk, through ``map_chunks`` when given, else locally."""
-    if map_chunks is None:
-        return _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_loader)
+    """Every planned chunk, through ``map_chunks`` when given, else locally; ``progress`` as each ends."""
+    chunks = map_chunks(cfg, specs) if map_chunks is not None else \
+        _local_chunks(cfg, specs, source, scheme, fingerprint, pool, key_loader)
     results = []
-    for r in map_chunks(cfg, specs):
-        results.append(r)
-        if progress:
-            progress(r)
+    try:
+        for r in chunks:
+            results.append(r)
+            if progress:
+                progress(r)
+    finally:
+        getattr(chunks, "close", lambda: None)()  # a generator stopped early cleans up now (its pool)
     return results
 
 
@@ -625,18 +628,15 @@ def chunk_threads(side_by_side: int) -> int:
     return max(1, default_workers() // max(1, side_by_side))
 
 
-def _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_loader) -> list[ChunkResult]:
-    """Chunks in the given pool, in a pool of our own, or in this process."""
+def _local_chunks(cfg, specs, source, scheme, fingerprint, pool, key_loader) -> Iterator[ChunkResult]:
+    """Chunks in the given pool, in a pool of our own, or in this process, as each finishes."""
     workers = pool_size(cfg, specs) if pool is None and key_loader is None else 0
     own = workers > 0
     if pool is None and not own:
         runner = ChunkRunner(key_loader, threads=chunk_threads(1)).adopt(cfg, source, scheme, fingerprint)
-        results = []
         for spec in specs:
-            results.append(runner.run(cfg, spec))
-            if progress:
-                progress(results[-1])
-        return results
+            yield runner.run(cfg, spec)
+        return
     from concurrent.futures import as_completed
 
     from .workers import WorkerPool
@@ -644,17 +644,13 @@ def _run_locally(cfg, specs, source, scheme, fingerprint, pool, progress, key_lo
     pool = pool or WorkerPool(workers)
     futures = [pool.submit(cfg, spec) for spec in specs]
     try:
-        results = []
         for f in as_completed(futures):
-            results.append(f.result())
-            if progress:
-                progress(results[-1])
-    except BaseException:
+            yield f.result()
+    except BaseException:  # a failed chunk, or the caller stopped (GeneratorExit): nothing keeps writing
         if own:
-            pool.terminate()  # nothing of a failed run keeps writing
+            pool.terminate()
         else:
             pool.drain()  # chunks no worker has started never start; the run fails with the first error
         raise
     if own:
         pool.close()
-    return results
