@@ -159,15 +159,17 @@ def _sorted_files(samples: Iterable[dict], order: str = "sorted") -> list[tuple[
     return sorted(out, key=lambda kf: kf[0]) if order == "sorted" else out
 
 
+def _member_parts(name: str, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """One tar member: its header (ustar, or PAX when the name does not fit), its data, its padding."""
+    return _ustar_header(name, len(data)) or _pax_member(name, data), data, _PAD[len(data) % 512]
+
+
 def _build_tar_files(samples: list[tuple[str, list[tuple[str, bytes]]]]) -> tuple[bytes, list[str]]:
     parts: list[bytes] = []
-    add = parts.append
     for _, files in samples:
         for name, data in files:
-            add(_ustar_header(name, len(data)) or _pax_member(name, data))
-            add(data)
-            add(_PAD[len(data) % 512])
-    add(b"\0" * 1024)  # end-of-archive marker
+            parts += _member_parts(name, data)
+    parts.append(b"\0" * 1024)  # end-of-archive marker
     body = b"".join(parts)
     return body + b"\0" * (-len(body) % _RECORD), [k for k, _ in samples]
 
@@ -243,11 +245,8 @@ class ShardStream:
             self._commit()
         if self._f is None:
             self._open()
-        add = self._buf.append
         for name, data in files:
-            add(_ustar_header(name, len(data)) or _pax_member(name, data))
-            add(data)
-            add(_PAD[len(data) % 512])
+            self._buf += _member_parts(name, data)
             self._buffered += len(data) + 1024
         self._payload += size
         self._keys.append(key)
@@ -298,18 +297,16 @@ class ShardStream:
 
 
 def write_chunk(split_url: str, split: str, index: int, samples: list[dict], max_samples: int | None = None,
-                max_bytes: int | None = None, storage_options: dict | None = None,
-                order: str = "sorted") -> list[ShardInfo]:
+                max_bytes: int | None = None, storage_options: dict | None = None) -> list[ShardInfo]:
     """Write one chunk of samples as one shard, or consecutive parts when it passes a size limit.
 
     Limits: at most ``max_samples`` samples and ``max_bytes`` bytes of sample payload per shard
-    (tar headers add 1.5 KiB per file on top). Samples go in sorted key order, or with
-    ``order="given"`` in the order of ``samples`` (prepare's shuffled order). Part boundaries depend
-    only on the samples and that order, so a rerun gives the same shards.
+    (tar headers add 1.5 KiB per file on top). Samples go in sorted key order (``ShardStream`` with
+    ``order="given"`` keeps another order). Part boundaries depend only on the samples, so a rerun
+    gives the same shards.
     """
-    stream = ShardStream(split_url, "", max_samples, max_bytes, storage_options, split=split, index=index,
-                         order=order)
-    return stream.write_files(_sorted_files(samples, order))
+    stream = ShardStream(split_url, "", max_samples, max_bytes, storage_options, split=split, index=index)
+    return stream.write_files(_sorted_files(samples))
 
 
 class ShardWriter:
