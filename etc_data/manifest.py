@@ -314,20 +314,23 @@ def info_entry(manifest: Manifest, split_dir: str) -> dict:
             "filenames": [f"{split_dir}/{n}" for n in manifest.filenames], "shard_lengths": manifest.shard_lengths}
 
 
+def read_info(url: str, storage_options: dict | None = None) -> dict | None:
+    """A dataset root's ``_info.json`` as a dict, or None when ``url`` has none (a split folder)."""
+    try:
+        info = json.loads(read_bytes(join(url, INFO_NAME), storage_options))
+    except (StorageError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def update_info(split_url: str, manifest: Manifest, storage_options: dict | None = None) -> None:
     """Write/merge timm's ``_info.json`` at the dataset root (the split folder's parent)."""
     root, _, split_dir = split_url_of(split_url).rstrip("/").replace("\\", "/").rpartition("/")
     root = split_url_of(split_url)[: len(root)] if root else "."
-    info_url = join(root, INFO_NAME)
-    try:
-        info = json.loads(read_bytes(info_url, storage_options))
-        if not isinstance(info, dict):
-            info = {}
-    except (StorageError, json.JSONDecodeError):
-        info = {}
+    info = read_info(root, storage_options) or {}  # a broken one is rewritten from the manifests
     info.setdefault("name", manifest.dataset)
     if not isinstance(info.get("splits"), dict):
         info["splits"] = {}
     info["splits"][manifest.split] = info_entry(manifest, split_dir)
     info["classes"] = manifest.classes
-    write_bytes(info_url, _dumps(info), storage_options)
+    write_bytes(join(root, INFO_NAME), _dumps(info), storage_options)

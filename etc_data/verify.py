@@ -27,14 +27,14 @@ each commit).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .codecs import codec_for_ext
-from .manifest import INFO_NAME, MANIFEST_NAME, Manifest, check_plain_name, info_entry, read_manifest, split_url_of
+from .manifest import (INFO_NAME, MANIFEST_NAME, Manifest, check_plain_name, info_entry, read_info, read_manifest,
+                       split_url_of)
 from .shards import SAMPLE_EXTS, ShardError, open_shard, stream_samples
-from .storage import StorageError, exists, join, list_names, read_bytes, remove
+from .storage import StorageError, exists, join, list_names, remove
 
 
 @dataclass
@@ -198,15 +198,6 @@ def verify_split(split_url: str, deep: bool = False, storage_options: dict | Non
                 rep.corrupt.append(problem)
             rep.samples += n
     return rep
-
-
-def read_info(url: str, storage_options: dict | None = None) -> dict | None:
-    """A dataset root's ``_info.json`` as a dict, or None when ``url`` has none (a split folder)."""
-    try:
-        info = json.loads(read_bytes(join(url, INFO_NAME), storage_options))
-    except (StorageError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
 
 
 def dataset_splits(info: dict | None) -> list[str] | None:
