@@ -182,9 +182,13 @@ class Splits:
     """One owner's data: the train split (and test split) with their checked manifests."""
     train_url: str
     train: Manifest
-    fingerprint: str | None
     test_url: str | None = None
     test: Manifest | None = None
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The owner's key fingerprint (None for plain data: a signed manifest guarantees it)."""
+        return self.train.key_fingerprint
 
 
 def read_owner(cfg: TrainConfig, trust, key, train_ref: str, test_ref: str | None) -> Splits:
@@ -193,11 +197,11 @@ def read_owner(cfg: TrainConfig, trust, key, train_ref: str, test_ref: str | Non
 
     train_url = split_url_of(train_ref)
     m_train = read_manifest(train_url, cfg.storage_options, trust)
-    out = Splits(train_url, m_train, matching_fingerprint(m_train, key, train_url))
-    if test_ref:
+    matching_fingerprint(m_train, key, train_url)
+    out = Splits(train_url, m_train)
+    if test_ref:  # signed by the same owner, with the same key fingerprint (checked below)
         out.test_url = split_url_of(test_ref)
         out.test = read_manifest(out.test_url, cfg.storage_options, TrustPolicy().after_first_use(m_train.public_key))
-        matching_fingerprint(out.test, key, out.test_url)
         same = ("scheme", "block_size", "key_fingerprint", "dataset", "classes", "image_size")
         diff = [k for k in same if getattr(out.test, k) != getattr(m_train, k)]
         if diff:
