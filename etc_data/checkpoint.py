@@ -85,6 +85,13 @@ def load_checkpoint(url: str | os.PathLike, key=None, storage_options: dict | No
     return ck
 
 
+def scheme_matches(scheme: dict, manifest) -> bool:
+    """Whether a checkpoint's ``scheme`` record (scheme, block size, options) is that of the split
+    ``manifest`` describes."""
+    return (scheme.get("scheme"), scheme.get("block_size"), scheme.get("options") or {}) == \
+        (manifest.scheme, manifest.block_size, manifest.scheme_options or {})
+
+
 def model_from_checkpoint(ck: dict):
     """The timm model a checkpoint describes, with its weights."""
     from .models import create_model

@@ -61,7 +61,7 @@ def evaluate_model(model, loader, device, mean=(0.5,) * 3, std=(0.5,) * 3, world
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     """``{"accuracy", "samples"}`` of a checkpoint on a split; the shards must match the checkpoint's setup."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .checkpoint import load_checkpoint, model_from_checkpoint, scheme_matches
     from .keys import optional_key
     from .loader import make_loader
     from .train import decode_mode, matching_fingerprint, pick_device
@@ -75,8 +75,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     matching_fingerprint(m, key, split_url)
     ck_scheme = ck.get("scheme") or {}
     if m.scheme != "plain" or ck_scheme.get("scheme", "plain") != "plain":
-        if (ck_scheme.get("scheme"), ck_scheme.get("block_size"), ck_scheme.get("options") or {}) != \
-                (m.scheme, m.block_size, m.scheme_options or {}):
+        if not scheme_matches(ck_scheme, m):
             raise EvalError(f"checkpoint expects scheme {ck_scheme.get('scheme')} block {ck_scheme.get('block_size')} "
                             f"options {ck_scheme.get('options') or {}}, shards at {split_url} are {m.scheme} block "
                             f"{m.block_size} options {m.scheme_options or {}}")

@@ -268,7 +268,7 @@ def encrypt_model(cfg: ModelCryptConfig) -> dict:
     """Encrypt ``cfg.in_ckpt`` into ``cfg.out_ckpt``; returns the new scheme parameters, the key
     fingerprint and a key-space note (no key material). With ``cfg.shards`` the dataset id and
     scheme come from that split's signed manifest, and the result must fit its shards."""
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint, save_checkpoint, scheme_matches
     from .keys import load_key
     from .storage import exists
 
@@ -283,12 +283,11 @@ def encrypt_model(cfg: ModelCryptConfig) -> dict:
         out, note = encrypt_checkpoint(ck, key, dataset, spec)
     except ModelCryptError as e:
         raise ModelCryptError(f"{cfg.in_ckpt}: {e}") from None
-    if target is not None:
+    if target is not None and not scheme_matches(out["scheme"], target):
         have = {k: out["scheme"][k] for k in ("scheme", "block_size", "options")}
         want = {"scheme": target.scheme, "block_size": target.block_size, "options": target.scheme_options}
-        if have != want:
-            raise ModelCryptError(f"{cfg.in_ckpt}: the encrypted model would take {have}, the shards at "
-                                  f"{cfg.shards} are {want} (block size = the model's patch size)")
+        raise ModelCryptError(f"{cfg.in_ckpt}: the encrypted model would take {have}, the shards at "
+                              f"{cfg.shards} are {want} (block size = the model's patch size)")
     save_checkpoint(cfg.out_ckpt, out, cfg.storage_options)
     return {"out": cfg.out_ckpt, "scheme": out["scheme"], "dataset": dataset,
             "key_fingerprint": out["key_fingerprint"], "key_space": note}
