@@ -130,11 +130,17 @@ def _chain(e: BaseException):
         e = e.__cause__ or e.__context__
 
 
+def _described(e: BaseException) -> tuple[set[str], str]:
+    """The type names in ``e``'s chain of causes, and their messages (an aiohttp/gcsfs error's too)."""
+    chain = list(_chain(e))
+    return ({type(x).__name__ for x in chain},
+            " ".join(str(x) for x in chain) + " " + str(getattr(e, "kwargs", {}).get("error", "")))
+
+
 def _transient(e: BaseException) -> bool:
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, EtcError)):
         return False
-    names = {type(x).__name__ for x in _chain(e)}
-    text = " ".join(str(x) for x in _chain(e)) + " " + str(getattr(e, "kwargs", {}).get("error", ""))
+    names, text = _described(e)
     if names & set(PERMANENT_ERRORS) or any(m in text for m in DNS_FAILURES):
         return False
     if type(e).__name__ == "ClientError":
@@ -146,8 +152,7 @@ def _transient(e: BaseException) -> bool:
 
 def _hint(e: BaseException, url: str) -> str:
     """What to do about an error no retry fixes, where the cause is a common setup mistake."""
-    text = " ".join(str(x) for x in _chain(e)) + " " + str(getattr(e, "kwargs", {}).get("error", ""))
-    names = {type(x).__name__ for x in _chain(e)}
+    names, text = _described(e)
     if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
         return ("; no credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile) in the environment "
                 "(credentials never go in the storage config)")

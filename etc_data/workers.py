@@ -151,8 +151,8 @@ class WorkerPool:
                 if kind == "start":
                     self._running[jid] = value
                     fut = self._pending.get(jid, (None,))[0]
-                    if fut is not None and not fut.set_running_or_notify_cancel():
-                        pass  # cancelled after it was handed out: it runs, its result is dropped
+                    if fut is not None:  # False when cancelled after it was handed out: it runs, its result is dropped
+                        fut.set_running_or_notify_cancel()
                     continue
                 fut, _ = self._pending.pop(jid, (None, None))
                 self._running.pop(jid, None)
