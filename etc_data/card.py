@@ -8,7 +8,7 @@ the codec's extension, an ``image`` where Pillow decodes the codec, raw ``binary
 and ``__url__``; ``splits`` holds the sample counts, which ``datasets`` checks while it loads.
 
 The text below the front matter says what the data is and how it was made: owner key fingerprint
-(and the owner's public key, when the manifests carry one: ``owner_public_key``), scheme, block
+and the owner's public key (every manifest read here is signed and carries it), scheme, block
 size, codec, counts and sample order, how to read and train on it, and the security caveat. It is
 rewritten from the committed manifests of every split once a prepare run has committed, so it describes
 what the manifests say. Nothing secret is in it: manifests carry none.
@@ -27,12 +27,6 @@ CARD_NAME = "README.md"
 SPLIT_ORDER = ("train", "validation", "valid", "val", "test")
 JSON_FEATURES = [{"name": "cls", "dtype": "int64"}, {"name": "source_id", "dtype": "string"},
                  {"name": "split", "dtype": "string"}]
-
-
-def owner_public_key(m: Manifest) -> str | None:
-    """The owner's public key as the manifest records it (signed manifests carry ``public_key``),
-    or None for manifests without one. The one place the card looks it up."""
-    return getattr(m, "public_key", None) or None
 
 
 def image_field(m: Manifest) -> str:
@@ -70,7 +64,6 @@ def front_matter(manifests: dict[str, Manifest]) -> dict:
 def _summary(root: str, manifests: dict[str, Manifest]) -> str:
     m0 = next(iter(manifests.values()))
     ext = image_field(m0)
-    pk = owner_public_key(m0)
     rows = "\n".join(f"| {s} | {m.num_samples} | {len(m.shards)} | {sum(e['bytes'] for e in m.shards) / 1e6:.1f} | "
                      f"`{m.scheme}` {m.block_size} | `{m.codec}` |" for s, m in manifests.items())
     order = m0.sample_order or {}
@@ -92,7 +85,7 @@ directly; nobody who trains needs the key.
 {rows}
 
 - **Owner key fingerprint**: `{m0.key_fingerprint or "none (scheme plain)"}`
-- **Owner public key**: `{pk or "not recorded in these manifests"}`
+- **Owner public key**: `{m0.public_key}`
 - **Scheme**: `{m0.scheme}`, block size {m0.block_size}, options {scheme_opts}, padding `{m0.pad}`
 - **Codec**: `{m0.codec}` (samples `<key>.{ext}`); {decoder}
 - **Image size**: {m0.image_size[0]} x {m0.image_size[1]}; **classes** ({len(m0.classes)}): {", ".join(m0.classes)}
