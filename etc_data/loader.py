@@ -41,7 +41,7 @@ from .shards import SAMPLE_EXTS, ShardError, iter_tar, read_shard
 from .storage import StorageError, list_names
 
 
-PREFETCH_SHARDS = 1  # shards read ahead per worker (0: none; each costs a shard's bytes of memory)
+PREFETCH_SHARDS = 2  # shards read ahead per worker (0: none; each holds a shard's bytes in memory)
 
 
 class LoaderError(EtcError):
