@@ -109,12 +109,82 @@ def key_choice(subkey: bytes, label: str, n: int, k: int) -> np.ndarray:
 
 _CHUNK_BYTES = 8 << 20
 
+try:  # the compiled kernel (etc_data/_runs.c); without it every plan runs as a numpy gather
+    from . import _runs as _native
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _native = None
 
-def _gather_xor(flat: np.ndarray, idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """out[i, j] = flat[i, idx[j]] ^ mask[j], in cache-sized chunks of rows."""
+# A plan runs through the compiled kernel when its runs average at least this many pixels.
+MIN_MEAN_RUN = 2.0
+
+
+def native_available() -> bool:
+    """Whether the compiled run kernel was built (``pip install`` compiles it where a C compiler is)."""
+    return _native is not None
+
+
+def plan_runs(idx: np.ndarray, mask: np.ndarray | None, vpp: int) -> np.ndarray | None:
+    """The plan ``(idx, mask)`` as runs of whole pixels for the compiled kernel, or None.
+
+    Output pixel p (``vpp`` values) takes the values of one source window starting at s(p),
+    reordered by offsets o_c(p) < 256 and XORed with m_c(p). Consecutive output pixels with the
+    same offsets and mask whose s advances by a constant step form one run (a block row, a flipped
+    row, a column of a rotated block): one table row ``dst, src, step, count, perm, mask``
+    (perm and mask packed a byte per value). None when the plan does not move whole pixels or its
+    runs are too short to gain (``pe``, ``le``, ``ele``); such plans use the numpy gather. The
+    runs are checked to reproduce ``idx`` and ``mask`` exactly before they are returned."""
+    m = len(idx)
+    if not 1 <= vpp <= 8 or m % vpp or m == 0:
+        return None
+    P = m // vpp
+    v = np.asarray(idx, dtype=np.int64).reshape(P, vpp)
+    src = v.min(axis=1)
+    off = v - src[:, None]
+    if off.max() > 255:
+        return None
+    shifts = (8 * np.arange(vpp, dtype=np.uint64))
+    code = (off.astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64).view(np.int64)
+    if mask is None:
+        mk = np.zeros(P, dtype=np.int64)
+    else:
+        mk = (mask.reshape(P, vpp).astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64).view(np.int64)
+    # same[p]: pixels p and p+1 share offsets and mask; eq[p]: steps p->p+1 and p+1->p+2 agree too
+    d = np.diff(src)
+    same = (code[1:] == code[:-1]) & (mk[1:] == mk[:-1])
+    eq = same[:-1] & same[1:] & (d[:-1] == d[1:])
+    start = np.ones(P, dtype=bool)
+    if P > 1:
+        start[1:] = ~same
+    if P > 2:
+        start[2:] |= ~eq
+        # a pixel left alone at the head of a run (its step differs from the one before) joins the
+        # run after it when that run continues with the same step
+        cancel = start[:-2] & start[1:-1] & same[:-1] & eq
+        start[1:-1] &= ~cancel
+    starts = np.flatnonzero(start)
+    counts = np.diff(np.append(starts, P))
+    if P / len(starts) < MIN_MEAN_RUN:
+        return None
+    step = np.where(counts > 1, np.append(d, 0)[starts], 0)
+    run = np.repeat(np.arange(len(starts)), counts)
+    k = np.arange(P) - starts[run]
+    if not (np.array_equal(src[starts][run] + k * step[run], src)
+            and np.array_equal(code[starts][run], code) and np.array_equal(mk[starts][run], mk)):
+        raise AssertionError("plan_runs: runs do not reproduce the plan")  # a bug here, never data
+    return np.ascontiguousarray(np.stack([starts * vpp, src[starts], step, counts, code[starts], mk[starts]],
+                                         axis=1), dtype=np.int64)
+
+
+def _gather_xor(flat: np.ndarray, idx: np.ndarray, mask: np.ndarray | None,
+                runs: np.ndarray | None = None, vpp: int = 3) -> np.ndarray:
+    """out[i, j] = flat[i, idx[j]] ^ mask[j]: through the compiled kernel when ``runs`` (from
+    ``plan_runs``) are given and it is built, else with numpy in cache-sized chunks of rows."""
     flat = np.ascontiguousarray(flat)
     n, m = flat.shape
     out = np.empty((n, len(idx)), dtype=np.uint8)
+    if runs is not None and _native is not None:
+        _native.apply(flat, out, runs, n, vpp)
+        return out
     step = max(1, _CHUNK_BYTES // max(1, m))
     for i in range(0, n, step):  # chunks of rows, to stay in cache; not a loop per image
         o = out[i:i + step]
@@ -210,6 +280,8 @@ class Plan:
     mask: np.ndarray | None  # (H*W*C,) uint8 0 or the value's all-ones (255, or 15 for nibbles), or None
     inv: np.ndarray       # argsort(idx)
     inv_mask: np.ndarray | None  # mask[inv], so that decrypt is also one gather + one XOR
+    runs: np.ndarray | None = None      # plan_runs(idx, mask): the compiled kernel's form, if any
+    inv_runs: np.ndarray | None = None  # the same for (inv, inv_mask)
 
 
 class Scheme:
@@ -279,7 +351,12 @@ class Scheme:
             if mask is not None:
                 mask = np.ascontiguousarray(mask, dtype=np.uint8)
             inv = np.argsort(idx).astype(np.intp)
-            self._plans[key] = Plan(idx, mask, inv, None if mask is None else np.ascontiguousarray(mask[inv]))
+            inv_mask = None if mask is None else np.ascontiguousarray(mask[inv])
+            vpp = self.values_per_pixel
+            runs = inv_runs = None
+            if _native is not None:
+                runs, inv_runs = plan_runs(idx, mask, vpp), plan_runs(inv, inv_mask, vpp)
+            self._plans[key] = Plan(idx, mask, inv, inv_mask, runs, inv_runs)
         return self._plans[key]
 
     def _build(self, h: int, w: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -301,7 +378,8 @@ class Scheme:
             mode = "edge" if self.pad == "edge" else "constant"
             x = np.pad(x, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode=mode)
         p = self.plan(ph, pw)
-        return self._from_values(_gather_xor(self._to_values(x), p.idx, p.mask), ph, pw)
+        return self._from_values(_gather_xor(self._to_values(x), p.idx, p.mask, p.runs, self.values_per_pixel),
+                                 ph, pw)
 
     def decrypt(self, y: np.ndarray, item: str = "batch", size: tuple[int, int] | None = None) -> np.ndarray:
         """Invert ``encrypt``. ``size`` = original (H, W) when a pad policy enlarged the images."""
@@ -310,7 +388,8 @@ class Scheme:
         if self.padded_size(h, w, item) != (h, w):
             raise SchemeError(f"{item}: encrypted size {h}x{w} is not a multiple of block size {self.block_size}")
         p = self.plan(h, w)
-        x = self._from_values(_gather_xor(self._to_values(y), p.inv, p.inv_mask), h, w)
+        x = self._from_values(_gather_xor(self._to_values(y), p.inv, p.inv_mask, p.inv_runs,
+                                          self.values_per_pixel), h, w)
         if size is not None:
             x = x[:, : size[0], : size[1]]
         return x

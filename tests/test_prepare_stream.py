@@ -1,4 +1,4 @@
-"""The streamed prepare path (images decoded straight into 64-image batches, encrypted per batch on
+"""The streamed prepare path (images decoded straight into batches of about 1 MB, encrypted per batch on
 threads, tar hashed and written as it grows) against the plain reference path (each image decoded
 on its own, the whole chunk encrypted at once, the tar built in memory), on real images."""
 
@@ -12,19 +12,23 @@ from etc_data.codecs import get_codec
 from etc_data.images import decode_image
 from etc_data.keys import load_key
 from etc_data.manifest import read_manifest
-from etc_data.prepare import STREAM_BATCH, PrepareConfig, prepare_dataset
+from etc_data.prepare import STREAM_BATCH, PrepareConfig, prepare_dataset, stream_batch
 from etc_data.schemes import make_scheme
 from etc_data.shards import _build_tar_files, _sorted_files, iter_tar
 from etc_data.sources import open_source
 
 
+N_IMAGES = STREAM_BATCH + 5 * stream_batch(224 * 224 * 3) + 3
+
+
 @pytest.fixture(scope="module")
 def real_zip(tmp_path_factory, shared_dir):
-    """STREAM_BATCH + 9 real Imagenette JPEGs (224 px, some grayscale) in two classes of one split."""
+    """N_IMAGES real Imagenette JPEGs (224 px, some grayscale) in two classes of one split: several
+    batches and a partial one."""
     path = tmp_path_factory.mktemp("src") / "inet.zip"
     with zipfile.ZipFile(shared_dir / "imagenette-224-subset.zip") as z, zipfile.ZipFile(path, "w") as out:
         names = sorted(n for n in z.namelist() if n.endswith(".JPEG") and "/val/" in f"/{n}")
-        picked = names[:40] + names[-(STREAM_BATCH + 9 - 40):]
+        picked = names[:40] + names[-(N_IMAGES - 40):]
         for n in picked:
             out.writestr("train/" + "/".join(n.split("/")[-2:]), z.read(n))
     return path
@@ -36,7 +40,7 @@ def test_streamed_shards_equal_the_reference_path_for_every_scheme(tmp_path, rea
     prepare_dataset(PrepareConfig(source=str(real_zip), out=str(out), dataset="d", scheme=spec, codec="png",
                                   key_ref=str(key_file), workers=1))
     m = read_manifest(str(out / "train"))
-    assert len(m.shards) == 1 and m.num_samples == STREAM_BATCH + 9
+    assert len(m.shards) == 1 and m.num_samples == N_IMAGES
 
     data = (out / "train" / m.shards[0]["name"]).read_bytes()
     order = [s["__key__"] for s in iter_tar(data, "t.tar")]  # the plan's (seeded, shuffled) order

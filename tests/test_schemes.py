@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import warnings
@@ -270,3 +271,70 @@ def test_spec_parsing_and_params_round_trip():
     with pytest.raises(SchemeError, match="needs a key"):
         make_scheme("etc")
     assert "01010101" not in repr(s)
+
+
+# ----------------------------------------------------------------------------- the compiled run kernel
+
+from etc_data import schemes as _schemes  # noqa: E402
+
+RUN_SPECS = [("etc", 16), ("etc", 8), ("etc", 4), ("etc:common=1", 16), ("etc:common=1,sub=8", 16),
+             ("etc:scramble=0", 16), ("blockwise", 16), ("pe", None), ("ele", 4), ("le", 4)]
+
+
+def test_the_compiled_kernel_is_built_in_ci():
+    # the install compiles it where a C compiler is; CI must not pass on the slow fallback unnoticed
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        assert _schemes.native_available(), "etc_data._runs was not compiled (see setup.py)"
+
+
+@pytest.mark.parametrize("spec,bs", RUN_SPECS)
+def test_compiled_runs_give_the_numpy_gather_bit_for_bit(imagenette_batch, cifar_exact, spec, bs):
+    if not _schemes.native_available():
+        pytest.skip("etc_data._runs is not compiled here")
+    for x in (imagenette_batch[:8], cifar_exact["x_test"][:64]):
+        s = make_scheme(spec, subkey=K2, block_size=bs)
+        h, w = x.shape[1:3]
+        if bs and (h % bs or w % bs):
+            continue
+        p = s.plan(h, w)
+        vals = s._to_values(x)
+        want = _schemes._gather_xor(vals, p.idx, p.mask)  # numpy
+        if p.runs is None:  # pe, le, ele: runs too short, the numpy gather serves them
+            assert spec.split(":")[0] in ("pe", "le", "ele", "blockwise")
+            continue
+        assert np.array_equal(_schemes._gather_xor(vals, p.idx, p.mask, p.runs, s.values_per_pixel), want)
+        assert np.array_equal(s.encrypt(x), s._from_values(want, h, w))
+        assert np.array_equal(s.decrypt(s.encrypt(x)), x)
+
+
+def test_etc_plans_become_one_run_per_block_row():
+    s = make_scheme("etc", subkey=K1, block_size=16)
+    idx, mask = s._build(224, 224)
+    runs = _schemes.plan_runs(np.asarray(idx), np.asarray(mask, dtype=np.uint8), 3)
+    assert runs is not None and len(runs) == 14 * 14 * 16  # blocks x rows: every block row is one run
+    assert set(np.abs(runs[:, 2]).tolist()) <= {3, 224 * 3}  # a row, a flipped row, or a column of a rotated block
+    assert (runs[:, 3] == 16).all()
+    # a pixel-wise scheme has no runs worth a call
+    p = make_scheme("pe", subkey=K1)
+    assert _schemes.plan_runs(*p._build(32, 32), 3) is None
+
+
+def test_the_kernel_refuses_runs_outside_its_buffers():
+    if not _schemes.native_available():
+        pytest.skip("etc_data._runs is not compiled here")
+    from etc_data import _runs
+
+    src, out = np.zeros((2, 48), np.uint8), np.zeros((2, 48), np.uint8)
+    good = np.array([[0, 0, 3, 16, 0x020100, 0]], np.int64)
+    _runs.apply(src, out, good, 2, 3)
+    for bad in ([0, 0, 3, 17, 0x020100, 0],      # writes one pixel past the row
+                [0, 3, 3, 16, 0x020100, 0],      # reads one pixel past the row
+                [0, 0, -3, 2, 0x020100, 0],      # reads before the row
+                [0, 0, 3, 16, 0x030100, 0],      # a value offset past the pixel read
+                [0, 0, 3, 0, 0x020100, 0]):      # an empty run
+        with pytest.raises(ValueError, match="run 0"):
+            _runs.apply(src, out, np.array([bad], np.int64), 2, 3)
+    with pytest.raises(ValueError):
+        _runs.apply(src, out, np.zeros(5, np.int64), 2, 3)  # not a 6-column table
+    with pytest.raises(ValueError):
+        _runs.apply(src, np.zeros((2, 47), np.uint8), good, 2, 3)  # rows of other length than claimed

@@ -1,0 +1,169 @@
+/* etc_data._runs: apply a scheme's plan as runs of pixels (the compiled path of schemes.py).
+ *
+ * A plan moves whole pixels: output pixel p takes the values of source pixel s(p), reordered by a
+ * per-pixel permutation of its `vpp` values and XORed with a per-pixel byte mask. Along an output
+ * row of a block the source pixel advances by a constant step (a block row, a flipped row, a column
+ * of a rotated block), so the plan is stored as runs:
+ *
+ *     dst  src  step  count  perm  mask      (int64 each; perm and mask packed one byte per value)
+ *
+ * meaning, for k in [0, count) and c in [0, vpp):
+ *
+ *     out[dst + k*vpp + c] = in[src + k*step + perm_c] ^ mask_c
+ *
+ * with offsets in values. schemes.py builds the runs from the plan's index and checks that they
+ * reproduce it exactly; this file only copies bytes. Every run is bounds-checked against both
+ * buffers before any byte is touched, and the copy runs without the GIL, so threads encrypt
+ * batches in parallel. Only the buffer protocol is used: building needs no numpy headers.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_VPP 8
+
+static int
+check_runs(const int64_t *runs, Py_ssize_t nruns, int vpp, Py_ssize_t m_in, Py_ssize_t m_out)
+{
+    for (Py_ssize_t r = 0; r < nruns; r++) {
+        const int64_t *t = runs + 6 * r;
+        int64_t dst = t[0], src = t[1], step = t[2], count = t[3];
+        uint64_t perm = (uint64_t)t[4];
+        if (count < 1 || dst < 0 || count > (m_out - dst) / vpp || step > m_in || step < -m_in) {
+            PyErr_Format(PyExc_ValueError, "run %zd writes outside the output row", r);
+            return -1;
+        }
+        int64_t lo = src, hi = src + (count - 1) * step;
+        if (step < 0) { int64_t x = lo; lo = hi; hi = x; }
+        for (int c = 0; c < vpp; c++) {
+            int64_t o = (int64_t)((perm >> (8 * c)) & 0xff);
+            if (lo + o < 0 || hi + o >= m_in) {
+                PyErr_Format(PyExc_ValueError, "run %zd reads outside the input row", r);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Read a row (an image) once in order before the runs jump around in it: the hardware prefetcher
+ * streams sequential reads, while the runs' scattered first touches would each wait for memory. */
+static void
+warm(const uint8_t *p, Py_ssize_t len)
+{
+    volatile uint8_t sink = 0;
+    uint8_t acc = 0;
+    for (Py_ssize_t k = 0; k < len; k += 64)
+        acc ^= p[k];
+    sink = acc;
+    (void)sink;
+}
+
+static void
+apply_row(const uint8_t *in, uint8_t *out, const int64_t *runs, Py_ssize_t nruns, int vpp)
+{
+    for (Py_ssize_t r = 0; r < nruns; r++) {
+        const int64_t *t = runs + 6 * r;
+        const uint8_t *s = in + t[1];
+        uint8_t *d = out + t[0];
+        const int64_t step = t[2], count = t[3];
+        const uint64_t perm = (uint64_t)t[4], mask = (uint64_t)t[5];
+        if (vpp == 3) {
+            const int o0 = perm & 0xff, o1 = (perm >> 8) & 0xff, o2 = (perm >> 16) & 0xff;
+            const uint8_t m0 = mask & 0xff, m1 = (mask >> 8) & 0xff, m2 = (mask >> 16) & 0xff;
+            for (int64_t k = 0; k < count; k++, s += step, d += 3) {
+                d[0] = s[o0] ^ m0;
+                d[1] = s[o1] ^ m1;
+                d[2] = s[o2] ^ m2;
+            }
+        } else {
+            uint8_t o[MAX_VPP], m[MAX_VPP];
+            for (int c = 0; c < vpp; c++) {
+                o[c] = (perm >> (8 * c)) & 0xff;
+                m[c] = (mask >> (8 * c)) & 0xff;
+            }
+            for (int64_t k = 0; k < count; k++, s += step, d += vpp)
+                for (int c = 0; c < vpp; c++)
+                    d[c] = s[o[c]] ^ m[c];
+        }
+    }
+}
+
+/* apply(src, out, runs, vpp): src and out are C-contiguous uint8 buffers of n rows (images) of
+ * m_in and m_out bytes; runs an int64 (R, 6) C-contiguous table. */
+static PyObject *
+runs_apply(PyObject *self, PyObject *args)
+{
+    PyObject *src_o, *out_o, *runs_o;
+    Py_ssize_t n;
+    int vpp;
+    if (!PyArg_ParseTuple(args, "OOOni", &src_o, &out_o, &runs_o, &n, &vpp))
+        return NULL;
+    if (vpp < 1 || vpp > MAX_VPP || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "values per pixel must be 1..8 and rows >= 0");
+        return NULL;
+    }
+    Py_buffer src, out, runs;
+    if (PyObject_GetBuffer(src_o, &src, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(out_o, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(runs_o, &runs, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t nruns = runs.len / (Py_ssize_t)(6 * sizeof(int64_t));
+    if (runs.len % (Py_ssize_t)(6 * sizeof(int64_t)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "runs must be an int64 table of 6 columns");
+        goto done;
+    }
+    if (n == 0) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    if (src.len % n != 0 || out.len % n != 0) {
+        PyErr_SetString(PyExc_ValueError, "buffers are not whole rows");
+        goto done;
+    }
+    Py_ssize_t m_in = src.len / n, m_out = out.len / n;
+    if (check_runs((const int64_t *)runs.buf, nruns, vpp, m_in, m_out) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        warm((const uint8_t *)src.buf + i * m_in, m_in);
+        apply_row((const uint8_t *)src.buf + i * m_in, (uint8_t *)out.buf + i * m_out,
+                  (const int64_t *)runs.buf, nruns, vpp);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&runs);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"apply", runs_apply, METH_VARARGS,
+     "apply(src, out, runs, n, vpp): out[i, dst+k*vpp+c] = src[i, src+k*step+perm_c] ^ mask_c for every run"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_runs",
+    "Apply a scheme's plan as runs of pixels (compiled; schemes.py falls back to numpy without it).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__runs(void)
+{
+    return PyModule_Create(&module);
+}
