@@ -308,11 +308,12 @@ def _bounded_map(fn, items: Iterable, threads: int, executor=None):
 
 
 def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threads: int = 1,
-              executor=None) -> ChunkResult:
+              executor=None, stop: threading.Event | None = None) -> ChunkResult:
     """Load, encrypt, encode and write one chunk as one shard (or parts past the byte limit),
     streamed: ``STREAM_BATCH`` images at a time (spread over ``threads`` threads, or over those of
     ``executor``) go into a tar that is hashed and written as it grows, so memory is bounded
-    whatever the shard size."""
+    whatever the shard size. ``stop`` (set by a chunk that failed beside this one) ends it
+    between batches, with nothing of its shard committed."""
     codec = get_codec(cfg.codec)
     if spec.token and source.split_token(spec.split) != spec.token:
         raise PrepareError(f"source {source.name}, split {spec.split}: changed since this run was planned "
@@ -340,6 +341,8 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threa
     with warnings.catch_warnings(), stream:
         warnings.simplefilter("ignore", WeakKeyWarning)  # warned once by the caller, not per chunk
         for batch, blobs in _bounded_map(work, parts(), threads, executor):
+            if stop is not None and stop.is_set():  # another chunk of the run failed: this shard is abandoned
+                raise PrepareError(f"{where}: stopped because another chunk of this run failed")
             skipped += batch.skipped
             if blobs is None:
                 continue
@@ -352,8 +355,15 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threa
             for k, b, y in zip(batch.keys, blobs, batch.labels.tolist()):
                 stream.add(k, files(k, b, y))
                 payload += len(b)
-    return ChunkResult(spec.split, spec.index, [dict(x.entry(), keys=x.keys) for x in stream.shards], skipped,
-                       size or [], payload)
+    shards = [dict(x.entry(), keys=x.keys) for x in stream.shards]
+    if cfg.verify:  # read each shard back now, beside the other chunks' work (verify_dataset then only stats it)
+        from .verify import check_shard
+
+        for e in shards:
+            problem, _ = check_shard(join(cfg.out, spec.split), e, size, storage_options=cfg.storage_options)
+            if problem:
+                raise PrepareError(f"{where}: shard {e['name']} was written but reading it back failed: {problem}")
+    return ChunkResult(spec.split, spec.index, shards, skipped, size or [], payload)
 
 
 class ChunkRunner:
@@ -407,10 +417,60 @@ class ChunkRunner:
         for split in source.splits:
             source.split_token(split)
 
-    def run(self, cfg: PrepareConfig, spec: ChunkSpec) -> ChunkResult:
+    def run(self, cfg: PrepareConfig, spec: ChunkSpec, stop: threading.Event | None = None) -> ChunkResult:
         source = self.source(cfg, spec.token, spec.split)
         return run_chunk(cfg, spec, source, self.scheme(cfg, spec.fingerprint), self.threads,
-                         self.executor)
+                         self.executor, stop)
+
+
+class ChunkThreads:
+    """Chunks run side by side on threads of this process: one ``ChunkRunner`` (the source opened
+    and the key loaded once) and one executor of ``threads`` threads for the batches of all of them,
+    so the cores stay busy whichever chunks are left, and one chunk's shard commit (the fsync) or
+    its writing overlaps the others' decoding and encoding. Used by ``prepare_dataset`` on fewer
+    than ``POOL_MIN_CORES`` cores and by the flow's task threads. ``stop`` is set when a chunk
+    fails: the others end at their next batch, committing nothing."""
+
+    def __init__(self, threads: int = 1, key_loader: Callable | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threads = max(1, threads)
+        self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="etc-data-batch") if self.threads > 1 else None
+        self.runner = ChunkRunner(key_loader, self.threads, self.executor)
+        self.stop = threading.Event()
+
+    def run(self, cfg: PrepareConfig, spec: ChunkSpec) -> ChunkResult:
+        """One chunk (from any thread, e.g. Prefect's task threads, which retry failed chunks)."""
+        return self.runner.run(cfg, spec, self.stop)
+
+    def map(self, cfg: PrepareConfig, specs: list[ChunkSpec]) -> Iterator[ChunkResult]:
+        """Run ``specs`` with up to ``threads`` chunks side by side; results as each finishes. The
+        first failure stops the others and is raised once they have ended."""
+        if len(specs) <= 1 or self.threads <= 1:
+            for spec in specs:
+                yield self.run(cfg, spec)
+            return
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+        with ThreadPoolExecutor(min(self.threads, len(specs)), thread_name_prefix="etc-data-chunk") as drivers:
+            pending = {drivers.submit(self.run, cfg, spec) for spec in specs}
+            finished = False
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for f in done:
+                        yield f.result()
+                finished = True
+            finally:  # a failure, or the caller stopped: chunks not started never start, running ones end
+                if not finished:
+                    self.stop.set()
+                    for f in pending:
+                        f.cancel()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def commit_split(cfg: PrepareConfig, source: Source, plan: SplitPlan, results: list[ChunkResult],
@@ -571,8 +631,9 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     if cfg.verify:
         from .verify import VerifyConfig, verify_dataset
 
+        read_back = {sp: [e for r in results if r.split == sp for e in r.shards] for sp in manifests}
         result = verify_dataset(VerifyConfig(url=cfg.out, splits=list(manifests), storage_options=cfg.storage_options,
-                                             trust=[owner.public_key]))
+                                             trust=[owner.public_key], read_back=read_back))
         if not result.ok:
             raise PrepareError(f"verification of {cfg.out} failed after the commit:\n" + "\n".join(result.lines()))
         summary.verified = {r.split: r.samples for r in result.reports}
@@ -647,9 +708,12 @@ def _local_chunks(cfg, specs, source, scheme, fingerprint, pool, key_loader) -> 
     workers = pool_size(cfg, specs) if pool is None and key_loader is None else 0
     own = workers > 0
     if pool is None and not own:
-        runner = ChunkRunner(key_loader, threads=chunk_threads(1)).adopt(cfg, source, scheme, fingerprint)
-        for spec in specs:
-            yield runner.run(cfg, spec)
+        chunks = ChunkThreads(chunk_threads(1), key_loader)
+        chunks.runner.adopt(cfg, source, scheme, fingerprint)
+        try:
+            yield from chunks.map(cfg, specs)
+        finally:
+            chunks.close()
         return
     from concurrent.futures import as_completed
 

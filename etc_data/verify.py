@@ -34,7 +34,7 @@ from .codecs import codec_for_ext
 from .manifest import (INFO_NAME, MANIFEST_NAME, Manifest, check_plain_name, info_entry, read_info, read_manifest,
                        split_url_of)
 from .shards import SAMPLE_EXTS, ShardError, open_shard, stream_samples
-from .storage import StorageError, exists, join, list_names, remove
+from .storage import StorageError, exists, join, list_names, remove, size
 
 
 @dataclass
@@ -46,6 +46,10 @@ class VerifyConfig:
     trust: list[str] = field(default_factory=list)  # accepted signers: public keys or files; [] = trust on first use
     strict: bool = False              # shards the manifest does not list fail the check (default: a warning)
     clean: bool = False               # remove those shards and .part temporaries (never a listed shard)
+    # shards the caller wrote, then read back and checked whole (``check_shard``) before listing
+    # them (prepare does, per chunk): {split: [manifest entries]}. A listed shard with the same
+    # entry is only checked for its size here, not read a second time.
+    read_back: dict[str, list[dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,7 +116,8 @@ class _Digest:
         self.bytes += len(b)
 
 
-def _check_shard(split_url: str, entry: dict, image_size, deep: bool, storage_options) -> tuple[str | None, int]:
+def check_shard(split_url: str, entry: dict, image_size, deep: bool = False,
+                storage_options: dict | None = None) -> tuple[str | None, int]:
     """(problem or None, samples) for one listed shard, streamed in 1 MB windows (memory does
     not grow with the shard). A size or sha256 mismatch is reported before what the parse found."""
     name = entry["name"]
@@ -172,10 +177,32 @@ def remove_leftovers(split_url: str, listed: set[str], storage_options: dict | N
     return removed
 
 
+_ENTRY_FIELDS = ("name", "sha256", "bytes", "samples")
+
+
+def _read_back(entry: dict, seen: dict[str, dict]) -> bool:
+    """Whether ``entry`` is, field for field, a shard the caller already read back and checked."""
+    seen = seen.get(entry["name"])
+    return seen is not None and all(seen.get(k) == entry.get(k) for k in _ENTRY_FIELDS)
+
+
+def _check_size(split_url: str, entry: dict, storage_options: dict | None) -> tuple[str | None, int]:
+    """A read-back shard: still there with its size (a stat, not a read)."""
+    try:
+        got = size(join(split_url, entry["name"]), storage_options)
+    except StorageError as e:
+        return f"{entry['name']}: {e}", 0
+    if got != entry["bytes"]:
+        return f"{entry['name']}: {got} bytes, manifest says {entry['bytes']}", 0
+    return None, entry["samples"]
+
+
 def verify_split(split_url: str, deep: bool = False, storage_options: dict | None = None, strict: bool = False,
-                 clean: bool = False, trust=None) -> VerifyReport:
+                 clean: bool = False, trust=None, read_back: dict[str, list[dict]] | None = None) -> VerifyReport:
     """Check the manifest's signature (signer accepted by ``trust``, a ``trust.TrustPolicy``; None:
-    trust on first use), every shard it lists, and report (``clean``: remove) what it does not list."""
+    trust on first use), every shard it lists, and report (``clean``: remove) what it does not list.
+    ``read_back``: {split: [entries]} of shards already checked whole by the caller (see
+    ``VerifyConfig.read_back``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .keys import fingerprint
@@ -192,8 +219,15 @@ def verify_split(split_url: str, deep: bool = False, storage_options: dict | Non
     rep.missing = [e["name"] for e in m.shards if e["name"] not in present]
     rep.checked = len(todo)
     # a few shards at a time (reads, sha256 and decoding release the GIL), reported in order
+    seen = {e["name"]: e for e in (read_back or {}).get(m.split, [])}
+
+    def check(e: dict) -> tuple[str | None, int]:
+        if not deep and _read_back(e, seen):
+            return _check_size(split_url, e, storage_options)
+        return check_shard(split_url, e, m.image_size, deep, storage_options)
+
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(todo)))) as ex:
-        for problem, n in ex.map(lambda e: _check_shard(split_url, e, m.image_size, deep, storage_options), todo):
+        for problem, n in ex.map(check, todo):
             if problem:
                 rep.corrupt.append(problem)
             rep.samples += n
@@ -233,7 +267,7 @@ def verify_dataset(cfg: VerifyConfig) -> DatasetVerification:
     splits = dataset_splits(info)
     opts = (cfg.deep, cfg.storage_options, cfg.strict, cfg.clean)
     if splits is None:
-        return DatasetVerification(url, [verify_split(url, *opts, trust)])
+        return DatasetVerification(url, [verify_split(url, *opts, trust, cfg.read_back)])
     if cfg.splits:
         splits = [s for s in splits if s in cfg.splits] or list(cfg.splits)
     else:
@@ -241,7 +275,7 @@ def verify_dataset(cfg: VerifyConfig) -> DatasetVerification:
     reports = []
     for s in splits:
         split_url = join(url, check_plain_name(s, "split", join(url, INFO_NAME)))
-        rep = verify_split(split_url, *opts, trust)
+        rep = verify_split(split_url, *opts, trust, cfg.read_back)
         trust = trust.after_first_use(rep.signer_key)
         rep.corrupt += info_problems(info, s, rep.manifest)
         reports.append(rep)

@@ -35,7 +35,7 @@ from prefect.futures import as_completed
 
 from etc_data.codecs import DEFAULT_CODEC, default_workers
 from etc_data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from etc_data.prepare import (DEFAULT_SHARD_SIZE, ChunkResult, ChunkRunner, ChunkSpec, PrepareConfig,
+from etc_data.prepare import (DEFAULT_SHARD_SIZE, ChunkResult, ChunkSpec, ChunkThreads, PrepareConfig,
                               PrepareSummary, pool_size, prepare_dataset)
 from etc_data.storage import StorageError
 
@@ -74,25 +74,6 @@ def _storage_error(task, task_run, state) -> bool:
     return False
 
 
-class ThreadRunners:
-    """One ChunkRunner shared by the task threads (the source is opened and the key loaded once per
-    run, as in the library's in-process path); the chunks' batches all run on one executor of
-    ``threads`` threads, so cores stay busy whichever chunks are left."""
-
-    def __init__(self, threads: int = 1):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="etc-data-batch") if threads > 1 else None
-        self.runner = ChunkRunner(load_key_ref, threads, self.executor)
-
-    def run(self, cfg: PrepareConfig, spec: ChunkSpec) -> ChunkResult:
-        return self.runner.run(cfg, spec)
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-
-
 @task(name="shard", task_run_name="{spec[split]}-shard-{spec[index]:06d}", retries=3,
       retry_delay_seconds=[1, 4, 10], retry_condition_fn=_storage_error, cache_policy=NO_CACHE,
       persist_result=False, log_prints=False)
@@ -127,7 +108,7 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
                 runner = WorkerPool(pool_size(c, specs))
                 own.append(runner)
             else:
-                runner = ThreadRunners(default_workers())
+                runner = ChunkThreads(default_workers(), load_key_ref)
                 threads.append(runner)
         public = c.to_dict()  # public settings; the key stays a reference
         futures = [shard_chunk.submit(public, dataclasses.asdict(s), runner) for s in specs]

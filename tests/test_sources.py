@@ -2,6 +2,7 @@
 the shared zips merged, resize policy, grayscale -> RGB, bad images named."""
 
 import io
+import os
 import pickle
 import tarfile
 import zipfile
@@ -267,3 +268,19 @@ def test_archive_extracted_once_when_processes_open_it_together(tmp_path, cifar_
     assert len(lines) == 1 and lines.pop().startswith("2000 400 ")
     extracted = [p for p in (tmp_path / "cache" / "extracted").iterdir() if p.is_dir()]
     assert len(extracted) == 1 and not any(p.name.endswith(".part") for p in extracted)
+
+
+def test_folder_keys_made_once_per_class_folder_equal_sample_key(shared_dir):
+    # the listing's fast path (split and class checked once per folder) gives exactly sample_key's
+    # keys, on the real names and on names that need the hashed form
+    from etc_data.sources import _file_key, sample_key
+
+    names = []
+    for zp in ("imagenette-224-subset.zip", "cifar10-test-jpeg.zip"):
+        with zipfile.ZipFile(shared_dir / zp) as z:
+            names += [n.split("/")[-3:] for n in z.namelist() if not n.endswith("/")][:3000]
+    names += [["train", "cat", "a b.jpg"], ["train", "c_t", "x.jpg"], ["val", "dog", "x.y.png"],
+              ["train", "dog", "x.JPEG"], ["train", "dog", "x"], ["train", "dög", "x.jpg"], ["train", "dog", "x.jpeg~"]]
+    for split, cls, rest in names:
+        stem, ext = os.path.splitext(rest)
+        assert _file_key(split, cls, rest) == sample_key(split, cls, stem, ext=ext), (split, cls, rest)
