@@ -16,12 +16,15 @@ Timed in each round, in this order:
   outside;
 - cli (``--cli``): ``etc-data prepare`` end to end (Python start, Prefect's ephemeral API, the flow
   with one task per shard, manifest, verify), after one tiny warm-up run that pays Prefect's
-  one-time database creation (timed apart).
+  one-time database creation (timed apart);
+- cli on a running server (``--cli-server``): the same command with ``PREFECT_API_URL`` set to a
+  ``prefect server start`` started once before the rounds (what an owner serving scheduled flows
+  runs): no ephemeral API to boot.
 Prints each round and the ratios library/bare and cli/bare (best of the rounds and per round).
 Goals (issue 17): library <= 1.3x bare at 32 and 224 px; cli <= 1.5x bare on the 40k set; peak RSS
 of every process on the 40k set <= 1.2x that on the 4,925-image set, workers <= 1 GB.
 
-    python benchmarks/bench_prepare.py [--only cifar imagenette imagenette40k] [--rounds 2] [--cli]
+    python benchmarks/bench_prepare.py [--only cifar imagenette imagenette40k] [--rounds 2] [--cli] [--cli-server]
 """
 
 from __future__ import annotations
@@ -198,7 +201,38 @@ def _mb(peaks: dict, role: str) -> str:
     return "-" if not v else "/".join(f"{x / 2**20:.0f}" for x in sorted(v, reverse=True))
 
 
-def run(name, zips, key, tmp, resize, env, rounds, with_cli, shard_size, workers=None) -> dict:
+class RunningServer:
+    """``prefect server start`` on 127.0.0.1 (a free port) for ``--cli-server``: what a data owner
+    who serves scheduled flows already runs, so the CLI skips booting Prefect's ephemeral API."""
+
+    def __init__(self, env: dict):
+        import socket
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                      "--port", str(port)], env=dict(env, PREFECT_UI_ENABLED="0"),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        sys.exit("prefect server start did not answer within 120 s")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def run(name, zips, key, tmp, resize, env, rounds, with_cli, shard_size, workers=None, server=None) -> dict:
     cores = len(os.sched_getaffinity(0))
     print(f"\n== {name}: {', '.join(z.name for z in zips)} on {cores} cores, {rounds} rounds interleaved; library "
           f"workers={workers} ==")
@@ -215,9 +249,14 @@ def run(name, zips, key, tmp, resize, env, rounds, with_cli, shard_size, workers
             row.update(cli=tc, cli_peaks=pc)
             line += (f" | cli {tc:.2f} s ({tc / tb:.2f}x; CPU {pc['cpu']:.1f} s, {pc['cpu'] / cb:.2f}x) peak RSS MB main "
                      f"{_mb(pc, 'main')}, workers {_mb(pc, 'worker')}, Prefect server {_mb(pc, 'prefect-server')}")
+        if server is not None:
+            ts, ps = cli(zips, key, tmp / f"{name}-cli-server", resize, dict(env, PREFECT_API_URL=server.url), shard_size)
+            row.update(cli_server=ts)
+            line += f" | cli on a running server {ts:.2f} s ({ts / tb:.2f}x; CPU {ps['cpu']:.1f} s)"
         rows.append(row)
         print(line, flush=True)
-    best = {k: min(x[k] for x in rows) for k in ("bare", "lib", *(("cli",) if with_cli else ()))}
+    best = {k: min(x[k] for x in rows) for k in ("bare", "lib", *(("cli",) if with_cli else ()),
+                                                 *(("cli_server",) if server is not None else ()))}
     ratios = [x["lib"] / x["bare"] for x in rows]
     print(f"{name}: best bare {best['bare']:.2f} s, library {best['lib']:.2f} s -> {best['lib'] / best['bare']:.2f}x "
           f"(per round {', '.join(f'{q:.2f}' for q in ratios)}; median {sorted(ratios)[len(ratios) // 2]:.2f}x; "
@@ -225,6 +264,10 @@ def run(name, zips, key, tmp, resize, env, rounds, with_cli, shard_size, workers
     if with_cli:
         print(f"{name}: best cli {best['cli']:.2f} s -> {best['cli'] / best['bare']:.2f}x "
               f"(per round {', '.join(format(x['cli'] / x['bare'], '.2f') for x in rows)})")
+    if server is not None:
+        print(f"{name}: best cli on a running Prefect server {best['cli_server']:.2f} s -> "
+              f"{best['cli_server'] / best['bare']:.2f}x "
+              f"(per round {', '.join(format(x['cli_server'] / x['bare'], '.2f') for x in rows)})")
     peak = {role: max(max(x["lib_peaks"].get(role, [0])) for x in rows) for role in ("main", "worker")}
     return {"n": rows[0]["n"], "best": best, "peak": peak}
 
@@ -235,18 +278,25 @@ def main():
                     default=["cifar", "imagenette", "imagenette40k"])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cli", action="store_true", help="also time etc-data prepare (Prefect flow) in each round")
+    ap.add_argument("--cli-server", action="store_true",
+                    help="also time etc-data prepare against a running `prefect server start` (no ephemeral API boot)")
     ap.add_argument("--shard-size", type=int, default=10000)
     ap.add_argument("--workers", type=int, default=None, help="library: worker processes (default: as prepare decides)")
     a = ap.parse_args()
     from etc_data.keys import new_key_file
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    server = None
     try:
         key = tmp / "owner.key"
         new_key_file(key, "bench")
         env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect"), PREFECT_LOGGING_LEVEL="WARNING",
                    PREFECT_SERVER_ANALYTICS_ENABLED="false")
-        if a.cli:
+        from etc_data.schemes import native_available
+
+        print("EtC transform: " + ("compiled run kernel (etc_data._runs)" if native_available()
+                                   else "numpy gather (etc_data._runs not compiled)"))
+        if a.cli or a.cli_server:
             # Prefect's first use of a home creates and migrates its database (seconds); users pay
             # that once, so it is timed apart: a tiny plain run on a fresh home.
             t = time.perf_counter()
@@ -257,6 +307,8 @@ def main():
             if r.returncode != 0:
                 sys.exit(f"warm-up run failed:\n{r.stderr}")
             print(f"first Prefect use on a fresh PREFECT_HOME (10 images, plain): {time.perf_counter() - t:.2f} s")
+        if a.cli_server:
+            server = RunningServer(env)
         sets = {"cifar": ([SHARED / "cifar10-train-jpeg.zip", SHARED / "cifar10-test-jpeg.zip"], None),
                 "imagenette": ([SHARED / "imagenette-224-subset.zip"], 224)}
         if "imagenette40k" in a.only:
@@ -267,7 +319,7 @@ def main():
         res = {}
         for name in a.only:
             zips, resize = sets[name]
-            res[name] = run(name, zips, key, tmp, resize, env, a.rounds, a.cli, a.shard_size, a.workers)
+            res[name] = run(name, zips, key, tmp, resize, env, a.rounds, a.cli, a.shard_size, a.workers, server)
         if "imagenette" in res and "imagenette40k" in res:
             small, big = res["imagenette"], res["imagenette40k"]
             print(f"\npeak RSS 40k vs 4,925 images (library): main {big['peak']['main'] / 2**20:.0f} / "
@@ -280,6 +332,8 @@ def main():
                   f"each worker {big['peak']['worker'] / 2**20:.0f} MB")
         print("\n(ratios are measured side by side in one run; the machine may be shared with other work)")
     finally:
+        if server is not None:
+            server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

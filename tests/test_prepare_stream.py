@@ -76,3 +76,26 @@ def test_byte_limit_splits_a_streamed_chunk_into_parts_with_the_same_samples(tmp
     for e in m.shards:  # each part holds at most 200 kB of sample payload (a sample is never split)
         data = (tmp_path / "parts" / "train" / e["name"]).read_bytes()
         assert e["samples"] == 1 or len(data) < 200_000 + 3 * 1024 * e["samples"] + 10240
+
+
+def test_a_failing_chunk_stops_the_chunk_beside_it_with_nothing_committed(tmp_path, real_zip, key_file):
+    import dataclasses
+
+    from etc_data.prepare import ChunkThreads, PrepareError, build_scheme, plan_split
+    from etc_data.trust import TrustPolicy
+
+    cfg = PrepareConfig(source=str(real_zip), out=str(tmp_path / "out"), dataset="d", codec="jpeg:q=85,sub=420",
+                        key_ref=str(key_file), shard_size=N_IMAGES - 8)
+    source = cfg.open_source()
+    scheme, key = build_scheme(cfg)
+    plan = plan_split(cfg, source, "train", key.fingerprint, "jpeg", TrustPolicy.from_refs())
+    big, small = plan.chunks  # the big chunk streams for several batches; the small one fails at once
+    assert len(big.items) > 4 * STREAM_BATCH
+    small = dataclasses.replace(small, token="changed")  # as if the source changed after planning
+    chunks = ChunkThreads(2)
+    chunks.runner.adopt(cfg, source, scheme, key.fingerprint)
+    with pytest.raises(PrepareError, match="changed since this run was planned"):
+        list(chunks.map(cfg, [big, small]))
+    chunks.close()
+    split = tmp_path / "out" / "train"
+    assert not split.exists() or not [p.name for p in split.iterdir()]  # no shard, no temporary

@@ -314,9 +314,14 @@ def test_a_run_the_scheduler_created_completes_in_the_pipelines_timezone(prefect
         return [x.message for x in logs], [t.name for t in tasks], {a.key: a for a in arts}
 
     first = min(runs, key=lambda r: r.expected_start_time)
-    logs, tasks, arts = _api(prefect_server, what_happened, first.id)
-    assert any(m.startswith(f"prepared every-minute at {out}: train 60 (60 new, 2 shards, ") and "B/image on disk" in m
-               for m in logs), logs
+
+    def summary_logged():  # the run's logs reach the API in batches, possibly after its Completed state
+        logs, tasks, arts = _api(prefect_server, what_happened, first.id)
+        ok = any(m.startswith(f"prepared every-minute at {out}: train 60 (60 new, 2 shards, ")
+                 and "B/image on disk" in m for m in logs)
+        return (logs, tasks, arts) if ok else None
+
+    logs, tasks, arts = _wait("the run's summary line in its logs", summary_logged, 30, 1)
     assert {"train-shard-000000", "train-shard-000001"} <= set(tasks)
     assert set(arts) == {"prepare-every-minute-sizes", "prepare-every-minute-summary"}
     assert "bytes on disk (tar: images + headers + cls/json)" in arts["prepare-every-minute-sizes"].data
