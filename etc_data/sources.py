@@ -330,10 +330,12 @@ class FolderSource(Source):
         strip = _common_folders(names)
         has_splits = all(len(p) >= 3 and p[0] in SPLIT_NAMES for p in (n.split("/")[strip:] for n in names))
 
+        one: dict[str, str] = {}  # one string object per split and class name, not one per image
+
         def place(name: str) -> tuple[str, str, str]:
             p = name.split("/")[strip:]
             if has_splits:
-                return p[0], p[1], "/".join(p[2:])
+                return one.setdefault(p[0], p[0]), p[1], "/".join(p[2:])
             if len(p) >= 2:
                 return "train", p[0], "/".join(p[1:])
             raise SourceError(f"source {self.path}: image {'/'.join(p)} is not inside a class folder")
