@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -112,6 +113,8 @@ _CHUNK_BYTES = 8 << 20
 try:  # the compiled kernel (etc_data/_runs.c); without it every plan runs as a numpy gather
     from . import _runs as _native
 except ImportError:  # pragma: no cover - a build without a C compiler
+    _native = None
+if os.environ.get("ETC_DATA_NATIVE", "1") == "0":  # the numpy path on purpose (benchmarks, debugging)
     _native = None
 
 # A plan runs through the compiled kernel when its runs average at least this many pixels.
