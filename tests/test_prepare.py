@@ -287,3 +287,36 @@ def test_shards_of_a_class_sorted_source_mix_classes(tmp_path, cifar_exact, key_
     assert [len(c) for c in per_shard] == [50, 50, 50, 50]
     assert all(len(set(c)) >= 7 for c in per_shard), [sorted(set(c)) for c in per_shard]
     assert sorted(c for cs in per_shard for c in cs) == sorted(int(v) for v in y)
+
+
+def test_a_shard_storage_mangles_after_writing_is_caught_by_its_chunk_and_never_listed(tmp_path, cifar_exact,
+                                                                                     key_file, monkeypatch):
+    import contextlib
+    from pathlib import Path
+
+    import etc_data.storage as storage
+
+    src = _npz(tmp_path, cifar_exact, 80, 10)
+    out = tmp_path / "out"
+    cfg = PrepareConfig(source=str(src), out=str(out), dataset="d", key_ref=str(key_file), codec="jpeg:q=85,sub=420",
+                        shard_size=30, splits=["train"])
+    real = storage.staged_open
+
+    @contextlib.contextmanager
+    def mangling(url, storage_options=None):
+        with real(url, storage_options) as f:
+            yield f
+        if url.endswith("train-000001.tar"):  # storage flips one bit of what it was given
+            p = Path(url)
+            data = bytearray(p.read_bytes())
+            data[700] ^= 1
+            p.write_bytes(bytes(data))
+
+    monkeypatch.setattr(storage, "staged_open", mangling)
+    with pytest.raises(PrepareError, match=r"train-000001\.tar was written but reading it back failed: .*sha256"):
+        prepare_dataset(cfg)
+    assert not (out / "train" / "manifest.json").exists()  # nothing committed, so nothing lists it
+    monkeypatch.setattr(storage, "staged_open", real)
+    summ = prepare_dataset(cfg)  # the rerun rewrites it; the mangled file is not counted anywhere
+    assert summ.verified == {"train": 80}
+    assert verify(str(out / "train"), deep=True).ok
