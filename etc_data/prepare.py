@@ -352,9 +352,8 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threa
             elif shape != size:
                 raise PrepareError(f"{where}: image {batch.keys[0]} is {shape[1]}x{shape[0]}, the chunk's first images "
                                    f"are {size[1]}x{size[0]}; choose a resize policy (--resize)")
-            for k, b, y in zip(batch.keys, blobs, batch.labels.tolist()):
-                stream.add(k, files(k, b, y))
-                payload += len(b)
+            stream.add_many([(k, files(k, b, y)) for k, b, y in zip(batch.keys, blobs, batch.labels.tolist())])
+            payload += sum(len(b) for b in blobs)
     shards = [dict(x.entry(), keys=x.keys) for x in stream.shards]
     if cfg.verify:  # read each shard back now, beside the other chunks' work (verify_dataset then only stats it)
         from .verify import check_shard

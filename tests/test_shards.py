@@ -261,3 +261,21 @@ def test_streamed_tar_reading_in_small_windows_matches_whole_reads_and_hashes(ci
     if fmt == "ours":  # a shard cut short is an error naming it, whatever the window
         with pytest.raises(ShardError, match="cut.tar"):
             list(shards.stream_members(io.BytesIO(data[:len(data) // 2 // 512 * 512 + 100]), "cut.tar", 600))
+
+
+def test_headers_built_per_batch_equal_the_per_member_ones(shared_dir):
+    # real sample names and sizes, plus names that need the prefix field or PAX (None: built per member)
+    import zipfile
+
+    from etc_data.shards import _ustar_header, _ustar_headers
+
+    with zipfile.ZipFile(shared_dir / "imagenette-224-subset.zip") as z:
+        infos = [i for i in z.infolist() if not i.is_dir()][:500]
+    names = [f"train_{i.filename.replace('/', '_')}.{ext}" for i in infos for ext in ("cls", "jpg", "json")]
+    sizes = [i.file_size * k for i in infos for k in (0, 1, 7)]
+    names += ["a" * 100 + ".jpg", "d/" * 60 + "x.jpg", "é" * 40 + ".cls", "x.jpg"]
+    sizes += [5, 6, 7, 8 ** 11]
+    want = [_ustar_header(n, s) for n, s in zip(names, sizes)]
+    got = _ustar_headers(names, sizes)
+    assert got[-4:] == [None, None, want[-2], None] and want[-4] is None and want[-1] is None
+    assert all(g == w for g, w in zip(got, want) if g is not None) and sum(g is not None for g in got) == len(got) - 3
