@@ -46,7 +46,7 @@ import re
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from . import __version__
 from .codecs import DEFAULT_CODEC, check_scheme_codec, get_codec
@@ -63,13 +63,21 @@ from .storage import join
 from .trust import TrustPolicy
 from .verify import remove_leftovers
 
+if TYPE_CHECKING:  # annotations only
+    from .workers import WorkerPool
+
 DEFAULT_SHARD_SIZE = 10000
 POOL_MIN_IMAGES = 4000  # with workers=None, fewer images than this run in-process (a pool's start costs ~1 s)
-# With workers=None, machines with fewer cores run chunks in this process on one thread per core:
+# With workers=None, machines with fewer cores run chunks in this process on threads (ChunkThreads):
 # decoding, encryption and encoding release the GIL, and what holds it (zip reads, tar members) is
-# about a third of the work at 32 px and 3 % at 224 px, so up to 4 threads beat 4 processes
-# (which each start Python and re-read the source) and keep one big shard from idling cores.
+# about a third of the work at 32 px and a few percent at 224 px, so threads start nothing, re-read
+# nothing and leave no core idle at the end; except for large runs (SMALL_POOL_MIN_IMAGES and 2+
+# chunks), where threads lose ~10 % to the GIL, and more inside a Prefect flow, whose own threads
+# want it too (2 cores: the CLI on 39,400 images at 224 px 16.5 s with 2 worker processes against
+# 17.9-21.2 s on threads, on CIFAR-10's 60,000 9.3-9.6 s against 10.9-11.1 s; the library alone
+# 10.4-11.0 s against 10.8-12.1 s and 3.8-4.2 s against 4.0-4.7 s).
 POOL_MIN_CORES = 5
+SMALL_POOL_MIN_IMAGES = 20000
 
 
 class PrepareError(EtcError):
@@ -674,25 +682,47 @@ def check_planned(split_url: str, planned: Manifest | None, storage_options: dic
 
 
 def use_worker_pool(cfg: PrepareConfig) -> bool:
-    """Whether chunks of this configuration go to local worker processes (``workers`` > 1, or
-    ``None`` on a machine with at least ``POOL_MIN_CORES`` cores) rather than threads here."""
+    """Whether a run of this configuration will want local worker processes whatever its size
+    (``workers`` > 1, or ``None`` on a machine with at least ``POOL_MIN_CORES`` cores): the CLI
+    then starts them before planning, while Prefect's API boots. ``pool_size`` decides per run."""
     from .codecs import default_workers
 
     return cfg.workers > 1 if cfg.workers is not None else default_workers() >= POOL_MIN_CORES
 
 
-def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
-    """How many worker processes these chunks deserve: ``cfg.workers`` when given (1 = none), else
-    one per core on a machine of ``POOL_MIN_CORES`` or more once the run is large enough to pay for
-    starting them (0 = run in this process, on one thread per core)."""
+def pool_before_planning(cfg: PrepareConfig) -> bool:
+    """Whether to start the worker processes before the run is planned (the CLI does, while
+    Prefect's API boots): ``use_worker_pool``, or a source large enough for ``pool_size`` to want a
+    pool on this machine (its listing is read to count, ~0.25 s for 40,000 images in a zip)."""
     from .codecs import default_workers
 
-    if len(specs) < 2 or not use_worker_pool(cfg):
+    cfg.check()
+    if use_worker_pool(cfg):
+        return True
+    if cfg.workers is not None or default_workers() < 2:
+        return False
+    source = cfg.open_source()
+    counts = [len(source.items(sp)) for sp in (cfg.splits or source.splits) if sp in source.splits]
+    if cfg.limit is not None:
+        counts = [min(c, cfg.limit) for c in counts]
+    return sum(counts) >= SMALL_POOL_MIN_IMAGES and sum(-(-c // cfg.shard_size) for c in counts) >= 2
+
+
+def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
+    """How many worker processes these chunks deserve: ``cfg.workers`` when given (1 = none), else
+    one per core once the run is large enough to pay for starting them: ``POOL_MIN_IMAGES`` on a
+    machine of ``POOL_MIN_CORES`` or more, ``SMALL_POOL_MIN_IMAGES`` on a smaller one (0 = run in
+    this process, on threads)."""
+    from .codecs import default_workers
+
+    if len(specs) < 2:
         return 0
     if cfg.workers is not None:
-        return min(cfg.workers, len(specs))
-    n = min(default_workers(), len(specs))
-    return n if n > 1 and sum(len(s.items) for s in specs) >= POOL_MIN_IMAGES else 0
+        return min(cfg.workers, len(specs)) if cfg.workers > 1 else 0
+    cores = default_workers()
+    n = min(cores, len(specs))
+    least = POOL_MIN_IMAGES if cores >= POOL_MIN_CORES else SMALL_POOL_MIN_IMAGES
+    return n if n > 1 and sum(len(s.items) for s in specs) >= least else 0
 
 
 def chunk_threads(side_by_side: int) -> int:

@@ -118,11 +118,11 @@ def run_prepare_flow(cfg, dask_address: str | None = None) -> dict:
 
     apply_local_defaults()
     api = _boot_ephemeral_api(cfg.key_ref)
-    from ..prepare import use_worker_pool
+    from ..prepare import pool_before_planning
     from ..workers import WorkerPool
 
     pool = None
-    if not dask_address and use_worker_pool(cfg):
+    if not dask_address and pool_before_planning(cfg):
         pool = WorkerPool(cfg.workers, warm=cfg)
     bar = tqdm(unit="shard", desc="prepare")
     try:
