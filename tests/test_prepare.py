@@ -320,3 +320,22 @@ def test_a_shard_storage_mangles_after_writing_is_caught_by_its_chunk_and_never_
     summ = prepare_dataset(cfg)  # the rerun rewrites it; the mangled file is not counted anywhere
     assert summ.verified == {"train": 80}
     assert verify(str(out / "train"), deep=True).ok
+
+
+def test_large_runs_go_to_worker_processes_small_ones_stay_on_threads(tmp_path, shared_dir, monkeypatch):
+    # the CLI starts the pool before planning only for a source that pool_size will give one
+    from dataclasses import replace
+
+    import etc_data.codecs as codecs
+    from etc_data.prepare import ChunkSpec, pool_before_planning, pool_size
+
+    monkeypatch.setattr(codecs, "default_workers", lambda: 2)  # the rule for a small machine, wherever this runs
+    cifar = [str(shared_dir / "cifar10-train-jpeg.zip"), str(shared_dir / "cifar10-test-jpeg.zip")]
+    cfg = PrepareConfig(source=cifar, out=str(tmp_path / "o"), key_ref="unused")
+    assert pool_before_planning(cfg)                                   # 60,000 images, 6 chunks
+    assert not pool_before_planning(replace(cfg, limit=5000))          # 10,000 images
+    assert not pool_before_planning(replace(cfg, source=cifar[1:]))    # one chunk
+    assert not pool_before_planning(replace(cfg, workers=1))
+    big = [ChunkSpec("train", i, list(range(10000))) for i in range(3)]
+    assert pool_size(cfg, big) == 2 and pool_size(cfg, big[:1]) == 0 and pool_size(cfg, [ChunkSpec("t", 0, [1])] * 3) == 0
+    assert pool_size(replace(cfg, workers=1), big) == 0
