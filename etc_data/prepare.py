@@ -318,9 +318,9 @@ def _bounded_map(fn, items: Iterable, threads: int, executor=None):
 def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threads: int = 1,
               executor=None, stop: threading.Event | None = None) -> ChunkResult:
     """Load, encrypt, encode and write one chunk as one shard (or parts past the byte limit),
-    streamed: ``STREAM_BATCH`` images at a time (spread over ``threads`` threads, or over those of
-    ``executor``) go into a tar that is hashed and written as it grows, so memory is bounded
-    whatever the shard size. ``stop`` (set by a chunk that failed beside this one) ends it
+    streamed: batches of about ``STREAM_BYTES`` of pixels (spread over ``threads`` threads, or over
+    those of ``executor``) go into a tar that is hashed and written as it grows, so memory is bounded
+    whatever the shard size; then (``cfg.verify``) each shard is read back and checked. ``stop`` (set by a chunk that failed beside this one) ends it
     between batches, with nothing of its shard committed."""
     codec = get_codec(cfg.codec)
     if spec.token and source.split_token(spec.split) != spec.token:
@@ -340,7 +340,8 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threa
                          split=spec.split, index=spec.index, order="given")
     files = sample_files_maker(codec.ext, spec.split)
     skipped, size, payload = [], None, 0
-    def parts():
+
+    def parts():  # the batch size follows the first batch's image size
         i = 0
         while i < len(items):
             n = STREAM_BATCH if size is None else stream_batch(size[0] * size[1] * 3)
@@ -434,9 +435,9 @@ class ChunkThreads:
     """Chunks run side by side on threads of this process: one ``ChunkRunner`` (the source opened
     and the key loaded once) and one executor of ``threads`` threads for the batches of all of them,
     so the cores stay busy whichever chunks are left, and one chunk's shard commit (the fsync) or
-    its writing overlaps the others' decoding and encoding. Used by ``prepare_dataset`` on fewer
-    than ``POOL_MIN_CORES`` cores and by the flow's task threads. ``stop`` is set when a chunk
-    fails: the others end at their next batch, committing nothing."""
+    its writing overlaps the others' decoding and encoding. Used by ``prepare_dataset`` for runs
+    that ``pool_size`` keeps in this process, and by the flow's task threads. ``stop`` is set when a
+    chunk fails: the others end at their next batch, committing nothing."""
 
     def __init__(self, threads: int = 1, key_loader: Callable | None = None):
         from concurrent.futures import ThreadPoolExecutor
