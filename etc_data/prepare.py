@@ -320,8 +320,9 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threa
     """Load, encrypt, encode and write one chunk as one shard (or parts past the byte limit),
     streamed: batches of about ``STREAM_BYTES`` of pixels (spread over ``threads`` threads, or over
     those of ``executor``) go into a tar that is hashed and written as it grows, so memory is bounded
-    whatever the shard size; then (``cfg.verify``) each shard is read back and checked. ``stop`` (set by a chunk that failed beside this one) ends it
-    between batches, with nothing of its shard committed."""
+    whatever the shard size; then (``cfg.verify``) each shard is read back and checked. ``stop``
+    (set by a chunk that failed beside this one) ends it between batches, nothing of its shard
+    committed."""
     codec = get_codec(cfg.codec)
     if spec.token and source.split_token(spec.split) != spec.token:
         raise PrepareError(f"source {source.name}, split {spec.split}: changed since this run was planned "
@@ -695,18 +696,16 @@ def pool_before_planning(cfg: PrepareConfig) -> bool:
     """Whether to start the worker processes before the run is planned (the CLI does, while
     Prefect's API boots): ``use_worker_pool``, or a source large enough for ``pool_size`` to want a
     pool on this machine (its listing is read to count, ~0.25 s for 40,000 images in a zip)."""
-    from .codecs import default_workers
-
     cfg.check()
     if use_worker_pool(cfg):
         return True
-    if cfg.workers is not None or default_workers() < 2:
+    if cfg.workers is not None:
         return False
     source = cfg.open_source()
     counts = [len(source.items(sp)) for sp in (cfg.splits or source.splits) if sp in source.splits]
     if cfg.limit is not None:
         counts = [min(c, cfg.limit) for c in counts]
-    return sum(counts) >= SMALL_POOL_MIN_IMAGES and sum(-(-c // cfg.shard_size) for c in counts) >= 2
+    return _pool_workers(sum(counts), sum(-(-c // cfg.shard_size) for c in counts)) > 0
 
 
 def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
@@ -714,16 +713,21 @@ def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
     one per core once the run is large enough to pay for starting them: ``POOL_MIN_IMAGES`` on a
     machine of ``POOL_MIN_CORES`` or more, ``SMALL_POOL_MIN_IMAGES`` on a smaller one (0 = run in
     this process, on threads)."""
-    from .codecs import default_workers
-
     if len(specs) < 2:
         return 0
     if cfg.workers is not None:
         return min(cfg.workers, len(specs)) if cfg.workers > 1 else 0
+    return _pool_workers(sum(len(s.items) for s in specs), len(specs))
+
+
+def _pool_workers(images: int, chunks: int) -> int:
+    """With ``workers=None``: worker processes for a run of ``images`` in ``chunks`` (0 = threads here)."""
+    from .codecs import default_workers
+
     cores = default_workers()
-    n = min(cores, len(specs))
+    n = min(cores, chunks)
     least = POOL_MIN_IMAGES if cores >= POOL_MIN_CORES else SMALL_POOL_MIN_IMAGES
-    return n if n > 1 and sum(len(s.items) for s in specs) >= least else 0
+    return n if n > 1 and images >= least else 0
 
 
 def chunk_threads(side_by_side: int) -> int:

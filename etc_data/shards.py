@@ -539,14 +539,20 @@ def iter_tar(data: bytes, name: str) -> Iterator[dict]:
         yield sample
 
 
-def read_shard(split_url: str, name: str, storage_options: dict | None = None) -> bytes:
-    """A shard's bytes; ``name`` must be a plain file name of the split folder (never a path out of it)."""
+def _shard_url(split_url: str, name: str) -> str:
+    """The URL of shard ``name``, which must be a plain file name of the split folder (never a path out of it)."""
     try:
         check_plain_name(name, "shard", split_url)
     except ManifestError as e:
         raise ShardError(str(e)) from None
+    return join(split_url, name)
+
+
+def read_shard(split_url: str, name: str, storage_options: dict | None = None) -> bytes:
+    """A shard's bytes; ``name`` must be a plain file name of the split folder (never a path out of it)."""
+    url = _shard_url(split_url, name)
     try:
-        return read_bytes(join(split_url, name), storage_options)
+        return read_bytes(url, storage_options)
     except StorageError as e:
         raise ShardError(f"shard {name}: {e}") from None
 
@@ -556,12 +562,9 @@ def open_shard(split_url: str, name: str, storage_options: dict | None = None):
     """A shard opened for streaming reads; ``name`` must be a plain file name of the split folder."""
     from .storage import open_read
 
+    url = _shard_url(split_url, name)
     try:
-        check_plain_name(name, "shard", split_url)
-    except ManifestError as e:
-        raise ShardError(str(e)) from None
-    try:
-        with open_read(join(split_url, name), storage_options) as f:
+        with open_read(url, storage_options) as f:
             yield f
     except StorageError as e:
         raise ShardError(f"shard {name}: {e}") from None

@@ -89,13 +89,21 @@ def sample_key(*parts: str, ext: str = "") -> str:
     docstring): ``sample_key("train", "cat", "0001", ext=".jpg") == "train_cat_0001"``."""
     *head, stem = parts
     readable = "_".join(_key_part(p) for p in parts)
-    if all(_PLAIN_NAME(p) for p in head) and _PLAIN_STEM(stem):
-        if ext in ("", BARE_EXT):
-            return readable
-        if _PLAIN_EXT(ext):
-            return f"{readable}~{ext[1:]}"
+    key = _plain_key(readable, stem, ext) if all(_PLAIN_NAME(p) for p in head) else None
+    if key is not None:
+        return key
     digest = hashlib.sha256("\0".join((*parts, ext)).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"{readable}~{digest}"
+
+
+def _plain_key(readable: str, stem: str, ext: str) -> str | None:
+    """The key of a file whose split and class names are plain (``readable``: the parts joined),
+    when its stem and extension keep it plain too; None when it needs the hashed form."""
+    if not _PLAIN_STEM(stem):
+        return None
+    if ext in ("", BARE_EXT):
+        return readable
+    return f"{readable}~{ext[1:]}" if _PLAIN_EXT(ext) else None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -109,12 +117,8 @@ def _file_key(split: str, cls: str, rest: str) -> str:
     checks of the split and class names made once per folder (a listing of ImageNet makes 1.28 M keys)."""
     stem, ext = os.path.splitext(rest)
     head = _plain_head(split, cls)
-    if head is not None and _PLAIN_STEM(stem):
-        if ext in ("", BARE_EXT):
-            return f"{head}_{stem}"
-        if _PLAIN_EXT(ext):
-            return f"{head}_{stem}~{ext[1:]}"
-    return sample_key(split, cls, stem, ext=ext)
+    key = _plain_key(f"{head}_{stem}", stem, ext) if head is not None else None
+    return key if key is not None else sample_key(split, cls, stem, ext=ext)
 
 
 def check_unique_keys(items: list["Item"], name_of) -> None:

@@ -182,8 +182,8 @@ _ENTRY_FIELDS = ("name", "sha256", "bytes", "samples")
 
 def _read_back(entry: dict, seen: dict[str, dict]) -> bool:
     """Whether ``entry`` is, field for field, a shard the caller already read back and checked."""
-    seen = seen.get(entry["name"])
-    return seen is not None and all(seen.get(k) == entry.get(k) for k in _ENTRY_FIELDS)
+    checked = seen.get(entry["name"])
+    return checked is not None and all(checked.get(k) == entry.get(k) for k in _ENTRY_FIELDS)
 
 
 def _check_size(split_url: str, entry: dict, storage_options: dict | None) -> tuple[str | None, int]:
