@@ -69,9 +69,8 @@ def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int 
 
     def samples():
         k = 0
-        for si, data in prefetched_shards(split_url, [shards[i]["name"] for i in mine], storage_options, mine,
-                                          PREFETCH_SHARDS):
-            name = shards[si]["name"]
+        names = [shards[i]["name"] for i in mine]
+        for si, (name, data) in zip(mine, prefetched_shards(split_url, names, storage_options, PREFETCH_SHARDS)):
             if hashlib.sha256(data).hexdigest() != shards[si]["sha256"]:
                 raise ShardError(f"shard {name} at {split_url}: sha256 does not match the manifest "
                                  f"(corrupt or changed after the dataset was committed)")
@@ -123,15 +122,13 @@ def iter_split(split_url: str, manifest: Manifest, *, rank: int = 0, world: int 
                 return
 
 
-def prefetched_shards(split_url: str, names: list[str], storage_options: dict | None = None, tags=None,
-                      ahead: int = 1) -> Iterator[tuple]:
-    """(tag, bytes) of each shard in ``names`` in order (tag: ``tags[i]``, default the name), with
-    the next ``ahead`` shards read by a background thread while the caller works on the current
-    one. Stopping early cancels what is not started; a read error is raised when its shard's turn
-    comes."""
+def prefetched_shards(split_url: str, names: list[str], storage_options: dict | None = None,
+                      ahead: int = 1) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each shard in ``names`` in order, with the next ``ahead`` shards read by a
+    background thread while the caller works on the current one. Stopping early cancels what is
+    not started; a read error is raised when its shard's turn comes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    tags = list(names) if tags is None else list(tags)
     if not names:
         return
     pool = ThreadPoolExecutor(1, thread_name_prefix="etc-data-prefetch")
@@ -141,15 +138,15 @@ def prefetched_shards(split_url: str, names: list[str], storage_options: dict | 
     def submit_next() -> None:
         i = next(todo, None)
         if i is not None:
-            pending.append((tags[i], pool.submit(read_shard, split_url, names[i], storage_options)))
+            pending.append((names[i], pool.submit(read_shard, split_url, names[i], storage_options)))
 
     try:
         for _ in range(ahead + 1):  # the first shard and the ``ahead`` after it
             submit_next()
         while pending:
-            tag, fut = pending.popleft()
+            name, fut = pending.popleft()
             data = fut.result()
-            yield tag, data  # while the caller works on it, ``ahead`` shards are read (0: none)
+            yield name, data  # while the caller works on it, ``ahead`` shards are read (0: none)
             submit_next()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
