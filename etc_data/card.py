@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 
 from .errors import EtcError
-from .manifest import INFO_NAME, Manifest, read_manifest
+from .manifest import Manifest, read_info, read_manifest
 from .readers import WIDS_SUFFIX, pillow_decodable
-from .storage import StorageError, join, read_bytes, write_bytes
+from .storage import join, write_bytes
 
 CARD_NAME = "README.md"
 SPLIT_ORDER = ("train", "validation", "valid", "val", "test")
@@ -54,17 +54,17 @@ def front_matter(manifests: dict[str, Manifest]) -> dict:
                                                     for s, m in group.items()]} for name, group in groups.items()]
     infos = [{"config_name": name, "features": features(next(iter(group.values()))),
               "splits": [{"name": s, "num_bytes": 0, "num_examples": m.num_samples} for s, m in group.items()],
-              "download_size": sum(int(e["bytes"]) for m in group.values() for e in m.shards)}
+              "download_size": sum(m.num_bytes for m in group.values())}
              for name, group in groups.items()]
     return {"pretty_name": f"{m0.dataset} ({m0.scheme}-encrypted)", "task_categories": ["image-classification"],
             "tags": ["etc-data", "webdataset", "encrypted", f"scheme-{m0.scheme}"],
             "configs": configs, "dataset_info": infos[0] if same else infos}
 
 
-def _summary(root: str, manifests: dict[str, Manifest]) -> str:
+def _summary(manifests: dict[str, Manifest]) -> str:
     m0 = next(iter(manifests.values()))
     ext = image_field(m0)
-    rows = "\n".join(f"| {s} | {m.num_samples} | {len(m.shards)} | {sum(e['bytes'] for e in m.shards) / 1e6:.1f} | "
+    rows = "\n".join(f"| {s} | {m.num_samples} | {len(m.shards)} | {m.num_bytes / 1e6:.1f} | "
                      f"`{m.scheme}` {m.block_size} | `{m.codec}` |" for s, m in manifests.items())
     order = m0.sample_order or {}
     order_text = (f"seeded shuffle (seed from {', '.join(order.get('seed_from', []))}): a plain sequential read "
@@ -129,12 +129,12 @@ dataset only with parties you would trust with the plain images' statistics. See
 """
 
 
-def dataset_card(root: str, manifests: dict[str, Manifest]) -> str:
+def dataset_card(manifests: dict[str, Manifest]) -> str:
     """The card's text: YAML front matter for ``datasets``, then the summary."""
     import yaml
 
     head = yaml.safe_dump(front_matter(manifests), sort_keys=False, allow_unicode=True)
-    return f"---\n{head}---\n\n{_summary(root, manifests)}"
+    return f"---\n{head}---\n\n{_summary(manifests)}"
 
 
 def committed_splits(root: str, storage_options: dict | None = None, trust=None) -> dict[str, Manifest]:
@@ -143,12 +143,8 @@ def committed_splits(root: str, storage_options: dict | None = None, trust=None)
     from .trust import TrustPolicy
 
     trust = trust or TrustPolicy()
-    try:
-        info = json.loads(read_bytes(join(root, INFO_NAME), storage_options))
-    except (StorageError, ValueError):
-        return {}
     out = {}
-    listed = (info.get("splits") or {}) if isinstance(info, dict) else {}
+    listed = (read_info(root, storage_options) or {}).get("splits") or {}
     for split in sorted(listed, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s)):
         try:
             out[split] = read_manifest(join(root, split), storage_options, trust)
@@ -165,5 +161,5 @@ def write_dataset_card(root: str, storage_options: dict | None = None, trust=Non
     if not manifests:
         return None
     url = join(root, CARD_NAME)
-    write_bytes(url, dataset_card(root, manifests).encode(), storage_options)
+    write_bytes(url, dataset_card(manifests).encode(), storage_options)
     return url

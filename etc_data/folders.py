@@ -212,7 +212,6 @@ def _run(direction: str, cfg: FolderConfig, progress: Callable[[int, int], None]
     def flush(shape):
         nonlocal done, record
         if record is not None:  # the folder's parameters go in before its first image
-            dst.mkdir(parents=True, exist_ok=True)
             write_bytes(str(dst / SIDECAR), (json.dumps(record, indent=1) + "\n").encode())
             record = None
         group = groups.pop(shape)

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import EtcError
-from .storage import StorageError, get_fs, is_local, join, read_bytes, write_bytes
+from .storage import StorageError, _local_path, get_fs, is_local, join, read_bytes, write_bytes
 
 LOCK_NAME = ".etc-data.lock"
 LEASE_S = 300.0
@@ -227,7 +227,7 @@ def dataset_lock(root: str, storage_options: dict | None = None):
     """Hold the write lock of dataset ``root`` for the block; yields an object whose ``check()``
     raises LockError if the lock is no longer this run's."""
     root = str(root)
-    lock = _LocalLock(Path(root[len("file://"):] if root.startswith("file://") else root)) if is_local(root) \
+    lock = _LocalLock(_local_path(root)) if is_local(root) \
         else _ObjectLock(root, storage_options)
     lock.acquire(_holder())
     try:

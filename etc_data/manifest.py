@@ -95,6 +95,11 @@ class Manifest:
         return sum(int(s["samples"]) for s in self.shards)
 
     @property
+    def num_bytes(self) -> int:
+        """The shards' bytes on storage."""
+        return sum(int(s["bytes"]) for s in self.shards)
+
+    @property
     def shard_lengths(self) -> list[int]:
         return [int(s["samples"]) for s in self.shards]
 

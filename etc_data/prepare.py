@@ -533,7 +533,7 @@ class PrepareSummary:
         """One public row per split: what a table artifact, a log line or a report shows."""
         out = []
         for split, m in self.manifests.items():
-            on_disk = sum(e["bytes"] for e in m.shards)
+            on_disk = m.num_bytes
             out.append({"split": split, "samples": m.num_samples, "new": self.written[split], "shards": len(m.shards),
                         "bytes": on_disk, "bytes_per_image": round(on_disk / max(1, m.num_samples), 1),
                         "new_payload_bytes": self.payload_bytes[split],

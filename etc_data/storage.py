@@ -343,7 +343,7 @@ def open_read(url: str, storage_options: dict | None = None):
     try:
         with f:
             yield f
-    except (OSError, ConnectionError, TimeoutError) as e:
+    except OSError as e:  # ConnectionError and TimeoutError included
         raise StorageError(f"cannot read {url}: {type(e).__name__}: {e}") from e
 
 
