@@ -166,7 +166,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
 
     p.source = [resolve(x) for x in p.source]
     p.storage.url = resolve(p.storage.url)
-    if p.key_ref and not p.key_ref.startswith(("env:", "prefect-secret:")):
+    if not p.key_ref.startswith(("env:", "prefect-secret:")):
         p.key_ref = str(Path(p.key_ref).expanduser()) if p.key_ref.startswith("~") else resolve(p.key_ref)
     p._file = str(path)
     return p
@@ -210,7 +210,7 @@ def check_pipeline(p: Pipeline, key_loader: Callable | None = None) -> list[str]
         key = (key_loader or load_key)(p.key_ref)
     except EtcError as e:
         problem("key_ref", e)
-    fingerprint = key.fingerprint if key is not None and p.scheme.split(":")[0] != "plain" else None
+    fingerprint = key.fingerprint if key is not None and parse_scheme_spec(p.scheme)[0] != "plain" else None
     source = None
     try:
         from .sources import open_source

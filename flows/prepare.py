@@ -100,12 +100,13 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
     def map_chunks(c: PrepareConfig, specs: list[ChunkSpec]):
         runner = None  # on Dask: a runner kept on each Dask worker
         if not on_dask:
+            workers = 0 if secret_ref else pool_size(c, specs)  # a Prefect Secret is only read in task threads
             if rt.pool is not None and not secret_ref:
                 runner = rt.pool
-            elif pool_size(c, specs) and not secret_ref:
+            elif workers:
                 from etc_data.workers import WorkerPool
 
-                runner = WorkerPool(pool_size(c, specs))
+                runner = WorkerPool(workers)
                 own.append(runner)
             else:
                 runner = ChunkThreads(default_workers(), load_key_ref)
