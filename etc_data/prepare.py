@@ -397,6 +397,12 @@ class ChunkRunner:
         self._scheme, self._scheme_id, self._fingerprint = scheme, self._scheme_key(cfg), fingerprint
         return self
 
+    def adopt_source(self, cfg: PrepareConfig, source: Source) -> "ChunkRunner":
+        """Start from ``cfg``'s source opened elsewhere (a worker receives the planner's)."""
+        with self._lock:
+            self._source, self._source_id = source, (repr(cfg.source), cfg.resize)
+        return self
+
     @staticmethod
     def _scheme_key(cfg: PrepareConfig):
         return cfg.scheme, cfg.block_size, cfg.pad, cfg.dataset, cfg.key_ref
@@ -594,16 +600,21 @@ MapChunks = Callable[[PrepareConfig, list[ChunkSpec]], Iterable[ChunkResult]]
 
 def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], None] | None = None,
                     pool: "WorkerPool | None" = None, map_chunks: MapChunks | None = None,
-                    key_loader: Callable | None = None) -> PrepareSummary:
+                    key_loader: Callable | None = None, source: Source | None = None) -> PrepareSummary:
     """Encrypt, compress and shard a dataset; commit a manifest per split; verify what was written.
 
     Chunks run in ``pool`` when given, else in a ``WorkerPool`` of ``cfg.workers`` processes (one
     per core by default; ``workers=1`` or a single chunk: in this process), or wherever
     ``map_chunks(cfg, specs) -> iterable of ChunkResult`` sends them (the Prefect flow's tasks).
     ``progress(result)`` is called as each chunk finishes; ``key_loader(ref)`` resolves the key
-    reference (default: a path or env:NAME)."""
+    reference (default: a path or env:NAME). ``source``: ``cfg.open_source()`` when the caller
+    already opened it (the CLI does, to start its workers early).
+
+    A pool of this function's own starts as soon as the source is open, when the run will want one
+    (``planned_pool_size``): its processes start and receive the source's listing while the run
+    is planned, and it is stopped unused if the plan turns out too small for it."""
     cfg.check()
-    source = cfg.open_source()
+    source = source or cfg.open_source()
     cfg = dataclasses.replace(cfg, dataset=dataset_id(source, cfg.dataset))
     codec = get_codec(cfg.codec)
     owner = signing_key(cfg, key_loader)
@@ -618,21 +629,34 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     for sp in splits:
         if sp not in source.splits:
             raise PrepareError(f"source {source.name} has no split {sp!r}; it has: {', '.join(source.splits)}")
-    with dataset_lock(cfg.out, cfg.storage_options) as lock:  # one writer per dataset, planning to commit
-        plans = [plan_split(cfg, source, sp, fingerprint, codec.spec, trust) for sp in splits]
-        specs = [c for p in plans for c in p.chunks]
-        results = _run_chunks(cfg, specs, source, scheme, fingerprint, pool, progress, map_chunks, key_loader)
-        lock.check()
-        manifests, written, skipped, payload = {}, {}, {}, {}
-        for p in plans:
-            rs = [r for r in results if r.split == p.split]
-            manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(), owner,
-                                              trust)
-            written[p.split] = sum(e["samples"] for r in rs for e in r.shards)
-            skipped[p.split] = [x for r in rs for x in r.skipped]
-            payload[p.split] = sum(r.payload_bytes for r in rs)
-        write_dataset_card(cfg.out, cfg.storage_options, trust)  # once, over every committed split
-        remove_root_leftovers(cfg.out, cfg.storage_options)
+    own = _early_pool(cfg, source) if (pool is None and map_chunks is None and key_loader is None) else None
+    try:
+        with dataset_lock(cfg.out, cfg.storage_options) as lock:  # one writer per dataset, planning to commit
+            plans = [plan_split(cfg, source, sp, fingerprint, codec.spec, trust) for sp in splits]
+            specs = [c for p in plans for c in p.chunks]
+            if own is not None and pool_size(cfg, specs) == 0:  # less to do than counted (chunks written before)
+                own.terminate()
+                own = None
+            results = _run_chunks(cfg, specs, source, scheme, fingerprint, pool or own, progress, map_chunks,
+                                  key_loader)
+            if own is not None:
+                own.close(wait=False)
+                own = None
+            lock.check()
+            manifests, written, skipped, payload = {}, {}, {}, {}
+            for p in plans:
+                rs = [r for r in results if r.split == p.split]
+                manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(),
+                                                  owner, trust)
+                written[p.split] = sum(e["samples"] for r in rs for e in r.shards)
+                skipped[p.split] = [x for r in rs for x in r.skipped]
+                payload[p.split] = sum(r.payload_bytes for r in rs)
+            write_dataset_card(cfg.out, cfg.storage_options, trust)  # once, over every committed split
+            remove_root_leftovers(cfg.out, cfg.storage_options)
+    except BaseException:
+        if own is not None:  # a failed chunk or planning, Ctrl-C: the workers stop now
+            own.terminate()
+        raise
     size = next(iter(manifests.values())).image_size if manifests else None
     bits = scheme.key_space_bits(*size) if (size and scheme.keyed) else None
     summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size,
@@ -647,6 +671,17 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
             raise PrepareError(f"verification of {cfg.out} failed after the commit:\n" + "\n".join(result.lines()))
         summary.verified = {r.split: r.samples for r in result.reports}
     return summary
+
+
+def _early_pool(cfg: PrepareConfig, source: Source) -> "WorkerPool | None":
+    """A worker pool for this run, started before it is planned, when ``planned_pool_size`` says
+    the run wants one: the workers start and receive the opened source meanwhile."""
+    workers = planned_pool_size(cfg, source)
+    if not workers:
+        return None
+    from .workers import WorkerPool
+
+    return WorkerPool(workers, warm=cfg, source=source)
 
 
 def _run_chunks(cfg, specs, source, scheme, fingerprint, pool, progress, map_chunks, key_loader) -> list[ChunkResult]:
@@ -692,20 +727,21 @@ def use_worker_pool(cfg: PrepareConfig) -> bool:
     return cfg.workers > 1 if cfg.workers is not None else default_workers() >= POOL_MIN_CORES
 
 
-def pool_before_planning(cfg: PrepareConfig) -> bool:
+def pool_before_planning(cfg: PrepareConfig, source: Source | None = None) -> bool:
     """Whether to start the worker processes before the run is planned (the CLI does, while
-    Prefect's API boots): ``use_worker_pool``, or a source large enough for ``pool_size`` to want a
-    pool on this machine (its listing is read to count, ~0.25 s for 40,000 images in a zip)."""
+    Prefect's API boots): ``use_worker_pool``, or a source (``source``: ``cfg``'s, opened; else
+    opened here) large enough for ``pool_size`` to want a pool on this machine."""
     cfg.check()
-    if use_worker_pool(cfg):
-        return True
-    if cfg.workers is not None:
-        return False
-    source = cfg.open_source()
+    return use_worker_pool(cfg) or planned_pool_size(cfg, source or cfg.open_source()) > 0
+
+
+def planned_pool_size(cfg: PrepareConfig, source: Source) -> int:
+    """``pool_size`` of a run of ``cfg`` over ``source`` (opened) that finds nothing written yet,
+    known before it is planned: each split's images (up to ``limit``) in chunks of ``shard_size``."""
     counts = [len(source.items(sp)) for sp in (cfg.splits or source.splits) if sp in source.splits]
     if cfg.limit is not None:
         counts = [min(c, cfg.limit) for c in counts]
-    return _pool_workers(sum(counts), sum(-(-c // cfg.shard_size) for c in counts)) > 0
+    return _pool_for(cfg, sum(counts), sum(-(-c // cfg.shard_size) for c in counts))
 
 
 def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
@@ -713,11 +749,15 @@ def pool_size(cfg: PrepareConfig, specs: list[ChunkSpec]) -> int:
     one per core once the run is large enough to pay for starting them: ``POOL_MIN_IMAGES`` on a
     machine of ``POOL_MIN_CORES`` or more, ``SMALL_POOL_MIN_IMAGES`` on a smaller one (0 = run in
     this process, on threads)."""
-    if len(specs) < 2:
+    return _pool_for(cfg, sum(len(s.items) for s in specs), len(specs))
+
+
+def _pool_for(cfg: PrepareConfig, images: int, chunks: int) -> int:
+    if chunks < 2:
         return 0
     if cfg.workers is not None:
-        return min(cfg.workers, len(specs)) if cfg.workers > 1 else 0
-    return _pool_workers(sum(len(s.items) for s in specs), len(specs))
+        return min(cfg.workers, chunks) if cfg.workers > 1 else 0
+    return _pool_workers(images, chunks)
 
 
 def _pool_workers(images: int, chunks: int) -> int:

@@ -2,7 +2,8 @@
 
 ``WorkerPool(n)`` starts ``n`` spawned processes (spawn, not fork: safe next to threads, event
 loops and Prefect). Each worker keeps one ``ChunkRunner`` for its whole life, so its opened source
-and key schedule stay warm across chunks; the key itself is loaded inside the worker from the
+and key schedule stay warm across chunks (given the planner's opened source, a worker starts from its
+listing instead of listing the source again); the key itself is loaded inside the worker from the
 chunk's key reference and never crosses a process boundary. ``submit(cfg, spec)`` returns a
 ``concurrent.futures.Future`` of the chunk's ``ChunkResult``.
 
@@ -63,14 +64,19 @@ def _portable(e: BaseException) -> BaseException:
         return WorkerError(f"{type(e).__name__}: {e}")
 
 
-def _worker_main(tasks, results, parent_pid: int, warm: dict | None, threads: int = 1) -> None:
+def _worker_main(tasks, results, parent_pid: int, warm: dict | None, threads: int = 1, boot=None) -> None:
     _die_with_parent(parent_pid)
     from .prepare import ChunkRunner, ChunkSpec, PrepareConfig
 
     runner = ChunkRunner(threads=threads)
     if warm:
         try:
-            runner.warm(PrepareConfig(**warm))
+            if boot is not None:  # the parent's opened source, pickled by the parent for its own workers
+                import pickle
+
+                runner.adopt_source(PrepareConfig(**warm), pickle.loads(boot.get()))
+            else:
+                runner.warm(PrepareConfig(**warm))
         except Exception:  # noqa: BLE001 - a bad source is reported by the run itself, with its name
             pass
     while True:
@@ -90,11 +96,14 @@ class WorkerPool:
     """``n`` spawned worker processes that run prepare chunks (see the module docstring).
 
     ``warm``: a PrepareConfig whose source every worker opens while it waits for work (no key is
-    loaded), e.g. while Prefect's API server boots. ``threads``: threads per chunk in a worker
+    loaded), e.g. while Prefect's API server boots; with ``source`` (that configuration's source,
+    already opened here) the workers receive its listing instead of listing it again (0.2 s
+    instead of 0.7 s for CIFAR-10's 60,000 names). ``threads``: threads per chunk in a worker
     (default: the cores divided among the workers)."""
 
-    def __init__(self, workers: int | None = None, warm=None, threads: int | None = None):
+    def __init__(self, workers: int | None = None, warm=None, threads: int | None = None, source=None):
         import multiprocessing as mp
+        import pickle
 
         from .codecs import default_workers
         from .prepare import chunk_threads
@@ -104,10 +113,21 @@ class WorkerPool:
         ctx = mp.get_context("spawn")
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         warm_d = dataclasses.asdict(warm) if warm is not None else None
-        self._procs = [ctx.Process(target=_worker_main, args=(self._tasks, self._results, os.getpid(), warm_d, threads),
+        shipped = source.for_workers() if (source is not None and warm is not None) else None
+        shipped = pickle.dumps(shipped, protocol=pickle.HIGHEST_PROTOCOL) if shipped is not None else None
+        # the listing goes through a queue of each worker's own, written by the queue's thread: as a
+        # process argument it would be written before the worker has imported anything, blocking here
+        boots = [ctx.Queue() if shipped is not None else None for _ in range(self.size)]
+        self._procs = [ctx.Process(target=_worker_main, args=(self._tasks, self._results, os.getpid(), warm_d, threads,
+                                                              boots[i]),
                                    daemon=True, name=f"etc-data-worker-{i}") for i in range(self.size)]
         for p in self._procs:
             p.start()
+        for q in boots:
+            if q is not None:
+                q.put(shipped)
+                q.cancel_join_thread()  # a worker that dies before reading it must not hold up this process's exit
+        self._boots = boots  # kept open until the workers have read them
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[Future, str]] = {}  # job id -> (future, description)

@@ -48,15 +48,25 @@ SERVE_PID_ENV = "ETC_DATA_SERVE_PID"  # set by etc-data serve: the pid of the se
 class Runtime:
     pool: object | None = None                       # an etc_data.workers.WorkerPool, started by the caller
     progress: Callable[[ChunkResult], None] | None = None
+    source: tuple | None = None                      # (PrepareConfig, its source opened by the caller)
+
+    def opened_source(self, cfg: PrepareConfig):
+        """The caller's opened source when the flow runs with the same source and resize, else None."""
+        if self.source is None:
+            return None
+        given, src = self.source
+        return src if (given.source, given.resize, given.max_image_pixels, given.max_image_bytes) == \
+            (cfg.source, cfg.resize, cfg.max_image_pixels, cfg.max_image_bytes) else None
 
 
 _RUNTIME: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar("etc_data_prepare_runtime", default=None)
 
 
 @contextlib.contextmanager
-def prepare_runtime(pool=None, progress: Callable[[ChunkResult], None] | None = None):
-    """Within this block, prepare flows called from this thread use ``pool`` and report to ``progress``."""
-    token = _RUNTIME.set(Runtime(pool, progress))
+def prepare_runtime(pool=None, progress: Callable[[ChunkResult], None] | None = None, source: tuple | None = None):
+    """Within this block, prepare flows called from this thread use ``pool``, report to ``progress``
+    and plan from ``source`` = (cfg, cfg.open_source()) when they run that configuration's source."""
+    token = _RUNTIME.set(Runtime(pool, progress, source))
     try:
         yield
     finally:
@@ -117,7 +127,8 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
             yield ChunkResult(**f.result())
 
     try:
-        return prepare_dataset(cfg, map_chunks=map_chunks, progress=rt.progress, key_loader=load_key_ref)
+        return prepare_dataset(cfg, map_chunks=map_chunks, progress=rt.progress, key_loader=load_key_ref,
+                               source=rt.opened_source(cfg))
     except BaseException as e:
         if rt.pool is not None and not isinstance(e, Exception):
             own.append(rt.pool)  # SIGTERM (Prefect's TerminationSignal), Ctrl-C: this process is stopping, so

@@ -121,6 +121,58 @@ def test_a_dead_worker_fails_its_chunk_with_a_named_error(tmp_path, cifar_exact,
         pool.terminate()
 
 
+def test_workers_given_the_opened_source_use_its_listing_not_their_own(tmp_path, cifar_exact, key_file):
+    # an image added to the folder after the planner listed it: a worker that lists the folder itself
+    # sees another split than the one planned and refuses; one given the planner's listing runs the chunk
+    from PIL import Image
+
+    from etc_data.prepare import ChunkSpec
+    from etc_data.workers import WorkerPool
+
+    folder = tmp_path / "src"
+    for i in range(12):
+        (folder / "train" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(cifar_exact["x_test"][i]).save(folder / "train" / f"c{i % 3}" / f"{i:03d}.png")
+    cfg = PrepareConfig(source=str(folder), out=str(tmp_path / "o"), dataset="d", key_ref=str(key_file), codec="png")
+    opened = cfg.open_source()
+    spec = ChunkSpec("train", 0, list(range(12)), opened.split_token("train"))
+    Image.fromarray(cifar_exact["x_test"][20]).save(folder / "train" / "c0" / "020.png")
+    with WorkerPool(1, warm=cfg, source=opened) as pool:
+        r = pool.run(cfg, spec)
+    assert r.shards[0]["samples"] == 12 and r.shards[0]["keys"] == [it.key for it in opened.items("train")]
+    with WorkerPool(1, warm=cfg) as pool:
+        with pytest.raises(PrepareError, match="changed since this run was planned"):
+            pool.run(cfg, ChunkSpec("train", 1, list(range(12)), spec.token))
+
+
+def test_an_early_pool_is_stopped_unused_when_the_plan_needs_none(tmp_path, shared_dir, key_file, monkeypatch):
+    # prepare starts its workers before planning when the source is large enough; a rerun with
+    # nothing left to write stops them without sending them anything
+    import etc_data.codecs as codecs
+    import etc_data.workers as workers
+
+    monkeypatch.setattr(codecs, "default_workers", lambda: 2)
+    started = []
+
+    class Recording(workers.WorkerPool):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            started.append(self)
+
+        def submit(self, cfg, spec):
+            self.submitted = getattr(self, "submitted", 0) + 1
+            return super().submit(cfg, spec)
+
+    monkeypatch.setattr(workers, "WorkerPool", Recording)
+    cfg = PrepareConfig(source=str(shared_dir / "cifar10-test-jpeg.zip"), out=str(tmp_path / "o"), dataset="d",
+                        key_ref=str(key_file), shard_size=2500, limit=4000, workers=2)
+    first = prepare_dataset(cfg)
+    assert first.written == {"test": 4000} and len(started) == 1 and started[0].submitted == 2
+    again = prepare_dataset(cfg)
+    assert again.written == {"test": 0} and len(started) == 2 and not hasattr(started[1], "submitted")
+    assert all(not p.is_alive() for pool in started for p in pool._procs)
+
+
 def test_train_and_report_outputs_go_through_the_storage_layer(tmp_path, cifar_exact, key_file):
     """``--out memory://...`` (any fsspec URL) is written through fsspec, not as a local folder."""
     import fsspec

@@ -187,6 +187,27 @@ def test_shared_cifar_zips_merge_into_train_and_test(shared_dir):
         open_source([shared_dir / "cifar10-test-jpeg.zip", shared_dir / "cifar10-test-jpeg.zip"]).items("test")
 
 
+def test_an_opened_source_travels_to_workers_with_its_listing(shared_dir, tmp_path, cifar_exact):
+    # what a worker process receives (pickled) is the planner's listing: same items in the same order,
+    # same split tokens, the same pixels read; sources whose pixels are in memory are not sent
+    import pickle
+
+    src = open_source([shared_dir / "cifar10-train-jpeg.zip", shared_dir / "cifar10-test-jpeg.zip"])
+    got = pickle.loads(pickle.dumps(src.for_workers()))
+    for sp in ("train", "test"):
+        assert got.items(sp) == src.items(sp) and got.split_token(sp) == src.split_token(sp)
+    picked = src.items("train")[::9973] + src.items("test")[-3:]
+    theirs = got.load([got.items(it.split)[src.items(it.split).index(it)] for it in picked])
+    mine = src.load(picked)
+    assert theirs.keys == mine.keys and (theirs.images == mine.images).all() and (theirs.labels == mine.labels).all()
+    # the listing travels as columns: ~100 bytes per image here, not a pickled tuple per item
+    assert len(pickle.dumps(src)) < 120 * 60000
+    npz = tmp_path / "cifar10-mini.npz"
+    np.savez(npz, x_train=cifar_exact["x_test"][:40], y_train=cifar_exact["y_test"][:40])
+    assert open_source(npz).for_workers() is None
+    assert open_source([npz, shared_dir / "cifar10-test-jpeg.zip"]).for_workers() is None
+
+
 def test_bad_images_are_named_or_skipped_and_listed(tmp_path, cifar_exact):
     p = make_image_zip(tmp_path / "c.zip", cifar_exact["x_train"][:6], cifar_exact["y_train"][:6], CIFAR10_CLASSES)
     with zipfile.ZipFile(p, "a") as z:

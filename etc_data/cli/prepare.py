@@ -121,9 +121,12 @@ def run_prepare_flow(cfg, dask_address: str | None = None) -> dict:
     from ..prepare import pool_before_planning
     from ..workers import WorkerPool
 
-    pool = None
-    if not dask_address and pool_before_planning(cfg):
-        pool = WorkerPool(cfg.workers, warm=cfg)
+    pool = opened = None
+    if not dask_address:  # the source is listed once, here: the workers and the flow's planning start from it
+        cfg.check()
+        opened = (cfg, cfg.open_source())
+        if pool_before_planning(cfg, opened[1]):
+            pool = WorkerPool(cfg.workers, warm=cfg, source=opened[1])
     bar = tqdm(unit="shard", desc="prepare")
     try:
         from ..flows.prepare import make_prepare_flow, prepare_runtime
@@ -131,7 +134,7 @@ def run_prepare_flow(cfg, dask_address: str | None = None) -> dict:
         flow_fn = make_prepare_flow(cfg.workers, dask_address)
         if api is not None:
             api.wait()  # the flow may only talk to a server that answers
-        with prepare_runtime(pool, lambda r: (bar.update(1), bar.set_postfix_str(f"{r.split} #{r.index}"))), \
+        with prepare_runtime(pool, lambda r: (bar.update(1), bar.set_postfix_str(f"{r.split} #{r.index}")), opened), \
                 prefect_logs_to_file():
             return flow_fn(**{k: v for k, v in cfg.to_dict().items()})
     except BaseException:
