@@ -16,6 +16,7 @@ chunk and the exit code, and every chunk queued behind it (the pool is then brok
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -62,6 +63,25 @@ def _portable(e: BaseException) -> BaseException:
         return e
     except Exception:  # noqa: BLE001
         return WorkerError(f"{type(e).__name__}: {e}")
+
+
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _worker_environment():
+    """The environment spawned workers start with: OpenBLAS limited to one thread unless the user
+    chose (workers never call BLAS; numpy's import alone starts a thread per core that spins, ~0.1 s
+    of CPU per process on 2 cores)."""
+    with _ENV_LOCK:
+        added = "OPENBLAS_NUM_THREADS" not in os.environ
+        if added:
+            os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        try:
+            yield
+        finally:
+            if added:
+                os.environ.pop("OPENBLAS_NUM_THREADS", None)
 
 
 def _worker_main(tasks, results, parent_pid: int, warm: dict | None, threads: int = 1, boot=None) -> None:
@@ -121,8 +141,9 @@ class WorkerPool:
         self._procs = [ctx.Process(target=_worker_main, args=(self._tasks, self._results, os.getpid(), warm_d, threads,
                                                               boots[i]),
                                    daemon=True, name=f"etc-data-worker-{i}") for i in range(self.size)]
-        for p in self._procs:
-            p.start()
+        with _worker_environment():
+            for p in self._procs:
+                p.start()
         for q in boots:
             if q is not None:
                 q.put(shipped)

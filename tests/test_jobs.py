@@ -45,6 +45,23 @@ def test_library_modules_never_import_prefect():
     assert r.stdout.strip() == "False", mods
 
 
+def test_a_local_run_and_its_verification_never_import_fsspec(tmp_path, cifar_exact, key_file):
+    # local storage is served by os directly: fsspec (and asyncio, which it imports) cost ~0.3 s
+    npz = make_mini_npz(tmp_path / "m.npz", cifar_exact, 30, 10)
+    code = ("import json, sys\n"
+            "from etc_data.prepare import PrepareConfig, prepare_dataset\n"
+            "from etc_data.verify import VerifyConfig, verify_dataset\n"
+            f"s = prepare_dataset(PrepareConfig(source={str(npz)!r}, out={str(tmp_path / 'o')!r}, dataset='d', "
+            f"key_ref={str(key_file)!r}, shard_size=8))\n"
+            f"s = prepare_dataset(PrepareConfig(source={str(npz)!r}, out={str(tmp_path / 'o')!r}, dataset='d', "
+            f"key_ref={str(key_file)!r}, shard_size=8))\n"
+            f"ok = verify_dataset(VerifyConfig(url={str(tmp_path / 'o')!r}, deep=True)).ok\n"
+            "print(json.dumps([ok, sorted(m for m in ('fsspec', 'asyncio') if m in sys.modules)]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [True, []]
+
+
 def test_pool_and_in_process_runs_write_identical_shards(tmp_path, cifar_exact, key_file):
     npz = make_mini_npz(tmp_path / "m.npz", cifar_exact, 120, 40)
     seen = []
