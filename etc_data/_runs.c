@@ -13,12 +13,14 @@
  *
  * with offsets in values. schemes.py builds the runs from the plan's index and checks that they
  * reproduce it exactly; this file only copies bytes. Every run is bounds-checked against both
- * buffers before any byte is touched, and the copy runs without the GIL, so threads encrypt
- * batches in parallel. Only the buffer protocol is used: building needs no numpy headers.
+ * buffers before any byte is touched, and the runs must tile the output row in order (the vector
+ * path relies on it: bytes it writes past a run are rewritten by the runs after it); the copy runs
+ * without the GIL, so threads encrypt batches in parallel. Only the buffer protocol is used: building needs no numpy headers.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_VPP 8
@@ -26,6 +28,7 @@
 static int
 check_runs(const int64_t *runs, Py_ssize_t nruns, int vpp, Py_ssize_t m_in, Py_ssize_t m_out)
 {
+    int64_t next = 0; /* the runs tile the output row in order: each starts where the one before ended */
     for (Py_ssize_t r = 0; r < nruns; r++) {
         const int64_t *t = runs + 6 * r;
         int64_t dst = t[0], src = t[1], step = t[2], count = t[3];
@@ -34,6 +37,12 @@ check_runs(const int64_t *runs, Py_ssize_t nruns, int vpp, Py_ssize_t m_in, Py_s
             PyErr_Format(PyExc_ValueError, "run %zd writes outside the output row", r);
             return -1;
         }
+        if (dst != next) {
+            PyErr_Format(PyExc_ValueError, "run %zd starts at value %lld, not where the run before it ended (%lld)",
+                         r, (long long)dst, (long long)next);
+            return -1;
+        }
+        next = dst + count * vpp;
         int64_t lo = src, hi = src + (count - 1) * step;
         if (step < 0) { int64_t x = lo; lo = hi; hi = x; }
         for (int c = 0; c < vpp; c++) {
@@ -43,6 +52,10 @@ check_runs(const int64_t *runs, Py_ssize_t nruns, int vpp, Py_ssize_t m_in, Py_s
                 return -1;
             }
         }
+    }
+    if (next != m_out) {
+        PyErr_Format(PyExc_ValueError, "the runs fill %lld of the output row's %zd values", (long long)next, m_out);
+        return -1;
     }
     return 0;
 }
@@ -89,6 +102,90 @@ apply_row(const uint8_t *in, uint8_t *out, const int64_t *runs, Py_ssize_t nruns
         }
     }
 }
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define HAVE_X86_VECTOR 1
+static int use_vector = 0; /* set at import when the CPU has SSE4.1 (and so SSSE3) */
+
+/* The same copy for 3-value pixels with SSSE3/SSE4.1 byte shuffles, for runs whose offsets are a
+ * permutation inside the pixel (all < 3: EtC's colour shuffle): a row run (step +-3) moves 5 pixels
+ * per 16-byte load and shuffle, a column run (any other step) 4 pixels per shuffle of four 4-byte
+ * loads. The last group of a run overlaps the one before it (it rewrites the same bytes) instead
+ * of a scalar tail. A load may read, and a 16-byte store write, a few bytes past the run: a run is
+ * taken this way only when all of that lies inside its image's row, and the bytes written past it
+ * belong to later runs (sorted by destination), which are written after it. Runs that fail the
+ * check, or whose offsets are not such a permutation, take the scalar loop. Same bytes as apply_row
+ * (tested). */
+__attribute__((target("sse4.1")))
+static void
+apply_row_vec(const uint8_t *in, Py_ssize_t m_in, uint8_t *out, Py_ssize_t m_out, const int64_t *runs,
+              Py_ssize_t nruns)
+{
+    const __m128i rep = _mm_setr_epi8(0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, (char)0x80);
+    const __m128i fwd = _mm_setr_epi8(0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 9, 9, 12, 12, 12, (char)0x80);
+    const __m128i back = _mm_setr_epi8(12, 12, 12, 9, 9, 9, 6, 6, 6, 3, 3, 3, 0, 0, 0, (char)0x80);
+    const __m128i cols = _mm_setr_epi8(0, 0, 0, 4, 4, 4, 8, 8, 8, 12, 12, 12, (char)0x80, (char)0x80, (char)0x80,
+                                       (char)0x80);
+    const __m128i keep12 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0);
+    for (Py_ssize_t r = 0; r < nruns; r++) {
+        const int64_t *t = runs + 6 * r;
+        const uint8_t *s = in + t[1];
+        uint8_t *d = out + t[0];
+        const int64_t step = t[2], count = t[3];
+        const uint64_t perm = (uint64_t)t[4], mask = (uint64_t)t[5];
+        const int o0 = perm & 0xff, o1 = (perm >> 8) & 0xff, o2 = (perm >> 16) & 0xff;
+        const int row = step == 3 || step == -3, group = row ? 5 : 4;
+        if (o0 < 3 && o1 < 3 && o2 < 3 && count >= group) {
+            /* source pixels lie in [lo, hi + 3); a group's loads reach hi + 4 at most (rows: 1 byte
+             * past the highest pixel; columns: a 4-byte load there); stores reach d + 3*count + 4 */
+            const uint8_t *lo = step > 0 ? s : s + (count - 1) * step, *hi = step > 0 ? s + (count - 1) * step : s;
+            if (lo >= in && hi + 4 <= in + m_in && d + 3 * count + 4 <= out + m_out) {
+                /* shuffle controls built in registers (bytes stored one by one and loaded as a
+                 * vector would stall on store forwarding once per run): base + offsets, repeated */
+                const __m128i offs = _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)perm), rep);
+                const __m128i mk = _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)mask), rep);
+                if (row) {
+                    const __m128i ctrl = _mm_add_epi8(step > 0 ? fwd : back, offs);
+                    for (int64_t k = 0;; k += 5) {
+                        if (k + 5 > count)
+                            k = count - 5;
+                        const uint8_t *b = step > 0 ? s + 3 * k : s - 3 * (k + 4);
+                        __m128i v = _mm_loadu_si128((const __m128i *)b);
+                        _mm_storeu_si128((__m128i *)(d + 3 * k), _mm_xor_si128(_mm_shuffle_epi8(v, ctrl), mk));
+                        if (k + 5 == count)
+                            break;
+                    }
+                } else {
+                    const __m128i ctrl = _mm_add_epi8(cols, _mm_and_si128(offs, keep12));
+                    for (int64_t k = 0;; k += 4) {
+                        if (k + 4 > count)
+                            k = count - 4;
+                        const uint8_t *p = s + k * step;
+                        int32_t w0, w1, w2, w3;
+                        memcpy(&w0, p, 4);
+                        memcpy(&w1, p + step, 4);
+                        memcpy(&w2, p + 2 * step, 4);
+                        memcpy(&w3, p + 3 * step, 4);
+                        __m128i v = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(_mm_cvtsi32_si128(w0), w1, 1),
+                                                                      w2, 2), w3, 3);
+                        _mm_storeu_si128((__m128i *)(d + 3 * k), _mm_xor_si128(_mm_shuffle_epi8(v, ctrl), mk));
+                        if (k + 4 == count)
+                            break;
+                    }
+                }
+                continue;
+            }
+        }
+        const uint8_t m0 = mask & 0xff, m1 = (mask >> 8) & 0xff, m2 = (mask >> 16) & 0xff;
+        for (int64_t k = 0; k < count; k++, s += step, d += 3) {
+            d[0] = s[o0] ^ m0;
+            d[1] = s[o1] ^ m1;
+            d[2] = s[o2] ^ m2;
+        }
+    }
+}
+#endif
 
 /* apply(src, out, runs, vpp): src and out are C-contiguous uint8 buffers of n rows (images) of
  * m_in and m_out bytes; runs an int64 (R, 6) C-contiguous table. */
@@ -137,6 +234,13 @@ runs_apply(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
         warm((const uint8_t *)src.buf + i * m_in, m_in);
+#ifdef HAVE_X86_VECTOR
+        if (use_vector && vpp == 3) {
+            apply_row_vec((const uint8_t *)src.buf + i * m_in, m_in, (uint8_t *)out.buf + i * m_out, m_out,
+                          (const int64_t *)runs.buf, nruns);
+            continue;
+        }
+#endif
         apply_row((const uint8_t *)src.buf + i * m_in, (uint8_t *)out.buf + i * m_out,
                   (const int64_t *)runs.buf, nruns, vpp);
     }
@@ -165,5 +269,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__runs(void)
 {
+#ifdef HAVE_X86_VECTOR
+    __builtin_cpu_init();
+    use_vector = __builtin_cpu_supports("sse4.1") && !getenv("ETC_DATA_SCALAR_KERNEL");
+#endif
     return PyModule_Create(&module);
 }

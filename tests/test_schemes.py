@@ -307,6 +307,46 @@ def test_compiled_runs_give_the_numpy_gather_bit_for_bit(imagenette_batch, cifar
         assert np.array_equal(s.decrypt(s.encrypt(x)), x)
 
 
+def test_the_kernel_moves_any_runs_like_their_definition(cifar_exact):
+    # random runs (rows, flipped rows, columns, odd steps; lengths 1-21; colour shuffles and other
+    # offsets; any masks), many ending at the very end of a row, against the definition in numpy:
+    # the vector path (whole groups, an overlapping last group, bytes written past a run) and its
+    # scalar fallback must both give exactly out[dst + 3k + c] = in[src + k*step + o_c] ^ m_c
+    if not _schemes.native_available():
+        pytest.skip("etc_data._runs is not compiled here")
+    from etc_data import _runs
+
+    rng = np.random.default_rng(7)
+    w = 32
+    src = np.ascontiguousarray(cifar_exact["x_test"][:6].reshape(6, -1))
+    m = src.shape[1]
+    for trial in range(300):
+        rows, pos = [], 0
+        while pos < m:
+            count = int(min(rng.integers(1, 22), (m - pos) // 3))
+            step = int(rng.choice([3, -3, 3 * w, -3 * w, 3 * w + 3, -3 * w - 3, 6, 0]))
+            offs = rng.permutation(3) if rng.random() < 0.8 else rng.integers(0, 6, 3)
+            span = abs(step) * (count - 1) + int(offs.max()) + 1
+            if span > m:
+                step, span = 3, 3 * (count - 1) + int(offs.max()) + 1
+            lo = int(rng.integers(0, m - span + 1)) if rng.random() < 0.7 else m - span  # often at the row's end
+            start = lo if step >= 0 else lo + abs(step) * (count - 1)
+            mask = rng.integers(0, 256, 3) if rng.random() < 0.5 else np.zeros(3, np.int64)
+            perm = int(offs[0]) | int(offs[1]) << 8 | int(offs[2]) << 16
+            rows.append([pos, start, step, count, perm, int(mask[0]) | int(mask[1]) << 8 | int(mask[2]) << 16])
+            want_idx = start + np.arange(count)[:, None] * step + offs[None, :]
+            rows[-1].append((want_idx.reshape(-1), np.tile(mask, count)))
+            pos += 3 * count
+        table = np.array([r[:6] for r in rows], np.int64)
+        want = np.empty_like(src)
+        for r in rows:
+            idx, mk = r[6]
+            want[:, r[0]:r[0] + len(idx)] = src[:, idx] ^ mk.astype(np.uint8)
+        got = np.full_like(src, 0xAA)
+        _runs.apply(src, got, table, len(src), 3)
+        assert np.array_equal(got, want), trial
+
+
 def test_etc_plans_become_one_run_per_block_row():
     s = make_scheme("etc", subkey=K1, block_size=16)
     idx, mask = s._build(224, 224)
@@ -334,6 +374,10 @@ def test_the_kernel_refuses_runs_outside_its_buffers():
                 [0, 0, 3, 0, 0x020100, 0]):      # an empty run
         with pytest.raises(ValueError, match="run 0"):
             _runs.apply(src, out, np.array([bad], np.int64), 2, 3)
+    for bad in ([[0, 0, 3, 8, 0x020100, 0]],                              # leaves half the row unwritten
+                [[24, 0, 3, 8, 0x020100, 0], [0, 0, 3, 8, 0x020100, 0]]):  # out of order
+        with pytest.raises(ValueError, match="runs fill|not where the run before"):
+            _runs.apply(src, out, np.array(bad, np.int64), 2, 3)
     with pytest.raises(ValueError):
         _runs.apply(src, out, np.zeros(5, np.int64), 2, 3)  # not a 6-column table
     with pytest.raises(ValueError):
