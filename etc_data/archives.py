@@ -67,6 +67,24 @@ def read_zip_directory(path: Path) -> dict[str, tuple] | None:
     return out if len(out) == n_total else None
 
 
+def zip_entry_count(path: Path) -> int | None:
+    """How many entries (files and folders) a zip's end record declares, read from its last bytes
+    without listing it; None when it cannot tell (not a zip, zip64)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(size - min(size, 65536 + 22))
+            tail = f.read()
+    except OSError:
+        return None
+    i = tail.rfind(b"PK\x05\x06")
+    if i < 0 or len(tail) - i < 22:
+        return None
+    n = struct.unpack_from("<H", tail, i + 10)[0]
+    return None if n == 0xFFFF else n
+
+
 class ZipArchive:
     """Members of one zip file, read by name (thread-safe: ``pread`` keeps no file position)."""
 

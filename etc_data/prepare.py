@@ -610,27 +610,34 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
     reference (default: a path or env:NAME). ``source``: ``cfg.open_source()`` when the caller
     already opened it (the CLI does, to start its workers early).
 
-    A pool of this function's own starts as soon as the source is open, when the run will want one
-    (``planned_pool_size``): its processes start and receive the source's listing while the run
-    is planned, and it is stopped unused if the plan turns out too small for it."""
+    A pool of this function's own starts before the source is listed when the entries its zip files
+    declare already make a run large enough (``_pool_before_listing``), else as soon as the source
+    is open if the run will want one (``planned_pool_size``): its processes start while the source
+    is listed and the run planned, and receive the listing instead of listing it again; it is
+    stopped unused when the listing or the plan shows a smaller run."""
     cfg.check()
-    source = source or cfg.open_source()
-    cfg = dataclasses.replace(cfg, dataset=dataset_id(source, cfg.dataset))
-    codec = get_codec(cfg.codec)
-    owner = signing_key(cfg, key_loader)
-    scheme, key = build_scheme(cfg, key=owner if cfg.scheme_name() != "plain" else None)
-    check_scheme_codec(scheme, codec)
-    compat = reader_warning(codec)
-    if compat:
-        warnings.warn(compat, ReaderWarning, stacklevel=2)
-    fingerprint = key.fingerprint if key is not None else None
-    trust = TrustPolicy.from_refs(key=owner)
-    splits = cfg.splits or source.splits
-    for sp in splits:
-        if sp not in source.splits:
-            raise PrepareError(f"source {source.name} has no split {sp!r}; it has: {', '.join(source.splits)}")
-    own = _early_pool(cfg, source) if (pool is None and map_chunks is None and key_loader is None) else None
+    local = pool is None and map_chunks is None and key_loader is None
+    own = None  # the worker pool this call started, if any: stopped at once when anything fails
     try:
+        if local and source is None:
+            own = _pool_before_listing(cfg)
+        source = source or cfg.open_source()
+        cfg = dataclasses.replace(cfg, dataset=dataset_id(source, cfg.dataset))
+        codec = get_codec(cfg.codec)
+        owner = signing_key(cfg, key_loader)
+        scheme, key = build_scheme(cfg, key=owner if cfg.scheme_name() != "plain" else None)
+        check_scheme_codec(scheme, codec)
+        compat = reader_warning(codec)
+        if compat:
+            warnings.warn(compat, ReaderWarning, stacklevel=2)
+        fingerprint = key.fingerprint if key is not None else None
+        trust = TrustPolicy.from_refs(key=owner)
+        splits = cfg.splits or source.splits
+        for sp in splits:
+            if sp not in source.splits:
+                raise PrepareError(f"source {source.name} has no split {sp!r}; it has: {', '.join(source.splits)}")
+        if local:
+            own = _pool_for_source(cfg, source, own)
         with dataset_lock(cfg.out, cfg.storage_options) as lock:  # one writer per dataset, planning to commit
             plans = [plan_split(cfg, source, sp, fingerprint, codec.spec, trust) for sp in splits]
             specs = [c for p in plans for c in p.chunks]
@@ -646,37 +653,62 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[ChunkResult], Non
             manifests, written, skipped, payload = {}, {}, {}, {}
             for p in plans:
                 rs = [r for r in results if r.split == p.split]
-                manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(),
-                                                  owner, trust)
+                manifests[p.split] = commit_split(cfg, source, p, rs, fingerprint, codec.spec, scheme.params(), owner,
+                                                  trust)
                 written[p.split] = sum(e["samples"] for r in rs for e in r.shards)
                 skipped[p.split] = [x for r in rs for x in r.skipped]
                 payload[p.split] = sum(r.payload_bytes for r in rs)
             write_dataset_card(cfg.out, cfg.storage_options, trust)  # once, over every committed split
             remove_root_leftovers(cfg.out, cfg.storage_options)
+        size = next(iter(manifests.values())).image_size if manifests else None
+        bits = scheme.key_space_bits(*size) if (size and scheme.keyed) else None
+        summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size,
+                                 reader_warning=compat)
+        if cfg.verify:
+            from .verify import VerifyConfig, verify_dataset
+
+            read_back = {sp: [e for r in results if r.split == sp for e in r.shards] for sp in manifests}
+            result = verify_dataset(VerifyConfig(url=cfg.out, splits=list(manifests), storage_options=cfg.storage_options,
+                                                 trust=[owner.public_key], read_back=read_back))
+            if not result.ok:
+                raise PrepareError(f"verification of {cfg.out} failed after the commit:\n" + "\n".join(result.lines()))
+            summary.verified = {r.split: r.samples for r in result.reports}
+        return summary
     except BaseException:
-        if own is not None:  # a failed chunk or planning, Ctrl-C: the workers stop now
+        if own is not None:
             own.terminate()
         raise
-    size = next(iter(manifests.values())).image_size if manifests else None
-    bits = scheme.key_space_bits(*size) if (size and scheme.keyed) else None
-    summary = PrepareSummary(cfg.dataset, cfg.out, manifests, written, skipped, payload, bits, size,
-                             reader_warning=compat)
-    if cfg.verify:
-        from .verify import VerifyConfig, verify_dataset
-
-        read_back = {sp: [e for r in results if r.split == sp for e in r.shards] for sp in manifests}
-        result = verify_dataset(VerifyConfig(url=cfg.out, splits=list(manifests), storage_options=cfg.storage_options,
-                                             trust=[owner.public_key], read_back=read_back))
-        if not result.ok:
-            raise PrepareError(f"verification of {cfg.out} failed after the commit:\n" + "\n".join(result.lines()))
-        summary.verified = {r.split: r.samples for r in result.reports}
-    return summary
 
 
-def _early_pool(cfg: PrepareConfig, source: Source) -> "WorkerPool | None":
-    """A worker pool for this run, started before it is planned, when ``planned_pool_size`` says
-    the run wants one: the workers start and receive the opened source meanwhile."""
+def _pool_before_listing(cfg: PrepareConfig) -> "WorkerPool | None":
+    """Worker processes started before the source is even listed, when the entries its zip files
+    declare (``estimated_images``) already make a run that ``pool_size`` gives a pool: they start
+    (a Python and its imports: ~0.4 s) while this process lists the source, then receive the
+    listing (``_pool_for_source``). None when the count needs the listing, or with a ``limit``."""
+    if cfg.limit is not None:
+        return None
+    from .sources import estimated_images
+
+    n = estimated_images(cfg.source)
+    workers = _pool_for(cfg, n, -(-n // cfg.shard_size)) if n else 0
+    if not workers:
+        return None
+    from .workers import WorkerPool
+
+    return WorkerPool(workers, warm=cfg, source_follows=True)
+
+
+def _pool_for_source(cfg: PrepareConfig, source: Source, early: "WorkerPool | None") -> "WorkerPool | None":
+    """The run's own pool once its source is open, when ``planned_pool_size`` wants one: the
+    early pool, handed the listing (or stopped when the listing shows a smaller run), or one
+    started now with it; the workers start and read the listing while the run is planned."""
     workers = planned_pool_size(cfg, source)
+    if early is not None and early.size != workers:
+        early.terminate()
+        early = None
+    if early is not None:
+        early.share_source(source)
+        return early
     if not workers:
         return None
     from .workers import WorkerPool

@@ -603,6 +603,23 @@ def list_folder(root: Path) -> list[str]:
     return out
 
 
+def estimated_images(spec) -> int | None:
+    """At most how many images a source holds, known without opening it: the entries that its zip
+    files declare (folders and other files included); None for anything else (folders, .npz,
+    archives that must be extracted), whose count needs the listing."""
+    from .archives import zip_entry_count
+
+    specs = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    total = 0
+    for x in (str(x).strip() for x in specs):
+        p = Path(x)
+        n = zip_entry_count(p) if x and x.lower().endswith(".zip") and p.is_file() else None
+        if n is None:
+            return None
+        total += n
+    return total or None
+
+
 def open_source(spec, resize: int | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> Source:
     """Open a source: an ``.npz``; an image folder, ``.zip`` or ``.tgz`` with class folders (e.g.
     Imagenette's ``imagenette2-160``); CIFAR-10's python folder or ``.tar.gz``; or several of those

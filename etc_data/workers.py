@@ -91,10 +91,11 @@ def _worker_main(tasks, results, parent_pid: int, warm: dict | None, threads: in
     runner = ChunkRunner(threads=threads)
     if warm:
         try:
-            if boot is not None:  # the parent's opened source, pickled by the parent for its own workers
+            shipped = boot.get()  # the parent's opened source, pickled for its own workers, or None
+            if shipped is not None:
                 import pickle
 
-                runner.adopt_source(PrepareConfig(**warm), pickle.loads(boot.get()))
+                runner.adopt_source(PrepareConfig(**warm), pickle.loads(shipped))
             else:
                 runner.warm(PrepareConfig(**warm))
         except Exception:  # noqa: BLE001 - a bad source is reported by the run itself, with its name
@@ -118,12 +119,13 @@ class WorkerPool:
     ``warm``: a PrepareConfig whose source every worker opens while it waits for work (no key is
     loaded), e.g. while Prefect's API server boots; with ``source`` (that configuration's source,
     already opened here) the workers receive its listing instead of listing it again (0.2 s
-    instead of 0.7 s for CIFAR-10's 60,000 names). ``threads``: threads per chunk in a worker
-    (default: the cores divided among the workers)."""
+    instead of 0.7 s for CIFAR-10's 60,000 names). ``source_follows``: the source is being opened
+    while the workers start; ``share_source`` hands it (or None) to them. ``threads``: threads per
+    chunk in a worker (default: the cores divided among the workers)."""
 
-    def __init__(self, workers: int | None = None, warm=None, threads: int | None = None, source=None):
+    def __init__(self, workers: int | None = None, warm=None, threads: int | None = None, source=None,
+                 source_follows: bool = False):
         import multiprocessing as mp
-        import pickle
 
         from .codecs import default_workers
         from .prepare import chunk_threads
@@ -133,22 +135,17 @@ class WorkerPool:
         ctx = mp.get_context("spawn")
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         warm_d = dataclasses.asdict(warm) if warm is not None else None
-        shipped = source.for_workers() if (source is not None and warm is not None) else None
-        shipped = pickle.dumps(shipped, protocol=pickle.HIGHEST_PROTOCOL) if shipped is not None else None
         # the listing goes through a queue of each worker's own, written by the queue's thread: as a
         # process argument it would be written before the worker has imported anything, blocking here
-        boots = [ctx.Queue() if shipped is not None else None for _ in range(self.size)]
+        self._boots = [ctx.Queue() if warm is not None else None for _ in range(self.size)]
         self._procs = [ctx.Process(target=_worker_main, args=(self._tasks, self._results, os.getpid(), warm_d, threads,
-                                                              boots[i]),
+                                                              self._boots[i]),
                                    daemon=True, name=f"etc-data-worker-{i}") for i in range(self.size)]
         with _worker_environment():
             for p in self._procs:
                 p.start()
-        for q in boots:
-            if q is not None:
-                q.put(shipped)
-                q.cancel_join_thread()  # a worker that dies before reading it must not hold up this process's exit
-        self._boots = boots  # kept open until the workers have read them
+        if warm is not None and not source_follows:
+            self.share_source(source)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[Future, str]] = {}  # job id -> (future, description)
@@ -157,6 +154,18 @@ class WorkerPool:
         self._closed = False
         self._reader = threading.Thread(target=self._read_results, name="etc-data-pool-results", daemon=True)
         self._reader.start()
+
+    def share_source(self, source) -> None:
+        """Hand the workers ``warm``'s source, opened here (once; None, or a source that does not
+        travel: each worker opens its own)."""
+        import pickle
+
+        shipped = source.for_workers() if source is not None else None
+        data = pickle.dumps(shipped, protocol=pickle.HIGHEST_PROTOCOL) if shipped is not None else None
+        for q in self._boots:
+            if q is not None:
+                q.put(data)
+                q.cancel_join_thread()  # a worker that dies before reading it must not hold up this process's exit
 
     # -- submitting
     def submit(self, cfg, spec) -> Future:

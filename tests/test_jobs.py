@@ -162,9 +162,15 @@ def test_workers_given_the_opened_source_use_its_listing_not_their_own(tmp_path,
             pool.run(cfg, ChunkSpec("train", 1, list(range(12)), spec.token))
 
 
-def test_an_early_pool_is_stopped_unused_when_the_plan_needs_none(tmp_path, shared_dir, key_file, monkeypatch):
-    # prepare starts its workers before planning when the source is large enough; a rerun with
-    # nothing left to write stops them without sending them anything
+def test_an_early_pool_is_stopped_unused_when_the_plan_needs_none(tmp_path, shared_dir, cifar_exact, key_file,
+                                                                  monkeypatch):
+    # prepare starts its workers before planning when the source is large enough (before listing it
+    # when its zip files declare enough entries); a rerun with nothing left to write, or a listing
+    # smaller than the count, stops them without sending them anything
+    import io
+    import zipfile
+    from dataclasses import replace
+
     import etc_data.codecs as codecs
     import etc_data.workers as workers
 
@@ -174,6 +180,7 @@ def test_an_early_pool_is_stopped_unused_when_the_plan_needs_none(tmp_path, shar
     class Recording(workers.WorkerPool):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
+            self.before_listing = k.get("source_follows", False)
             started.append(self)
 
         def submit(self, cfg, spec):
@@ -188,6 +195,29 @@ def test_an_early_pool_is_stopped_unused_when_the_plan_needs_none(tmp_path, shar
     again = prepare_dataset(cfg)
     assert again.written == {"test": 0} and len(started) == 2 and not hasattr(started[1], "submitted")
     assert all(not p.is_alive() for pool in started for p in pool._procs)
+    # without a limit, the 10,000 entries the zip declares start the workers before the listing
+    started.clear()
+    whole = prepare_dataset(replace(cfg, out=str(tmp_path / "w"), limit=None))
+    assert whole.written == {"test": 10000} and len(started) == 1 and started[0].submitted == 4
+    assert started[0].before_listing
+    # a zip that declares 20,000 entries of which 24 are images: the workers started on the count are
+    # stopped once the listing shows a run for threads, and the run is done without them
+    from PIL import Image
+
+    z = tmp_path / "mostly-notes.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        for i in range(24):
+            b = io.BytesIO()
+            Image.fromarray(cifar_exact["x_test"][i]).save(b, format="PNG")
+            f.writestr(f"train/c{i % 2}/{i:04d}.png", b.getvalue())
+        for i in range(20000):
+            f.writestr(f"notes/{i}.txt", b"")
+    started.clear()
+    small = prepare_dataset(PrepareConfig(source=str(z), out=str(tmp_path / "n"), dataset="n", key_ref=str(key_file),
+                                          codec="png", shard_size=10))
+    assert small.written == {"train": 24} and small.verified == {"train": 24}
+    assert len(started) == 1 and started[0].before_listing and not hasattr(started[0], "submitted")
+    assert all(not p.is_alive() for p in started[0]._procs)
 
 
 def test_train_and_report_outputs_go_through_the_storage_layer(tmp_path, cifar_exact, key_file):
