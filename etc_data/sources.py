@@ -336,27 +336,37 @@ class FolderSource(Source):
         names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTS) and "__MACOSX" not in n)
         if not names:
             raise SourceError(f"source {self.path}: no images found (extensions: {', '.join(IMAGE_EXTS)})")
-        # one pass per question over the names, keeping no per-name lists: the listing of a large
-        # source (ImageNet: 1.28 M names) costs its Items and nothing else
+        # the names grouped by folder: the split, class and key prefix are worked out once per folder
+        # (a listing of ImageNet makes 1.28 M keys), keeping no other per-name list
         strip = _common_folders(names)
-        has_splits = all(len(p) >= 3 and p[0] in SPLIT_NAMES for p in (n.split("/")[strip:] for n in names))
-
+        folders: dict[str, list[str]] = {}
+        for n in names:
+            folders.setdefault(n.rpartition("/")[0], []).append(n)
+        has_splits = all(len(p) >= 2 and p[0] in SPLIT_NAMES for p in (d.split("/")[strip:] for d in folders))
         one: dict[str, str] = {}  # one string object per split and class name, not one per image
 
-        def place(name: str) -> tuple[str, str, str]:
-            p = name.split("/")[strip:]
+        def place(folder: str, first: str) -> tuple[str, str, int]:
+            """(split, class, length of the names' part up to the class folder) of a folder's files."""
+            parts = folder.split("/")
+            p = parts[strip:]
             if has_splits:
-                return one.setdefault(p[0], p[0]), p[1], "/".join(p[2:])
-            if len(p) >= 2:
-                return "train", p[0], "/".join(p[1:])
-            raise SourceError(f"source {self.path}: image {'/'.join(p)} is not inside a class folder")
+                return one.setdefault(p[0], p[0]), p[1], len("/".join(parts[:strip + 2])) + 1
+            if folder and p:  # (a file at the top has no class folder)
+                return "train", p[0], len("/".join(parts[:strip + 1])) + 1
+            raise SourceError(f"source {self.path}: image {'/'.join(first.split('/')[strip:])} is not inside a class folder")
 
-        self.classes = sorted({place(n)[1] for n in names})
+        placed = [(place(d, files[0]), files) for d, files in folders.items()]
+        self.classes = sorted({c for (_, c, _), _ in placed})
         cidx = {c: i for i, c in enumerate(self.classes)}
         self._by_split: dict[str, list[Item]] = {}
-        for name in names:
-            sp, c, r = place(name)
-            self._by_split.setdefault(sp, []).append(Item(sp, _file_key(sp, c, r), cidx[c], name))
+        splitext = os.path.splitext
+        for (sp, c, cut), files in placed:
+            add = self._by_split.setdefault(sp, []).append
+            label, head = cidx[c], _plain_head(sp, c)
+            for name in files:  # _file_key, inlined
+                stem, ext = splitext(name[cut:])
+                key = _plain_key(f"{head}_{stem}", stem, ext) if head is not None else None
+                add(Item(sp, key if key is not None else sample_key(sp, c, stem, ext=ext), label, name))
         for v in self._by_split.values():
             check_unique_keys(v, self.item_name)
         self.name = self.path.stem
