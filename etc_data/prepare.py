@@ -369,7 +369,8 @@ def run_chunk(cfg: PrepareConfig, spec: ChunkSpec, source: Source, scheme, threa
         from .verify import check_shard
 
         for e in shards:
-            problem, _ = check_shard(join(cfg.out, spec.split), e, size, storage_options=cfg.storage_options)
+            problem, _ = check_shard(join(cfg.out, spec.split), e, size, storage_options=cfg.storage_options,
+                                     whole=False)
             if problem:
                 raise PrepareError(f"{where}: shard {e['name']} was written but reading it back failed: {problem}")
     return ChunkResult(spec.split, spec.index, shards, skipped, size or [], payload)
