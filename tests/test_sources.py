@@ -237,6 +237,34 @@ def _zip_records(path):
                 for i in z.infolist()}
 
 
+def test_zip_members_with_long_local_headers_or_a_cut_archive_read_right(tmp_path, shared_dir):
+    # a member is read with one system call that guesses its local header's length; a longer one
+    # (a 1,000-byte extra field, a long name) takes a second read, and a cut archive is named
+    from etc_data.archives import ZipArchive
+
+    with zipfile.ZipFile(shared_dir / "cifar10-test-jpeg.zip") as z:
+        real = [z.read(n) for n in sorted(n for n in z.namelist() if n.endswith(".jpg"))[:3]]
+    names = ["a.jpg", "b" * 200 + ".jpg", "c.jpg"]
+    p = tmp_path / "long.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        for i, (n, data) in enumerate(zip(names, real)):
+            info = zipfile.ZipInfo(n)
+            if i == 0:
+                info.extra = b"\x99\x99" + (996).to_bytes(2, "little") + bytes(996)  # an unknown 1,000-byte field
+            z.writestr(info, data, compress_type=zipfile.ZIP_STORED if i < 2 else zipfile.ZIP_DEFLATED)
+    arc = ZipArchive(p)
+    assert [arc.read(n) for n in names] == real
+    cut = tmp_path / "cut.zip"
+    whole = p.read_bytes()
+    offset = arc._info(names[1])[0]
+    cut.write_bytes(whole[:offset + 30 + 204 + 100])  # the second member's data ends early
+    arc2 = ZipArchive.__new__(ZipArchive)
+    arc2.__dict__.update(arc.__getstate__())
+    arc2.path = cut
+    with pytest.raises(SourceError, match=r"cut.zip:b+\.jpg"):
+        arc2.read(names[1])
+
+
 def test_fast_zip_directory_matches_zipfile_and_falls_back(tmp_path, shared_dir, cifar_exact):
     from etc_data.archives import read_zip_directory as _zip_directory
 
