@@ -25,6 +25,8 @@
 
 #define MAX_VPP 8
 
+typedef struct { int64_t dst, src, step, count, perm, mask; } run_t; /* one row of the runs table */
+
 static int
 check_runs(const int64_t *runs, Py_ssize_t nruns, int vpp, Py_ssize_t m_in, Py_ssize_t m_out)
 {
@@ -73,30 +75,35 @@ warm(const uint8_t *p, Py_ssize_t len)
     (void)sink;
 }
 
+/* One run of 3-value pixels, a pixel at a time. */
+static inline void
+copy_run3(const uint8_t *s, uint8_t *d, int64_t step, int64_t count, uint64_t perm, uint64_t mask)
+{
+    const int o0 = perm & 0xff, o1 = (perm >> 8) & 0xff, o2 = (perm >> 16) & 0xff;
+    const uint8_t m0 = mask & 0xff, m1 = (mask >> 8) & 0xff, m2 = (mask >> 16) & 0xff;
+    for (int64_t k = 0; k < count; k++, s += step, d += 3) {
+        d[0] = s[o0] ^ m0;
+        d[1] = s[o1] ^ m1;
+        d[2] = s[o2] ^ m2;
+    }
+}
+
 static void
 apply_row(const uint8_t *in, uint8_t *out, const int64_t *runs, Py_ssize_t nruns, int vpp)
 {
     for (Py_ssize_t r = 0; r < nruns; r++) {
-        const int64_t *t = runs + 6 * r;
-        const uint8_t *s = in + t[1];
-        uint8_t *d = out + t[0];
-        const int64_t step = t[2], count = t[3];
-        const uint64_t perm = (uint64_t)t[4], mask = (uint64_t)t[5];
+        const run_t *t = (const run_t *)runs + r;
         if (vpp == 3) {
-            const int o0 = perm & 0xff, o1 = (perm >> 8) & 0xff, o2 = (perm >> 16) & 0xff;
-            const uint8_t m0 = mask & 0xff, m1 = (mask >> 8) & 0xff, m2 = (mask >> 16) & 0xff;
-            for (int64_t k = 0; k < count; k++, s += step, d += 3) {
-                d[0] = s[o0] ^ m0;
-                d[1] = s[o1] ^ m1;
-                d[2] = s[o2] ^ m2;
-            }
+            copy_run3(in + t->src, out + t->dst, t->step, t->count, (uint64_t)t->perm, (uint64_t)t->mask);
         } else {
+            const uint8_t *s = in + t->src;
+            uint8_t *d = out + t->dst;
             uint8_t o[MAX_VPP], m[MAX_VPP];
             for (int c = 0; c < vpp; c++) {
-                o[c] = (perm >> (8 * c)) & 0xff;
-                m[c] = (mask >> (8 * c)) & 0xff;
+                o[c] = ((uint64_t)t->perm >> (8 * c)) & 0xff;
+                m[c] = ((uint64_t)t->mask >> (8 * c)) & 0xff;
             }
-            for (int64_t k = 0; k < count; k++, s += step, d += vpp)
+            for (int64_t k = 0; k < t->count; k++, s += t->step, d += vpp)
                 for (int c = 0; c < vpp; c++)
                     d[c] = s[o[c]] ^ m[c];
         }
@@ -129,11 +136,11 @@ apply_row_vec(const uint8_t *in, Py_ssize_t m_in, uint8_t *out, Py_ssize_t m_out
                                        (char)0x80);
     const __m128i keep12 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0);
     for (Py_ssize_t r = 0; r < nruns; r++) {
-        const int64_t *t = runs + 6 * r;
-        const uint8_t *s = in + t[1];
-        uint8_t *d = out + t[0];
-        const int64_t step = t[2], count = t[3];
-        const uint64_t perm = (uint64_t)t[4], mask = (uint64_t)t[5];
+        const run_t *t = (const run_t *)runs + r;
+        const uint8_t *s = in + t->src;
+        uint8_t *d = out + t->dst;
+        const int64_t step = t->step, count = t->count;
+        const uint64_t perm = (uint64_t)t->perm, mask = (uint64_t)t->mask;
         const int o0 = perm & 0xff, o1 = (perm >> 8) & 0xff, o2 = (perm >> 16) & 0xff;
         const int row = step == 3 || step == -3, group = row ? 5 : 4;
         if (o0 < 3 && o1 < 3 && o2 < 3 && count >= group) {
@@ -177,12 +184,7 @@ apply_row_vec(const uint8_t *in, Py_ssize_t m_in, uint8_t *out, Py_ssize_t m_out
                 continue;
             }
         }
-        const uint8_t m0 = mask & 0xff, m1 = (mask >> 8) & 0xff, m2 = (mask >> 16) & 0xff;
-        for (int64_t k = 0; k < count; k++, s += step, d += 3) {
-            d[0] = s[o0] ^ m0;
-            d[1] = s[o1] ^ m1;
-            d[2] = s[o2] ^ m2;
-        }
+        copy_run3(s, d, step, count, perm, mask);
     }
 }
 #endif

@@ -13,7 +13,7 @@ import pytest
 
 from etc_data.prepare import PrepareConfig, PrepareError, prepare_dataset
 
-from .conftest import make_mini_npz
+from .conftest import make_image_zip, make_mini_npz
 from .servers import alive
 
 JOBS = {"prepare_dataset": "PrepareConfig", "verify_dataset": "VerifyConfig", "encrypt_folder": "FolderConfig",
@@ -167,7 +167,6 @@ def test_an_early_pool_is_stopped_unused_when_the_plan_needs_none(tmp_path, shar
     # prepare starts its workers before planning when the source is large enough (before listing it
     # when its zip files declare enough entries); a rerun with nothing left to write, or a listing
     # smaller than the count, stops them without sending them anything
-    import io
     import zipfile
     from dataclasses import replace
 
@@ -202,14 +201,9 @@ def test_an_early_pool_is_stopped_unused_when_the_plan_needs_none(tmp_path, shar
     assert started[0].before_listing
     # a zip that declares 20,000 entries of which 24 are images: the workers started on the count are
     # stopped once the listing shows a run for threads, and the run is done without them
-    from PIL import Image
-
-    z = tmp_path / "mostly-notes.zip"
-    with zipfile.ZipFile(z, "w") as f:
-        for i in range(24):
-            b = io.BytesIO()
-            Image.fromarray(cifar_exact["x_test"][i]).save(b, format="PNG")
-            f.writestr(f"train/c{i % 2}/{i:04d}.png", b.getvalue())
+    z = make_image_zip(tmp_path / "mostly-notes.zip", cifar_exact["x_test"][:24], [i % 2 for i in range(24)],
+                       ["c0", "c1"])
+    with zipfile.ZipFile(z, "a") as f:
         for i in range(20000):
             f.writestr(f"notes/{i}.txt", b"")
     started.clear()
