@@ -106,6 +106,10 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
     secret_ref = str(cfg.key_ref or "").startswith(SECRET_PREFIX)
     own: list = []  # the pool this run started, if any
     threads: list = []  # the batch threads of this run, if any
+    opened = rt.opened_source(cfg)
+    if opened is None and not on_dask:  # listed once: for the plan and for a pool's workers, which receive it
+        cfg.check()
+        opened = cfg.open_source()
 
     def map_chunks(c: PrepareConfig, specs: list[ChunkSpec]):
         runner = None  # on Dask: a runner kept on each Dask worker
@@ -116,7 +120,7 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
             elif workers:
                 from etc_data.workers import WorkerPool
 
-                runner = WorkerPool(workers)
+                runner = WorkerPool(workers, warm=c, source=opened)
                 own.append(runner)
             else:
                 runner = ChunkThreads(default_workers(), load_key_ref)
@@ -128,7 +132,7 @@ def run_prepare(cfg: PrepareConfig, *, on_dask: bool = False) -> PrepareSummary:
 
     try:
         return prepare_dataset(cfg, map_chunks=map_chunks, progress=rt.progress, key_loader=load_key_ref,
-                               source=rt.opened_source(cfg))
+                               source=opened)
     except BaseException as e:
         if rt.pool is not None and not isinstance(e, Exception):
             own.append(rt.pool)  # SIGTERM (Prefect's TerminationSignal), Ctrl-C: this process is stopping, so
