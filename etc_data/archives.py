@@ -31,20 +31,27 @@ from .images import DEFAULT_LIMITS, ImageLimits
 _CD_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # a central directory header (46 bytes)
 
 
+def _end_record(f) -> tuple[bytes, int, int]:
+    """(the file's last bytes, where the end-of-central-directory record starts in them, where
+    those bytes start in the file); the record's position is -1 when there is none."""
+    f.seek(0, 2)
+    size = f.tell()
+    start = size - min(size, 65536 + 22)
+    f.seek(start)
+    tail = f.read()
+    i = tail.rfind(b"PK\x05\x06")
+    return tail, (i if i >= 0 and len(tail) - i >= 22 else -1), start
+
+
 def read_zip_directory(path: Path) -> dict[str, tuple] | None:
     """A zip's central directory as {member: (header offset, compressed size, method, crc, flags,
     uncompressed size)}, or None for what this reader does not handle (zipfile then reads it)."""
     with open(path, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-        tail_len = min(size, 65536 + 22)
-        f.seek(size - tail_len)
-        tail = f.read()
-        i = tail.rfind(b"PK\x05\x06")
-        if i < 0 or len(tail) - i < 22:
+        tail, i, start = _end_record(f)
+        if i < 0:
             raise zipfile.BadZipFile("no end of central directory record")
         _, disk, cd_disk, _, n_total, cd_size, cd_off, _ = struct.unpack_from("<4sHHHHIIH", tail, i)
-        eocd = size - tail_len + i
+        eocd = start + i
         if (disk or cd_disk or n_total == 0xFFFF or 0xFFFFFFFF in (cd_size, cd_off)
                 or tail[max(0, i - 20):max(0, i - 16)] == b"PK\x06\x07" or eocd - cd_size != cd_off):
             return None
@@ -72,14 +79,10 @@ def zip_entry_count(path: Path) -> int | None:
     without listing it; None when it cannot tell (not a zip, zip64)."""
     try:
         with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(size - min(size, 65536 + 22))
-            tail = f.read()
+            tail, i, _ = _end_record(f)
     except OSError:
         return None
-    i = tail.rfind(b"PK\x05\x06")
-    if i < 0 or len(tail) - i < 22:
+    if i < 0:
         return None
     n = struct.unpack_from("<H", tail, i + 10)[0]
     return None if n == 0xFFFF else n
@@ -121,10 +124,13 @@ class ZipArchive:
         i = self._rows.get(name)
         return None if i is None else tuple(self._table[i].tolist())
 
-    def _pread(self, n: int, off: int) -> bytes:
+    def _file(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        data = os.pread(self._fd, n, off)
+        return self._fd
+
+    def _pread(self, n: int, off: int) -> bytes:
+        data = os.pread(self._file(), n, off)
         if len(data) != n:
             raise OSError(f"archive ends {n - len(data)} bytes early (truncated or changed while being read)")
         return data
@@ -140,9 +146,7 @@ class ZipArchive:
             return None
         # one read for the local header, its name and extra field (guessed to fit in _HEAD_SLACK
         # bytes) and the data: a system call per member, not two (~10 % of a 32 px run)
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        buf = os.pread(self._fd, 30 + _HEAD_SLACK + csize, off)
+        buf = os.pread(self._file(), 30 + _HEAD_SLACK + csize, off)
         if len(buf) < 30 or buf[:4] != b"PK\x03\x04":
             return None
         start = 30 + sum(struct.unpack("<HH", buf[26:30]))

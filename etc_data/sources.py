@@ -359,14 +359,10 @@ class FolderSource(Source):
         self.classes = sorted({c for (_, c, _), _ in placed})
         cidx = {c: i for i, c in enumerate(self.classes)}
         self._by_split: dict[str, list[Item]] = {}
-        splitext = os.path.splitext
         for (sp, c, cut), files in placed:
-            add = self._by_split.setdefault(sp, []).append
-            label, head = cidx[c], _plain_head(sp, c)
-            for name in files:  # _file_key, inlined
-                stem, ext = splitext(name[cut:])
-                key = _plain_key(f"{head}_{stem}", stem, ext) if head is not None else None
-                add(Item(sp, key if key is not None else sample_key(sp, c, stem, ext=ext), label, name))
+            add, label = self._by_split.setdefault(sp, []).append, cidx[c]
+            for name in files:
+                add(Item(sp, _file_key(sp, c, name[cut:]), label, name))
         for v in self._by_split.values():
             check_unique_keys(v, self.item_name)
         self.name = self.path.stem
