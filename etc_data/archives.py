@@ -28,7 +28,9 @@ import numpy as np
 from .errors import SourceError
 from .images import DEFAULT_LIMITS, ImageLimits
 
-_CD_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # a central directory header (46 bytes)
+# a central directory header (46 bytes): signature, flags, method, crc, sizes, name/extra/comment
+# lengths and the local header's offset (versions, times, disk and attributes skipped)
+_CD_ENTRY = struct.Struct("<4s4x2H4x3L3H8xL")
 
 
 def _end_record(f) -> tuple[bytes, int, int]:
@@ -57,17 +59,19 @@ def read_zip_directory(path: Path) -> dict[str, tuple] | None:
             return None
         f.seek(cd_off)
         cd = f.read(cd_size)
-    out, pos = {}, 0
+    out, pos, unpack = {}, 0, _CD_ENTRY.unpack_from
     while pos + 46 <= len(cd):
-        (sig, _, _, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _,
-         hoff) = _CD_ENTRY.unpack_from(cd, pos)
+        sig, flags, method, crc, csize, usize, nlen, xlen, clen, hoff = unpack(cd, pos)
         if sig != b"PK\x01\x02":
             raise zipfile.BadZipFile(f"bad central directory entry at byte {cd_off + pos}")
-        raw = cd[pos + 46:pos + 46 + nlen].split(b"\0", 1)[0]
+        raw = cd[pos + 46:pos + 46 + nlen]
+        if b"\0" in raw:
+            raw = raw[:raw.index(b"\0")]
         pos += 46 + nlen + xlen + clen
         if 0xFFFFFFFF in (csize, usize, hoff):
             return None
-        name = raw.decode("utf-8" if flags & 0x800 else "cp437")
+        # (ASCII names read the same in cp437 and UTF-8; UTF-8's decoder is the fast one)
+        name = raw.decode("utf-8" if flags & 0x800 or raw.isascii() else "cp437")
         if name in out:
             raise zipfile.BadZipFile(f"member {name} appears twice")
         out[name] = (hoff, csize, method, crc, flags, usize)

@@ -122,6 +122,22 @@ def _file_key(split: str, cls: str, rest: str) -> str:
     return key if key is not None else sample_key(split, cls, stem, ext=ext)
 
 
+_PLAIN_JPEGS = re.compile(r"(?:[A-Za-z0-9_-]+\.jpg\n)*[A-Za-z0-9_-]+\.jpg\Z").match
+
+
+def _folder_keys(split: str, cls: str, rests: list[str]) -> list[str]:
+    """``[_file_key(split, cls, r) for r in rests]`` (the files of one class folder). When every
+    name is a plain stem + ``.jpg`` (CIFAR-10's and most folders' case) the keys are made by string
+    operations over all the names at once (~0.1 us a name instead of ~1.7 us)."""
+    head = _plain_head(split, cls)
+    if head is not None and rests:
+        joined = "\n".join(rests)
+        if joined.count("\n") == len(rests) - 1 and _PLAIN_JPEGS(joined):  # (no name holds a newline)
+            prefix = head + "_"
+            return (prefix + joined[:-4].replace(".jpg\n", "\n" + prefix)).split("\n")
+    return [_file_key(split, cls, r) for r in rests]
+
+
 def check_unique_keys(items: list["Item"], name_of) -> None:
     """A SourceError naming both source files when two items share a key."""
     seen: dict[str, Item] = {}
@@ -360,9 +376,9 @@ class FolderSource(Source):
         cidx = {c: i for i, c in enumerate(self.classes)}
         self._by_split: dict[str, list[Item]] = {}
         for (sp, c, cut), files in placed:
-            add, label = self._by_split.setdefault(sp, []).append, cidx[c]
-            for name in files:
-                add(Item(sp, _file_key(sp, c, name[cut:]), label, name))
+            label = cidx[c]
+            keys = _folder_keys(sp, c, [name[cut:] for name in files])
+            self._by_split.setdefault(sp, []).extend(map(Item._make, zip(repeat(sp), keys, repeat(label), files)))
         for v in self._by_split.values():
             check_unique_keys(v, self.item_name)
         self.name = self.path.stem
@@ -516,9 +532,21 @@ class MultiSource(Source):
         return sorted(self._owner, key=lambda s: (SPLIT_NAMES.index(s) if s in SPLIT_NAMES else 99, s))
 
     def _items(self, split):
-        items = [Item(split, it.key, it.label, (i, it)) for i, p in enumerate(self._owner[split]) for it in p.items(split)]
+        owners = self._owner[split]
+        if len(owners) == 1:  # (CIFAR-10's train and test zips) the part's own items, listed and checked there
+            return owners[0].items(split)
+        items = [Item(split, it.key, it.label, (i, it)) for i, p in enumerate(owners) for it in p.items(split)]
         check_unique_keys(items, self.item_name)
         return items
+
+    def _part(self, item: Item) -> tuple[Source, Item]:
+        """The part that lists ``item`` and the item as it lists it: a split only one part has keeps
+        that part's items as they are; a split several parts share wraps them as (part, item)."""
+        owners = self._owner[item.split]
+        if len(owners) == 1:
+            return owners[0], item
+        i, inner = item.ref
+        return owners[i], inner
 
     def for_workers(self) -> "MultiSource | None":
         if not all(p.for_workers() is p for p in self.parts):
@@ -533,6 +561,8 @@ class MultiSource(Source):
         cache = {}
         for sp, items in self._cache.items():
             owners = self._owner[sp]
+            if len(owners) == 1:  # the part's own listing, which travels with the part
+                continue
             pos = [{id(it): j for j, it in enumerate(p.items(sp))} for p in owners]
             cache[sp] = ([it.ref[0] for it in items], [pos[it.ref[0]][id(it.ref[1])] for it in items])
         state["_cache"] = cache
@@ -541,7 +571,7 @@ class MultiSource(Source):
     def __setstate__(self, state):
         columns = state.pop("_cache")
         self.__dict__.update(state)
-        self._cache = {}
+        self._cache = {sp: owners[0].items(sp) for sp, owners in self._owner.items() if len(owners) == 1}
         for sp, (which, where) in columns.items():
             lists = [p.items(sp) for p in self._owner[sp]]
             inner = [lists[i][j] for i, j in zip(which, where)]
@@ -549,19 +579,19 @@ class MultiSource(Source):
                                                        zip(which, inner))))
 
     def item_name(self, item):
-        i, inner = item.ref
-        return self._owner[item.split][i].item_name(inner)
+        part, inner = self._part(item)
+        return part.item_name(inner)
 
     def stat_token(self) -> str:
         return ",".join(p.stat_token() for p in self.parts)
 
     def _read(self, item):
-        i, inner = item.ref
-        return self._owner[item.split][i]._read(inner)
+        part, inner = self._part(item)
+        return part._read(inner)
 
     def _read_into(self, item, out):
-        i, inner = item.ref
-        return self._owner[item.split][i]._read_into(inner, out)
+        part, inner = self._part(item)
+        return part._read_into(inner, out)
 
 
 def _open_one(p: Path, limits: ImageLimits) -> Source:

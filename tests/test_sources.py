@@ -202,6 +202,17 @@ def test_an_opened_source_travels_to_workers_with_its_listing(shared_dir, tmp_pa
     assert theirs.keys == mine.keys and (theirs.images == mine.images).all() and (theirs.labels == mine.labels).all()
     # the listing travels as columns: ~100 bytes per image here, not a pickled tuple per item
     assert len(pickle.dumps(src)) < 120 * 60000
+    # a split that two parts share (merged, each item naming its part) travels the same way
+    extra = make_image_zip(tmp_path / "more.zip", cifar_exact["x_test"][:30], cifar_exact["y_test"][:30], CIFAR10_CLASSES,
+                           split="test")
+    both = open_source([extra, shared_dir / "cifar10-test-jpeg.zip"])
+    got = pickle.loads(pickle.dumps(both.for_workers()))
+    assert len(both.items("test")) == 10030 and got.items("test") == both.items("test")
+    assert got.split_token("test") == both.split_token("test")
+    picked = both.items("test")[::337]
+    assert {both.item_name(it).split(":")[0] for it in picked} == {str(extra), str(shared_dir / "cifar10-test-jpeg.zip")}
+    assert [got.item_name(it) for it in picked] == [both.item_name(it) for it in picked]
+    assert (got.load(picked).images == both.load(picked).images).all()
     npz = tmp_path / "cifar10-mini.npz"
     np.savez(npz, x_train=cifar_exact["x_test"][:40], y_train=cifar_exact["y_test"][:40])
     assert open_source(npz).for_workers() is None
@@ -322,7 +333,7 @@ def test_archive_extracted_once_when_processes_open_it_together(tmp_path, cifar_
 def test_folder_keys_made_once_per_class_folder_equal_sample_key(shared_dir):
     # the listing's fast path (split and class checked once per folder) gives exactly sample_key's
     # keys, on the real names and on names that need the hashed form
-    from etc_data.sources import _file_key, sample_key
+    from etc_data.sources import _file_key, _folder_keys, sample_key
 
     names = []
     for zp in ("imagenette-224-subset.zip", "cifar10-test-jpeg.zip"):
@@ -333,3 +344,14 @@ def test_folder_keys_made_once_per_class_folder_equal_sample_key(shared_dir):
     for split, cls, rest in names:
         stem, ext = os.path.splitext(rest)
         assert _file_key(split, cls, rest) == sample_key(split, cls, stem, ext=ext), (split, cls, rest)
+    # a whole folder's keys at once: the all-plain-.jpg fast path and every way out of it
+    folders: dict[tuple[str, str], list[str]] = {}
+    for split, cls, rest in names:
+        folders.setdefault((split, cls), []).append(rest)
+    folders[("train", "cat")] = ["0001.jpg", "b-2_x.jpg"]
+    for odd in ("a b.jpg", "x.JPG", "x.png", "x", ".jpg", "a.b.jpg", "x.jpg\ny.jpg", "x.jpg\n", "sub/x.jpg", "x.jpgz"):
+        folders[("train", f"k{len(folders)}")] = ["0001.jpg", odd, "0002.jpg"]
+    folders[("train", "c_t")] = ["0001.jpg"]  # a class name that is not plain
+    for (split, cls), rests in folders.items():
+        want = [sample_key(split, cls, os.path.splitext(r)[0], ext=os.path.splitext(r)[1]) for r in rests]
+        assert _folder_keys(split, cls, rests) == want, rests
