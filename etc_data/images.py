@@ -220,7 +220,8 @@ def _jxl_codestream(d: bytes) -> bytes | None:
 
 def decode_jpeg_into(data: bytes, out: np.ndarray, name: str, limits: ImageLimits = DEFAULT_LIMITS) -> bool:
     """Decode a JPEG straight into ``out`` (H, W, 3) uint8 when it is one of exactly that size
-    (no per-image array, no copy); False when it is not (the caller then uses ``decode_image``).
+    (no per-image array, no copy); False when it is not (the caller then uses ``decode_image``;
+    ``out`` may hold part of a smaller image by then).
     The byte limit is checked here; the pixel limit holds since ``out`` is the size of an image
     that passed it."""
     if data[:2] != b"\xff\xd8" or not out.flags.c_contiguous:
@@ -229,11 +230,9 @@ def decode_jpeg_into(data: bytes, out: np.ndarray, name: str, limits: ImageLimit
     try:
         import simplejpeg
 
-        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-        if (h, w) != out.shape[:2]:
-            return False
-        simplejpeg.decode_jpeg(data, colorspace="rgb", buffer=out)
-        return True
+        # (simplejpeg reads the header first: an image larger than ``out`` is refused before any
+        # decoding, a smaller one comes back with its own shape)
+        return simplejpeg.decode_jpeg(data, colorspace="rgb", buffer=out).shape == out.shape
     except (ImportError, ValueError):
         return False
 

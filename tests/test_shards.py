@@ -279,3 +279,35 @@ def test_headers_built_per_batch_equal_the_per_member_ones(shared_dir):
     got = _ustar_headers(names, sizes)
     assert got[-4:] == [None, None, want[-2], None] and want[-4] is None and want[-1] is None
     assert all(g == w for g, w in zip(got, want) if g is not None) and sum(g is not None for g in got) == len(got) - 3
+
+
+def test_batches_added_at_once_give_the_bytes_and_parts_of_one_by_one(cifar_exact, tmp_path):
+    # prepare adds a batch at a time (tar headers built for the batch at once), across the sample and
+    # byte limits too: the parts and their bytes are those of adding every sample on its own, and a
+    # key seen before is refused by name either way
+    from etc_data.shards import ShardStream, sample_files
+
+    samples = [(s["__key__"].replace("/", "_"), sample_files(dict(s, __key__=s["__key__"].replace("/", "_"))))
+               for s in _samples(cifar_exact["x_train"][:300], cifar_exact["y_train"][:300])]
+    samples.append(("x_" + "n" * 120, [("x_" + "n" * 120 + ".cls", b"1")]))  # a name for PAX: that batch per sample
+    payload = sum(len(d) for _, fs in samples for _, d in fs)
+
+    def parts(folder, batch, **limits):
+        with ShardStream(str(tmp_path / folder), "", split="train", index=0, order="given", **limits) as s:
+            if batch:
+                for i in range(0, len(samples), batch):
+                    s.add_many(samples[i:i + batch])
+            else:
+                for k, fs in samples:
+                    s.add(k, fs)
+        return [(p.name, p.sha256, p.keys) for p in s.shards]
+
+    for limits in ({}, {"max_samples": 64}, {"max_bytes": payload // 5}):
+        one = parts(f"one{len(limits)}{sorted(limits)}", 0, **limits)
+        assert len(one) == (1 if not limits else 5 if "max_samples" in limits else 6)
+        for batch in (7, 32, 301):
+            assert parts(f"b{batch}{sorted(limits)}", batch, **limits) == one, (batch, limits)
+    with pytest.raises(ShardError, match=f"duplicate sample key '{samples[5][0]}'"):
+        with ShardStream(str(tmp_path / "dup"), "", split="train", index=0, order="given") as s:
+            s.add_many(samples[:10])
+            s.add_many(samples[5:8])

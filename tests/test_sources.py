@@ -355,3 +355,22 @@ def test_folder_keys_made_once_per_class_folder_equal_sample_key(shared_dir):
     for (split, cls), rests in folders.items():
         want = [sample_key(split, cls, os.path.splitext(r)[0], ext=os.path.splitext(r)[1]) for r in rests]
         assert _folder_keys(split, cls, rests) == want, rests
+
+
+def test_jpeg_decoded_into_a_batch_slot_only_when_it_is_that_size(shared_dir):
+    # a batch's images are decoded straight into their slot; a JPEG of another size is left to the
+    # caller (False), one too large for the slot without writing into it
+    import simplejpeg
+
+    from etc_data.images import decode_jpeg_into
+
+    with zipfile.ZipFile(shared_dir / "cifar10-test-jpeg.zip") as z:
+        data = z.read("test/cat/0000.jpg")
+    want = simplejpeg.decode_jpeg(data, colorspace="rgb")
+    slot = np.zeros((32, 32, 3), np.uint8)
+    assert decode_jpeg_into(data, slot, "cat/0000.jpg") and (slot == want).all()
+    small = np.full((16, 16, 3), 7, np.uint8)
+    assert not decode_jpeg_into(data, small, "cat/0000.jpg") and (small == 7).all()
+    assert not decode_jpeg_into(data, np.zeros((40, 40, 3), np.uint8), "cat/0000.jpg")
+    assert not decode_jpeg_into(b"\x89PNG\r\n\x1a\n", slot, "x.png")
+    assert not decode_jpeg_into(data, np.zeros((32, 64, 3), np.uint8)[:, ::2], "cat/0000.jpg")  # not contiguous
